@@ -1,0 +1,39 @@
+"""attnlab: implement, verify, benchmark, train and compare attention mechanisms.
+
+>>> import torch, attnlab
+>>> q = k = v = torch.randn(2, 4, 128, 32)
+>>> out = attnlab.attention(q, k, v, mechanism="flash", is_causal=True)
+>>> attnlab.list_mechanisms(family="exact")[:3]
+['additive', 'dot', 'flash']
+"""
+
+from attnlab import mechanisms  # noqa: F401  (registers the built-in mechanisms)
+from attnlab.functional import attention, choose_mechanism
+from attnlab.mechanisms.base import Mechanism
+from attnlab.registry import (
+    HParam,
+    MechanismSpec,
+    Paper,
+    create,
+    create_for,
+    get,
+    list_mechanisms,
+    register_mechanism,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HParam",
+    "Mechanism",
+    "MechanismSpec",
+    "Paper",
+    "attention",
+    "choose_mechanism",
+    "create",
+    "create_for",
+    "get",
+    "list_mechanisms",
+    "register_mechanism",
+    "__version__",
+]

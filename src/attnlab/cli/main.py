@@ -1,0 +1,124 @@
+"""``attnlab`` command line: ``list``, ``info NAME``, ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from attnlab import __version__
+from attnlab.registry import get, list_mechanisms
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "-"
+
+
+def cmd_list(args: argparse.Namespace, console: Console) -> int:
+    names = list_mechanisms(family=args.family)
+    if args.json:
+        print(json.dumps([get(n).to_dict() for n in names], indent=2))
+        return 0
+    table = Table(title=f"attnlab {__version__}: {len(names)} mechanisms", show_lines=False)
+    for col in ("name", "family", "exact", "time", "memory", "causal", "masks", "cross",
+                "weights", "paper"):
+        table.add_column(col, overflow="fold")
+    for n in names:
+        s = get(n)
+        table.add_row(n, s.family, "exact" if s.exact else "approx", s.time, s.memory,
+                      _yes(s.causal), _yes(s.arbitrary_mask), _yes(s.cross),
+                      _yes(s.returns_weights), s.paper.short())
+    console.print(table)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace, console: Console) -> int:
+    s = get(args.name)
+    if args.json:
+        print(json.dumps(s.to_dict(), indent=2))
+        return 0
+    console.print(f"[bold]{s.name}[/bold]  ({s.family}, {'exact' if s.exact else 'approximate'})")
+    if s.aliases:
+        console.print(f"aliases: {', '.join(s.aliases)}")
+    console.print(s.summary)
+    console.print(f"\n[bold]equation[/bold]  {s.equation}")
+    console.print(f"[bold]time[/bold] {s.time}   [bold]memory[/bold] {s.memory}")
+    flags = {"causal": s.causal, "arbitrary masks": s.arbitrary_mask, "cross (Nq != Nk)": s.cross,
+             "returns weights": s.returns_weights, "differentiable": s.differentiable,
+             "float16/bfloat16": s.half_precision, "learnable parameters": s.learnable}
+    console.print("  ".join(f"{k}: {_yes(v)}" for k, v in flags.items()))
+    console.print(f"\n[bold]paper[/bold]  {s.paper.authors} ({s.paper.year}). "
+                  f"{s.paper.title}. {s.paper.url}")
+    table = Table(title="hyperparameters")
+    for col in ("name", "type", "default", "description"):
+        table.add_column(col)
+    for h in s.hparams:
+        table.add_row(h.name, h.type.__name__, h.describe_default(), h.doc)
+    if s.hparams:
+        console.print(table)
+    else:
+        console.print("hyperparameters: none")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, console: Console) -> int:
+    from attnlab.cli.demo import run_demo
+
+    rows = run_demo(batch=args.batch, heads=args.heads, n=args.n, head_dim=args.head_dim,
+                    causal=args.causal, names=args.mechanisms)
+    if args.json:
+        print(json.dumps([r.__dict__ for r in rows], indent=2))
+        return 0 if all(not r.error for r in rows) else 1
+    table = Table(title=f"every mechanism once: B={args.batch} H={args.heads} N={args.n} "
+                        f"D={args.head_dim}{' causal' if args.causal else ''} (smoke run, "
+                        f"not a benchmark)")
+    for col in ("mechanism", "family", "params", "fwd ms", "bwd ms",
+                "max |err| vs exact", "status"):
+        table.add_column(col)
+    for r in rows:
+        err = "n/a (own score)" if r.max_abs_err is None else f"{r.max_abs_err:.1e}"
+        status = r.error or ("ok" if r.finite else "NON-FINITE")
+        table.add_row(r.name, r.family, str(r.params), f"{r.forward_ms:.1f}",
+                      f"{r.backward_ms:.1f}", err, status)
+    console.print(table)
+    return 0 if all(not r.error and r.finite for r in rows) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="attnlab", description=__doc__)
+    p.add_argument("--version", action="version", version=f"attnlab {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    pl = sub.add_parser("list", help="table of registered mechanisms")
+    pl.add_argument("--json", action="store_true", help="machine-readable output")
+    pl.add_argument("--family", default=None, help="only this family")
+    pi = sub.add_parser("info", help="hyperparameters, equation and paper of one mechanism")
+    pi.add_argument("name")
+    pi.add_argument("--json", action="store_true")
+    pd = sub.add_parser("demo", help="run every mechanism once and print a table")
+    pd.add_argument("--n", type=int, default=256, help="sequence length")
+    pd.add_argument("--batch", type=int, default=2)
+    pd.add_argument("--heads", type=int, default=4)
+    pd.add_argument("--head-dim", type=int, default=32)
+    pd.add_argument("--causal", action="store_true")
+    pd.add_argument("--mechanisms", nargs="+", default=None)
+    pd.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Piped output (CI logs, files) gets a wide table instead of rich's 80 columns.
+    console = Console() if sys.stdout.isatty() else Console(width=160)
+    try:
+        return {"list": cmd_list, "info": cmd_info, "demo": cmd_demo}[args.command](args, console)
+    except (ValueError, TypeError) as e:
+        # Bad names and hyperparameters are the user's to fix: say what, no traceback.
+        console.print(f"[red]error:[/red] {e}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""The one functional contract every mechanism follows.
+
+It is the contract of ``torch.nn.functional.scaled_dot_product_attention``:
+
+* ``q``: ``(B, H, Nq, D)``, ``k``: ``(B, H, Nk, D)``, ``v``: ``(B, H, Nk, Dv)``;
+  the output is ``(B, H, Nq, Dv)``. ``B`` and ``H`` must agree exactly between q, k, v
+  (grouped-query heads are expanded by :class:`attnlab.nn.MultiheadAttention`, never
+  silently broadcast here).
+* ``attn_mask``: ``bool`` (``True`` = may attend) or floating (added to the scores, same
+  dtype as ``q``), 2-D to 4-D and broadcastable to ``(B, H, Nq, Nk)`` by the usual rules:
+  each of its trailing dimensions is 1 or the full size (a ``(Nq, Nk)`` mask is shared by
+  every batch and head; a key-padding mask is ``(B, 1, 1, Nk)``).
+* ``is_causal``: query ``i`` attends key ``j`` only if ``j <= i`` (top-left aligned, as in
+  SDPA, also when ``Nq != Nk``). Unlike SDPA, attnlab lets ``is_causal`` and ``attn_mask``
+  be combined: both must allow a pair.
+* ``scale``: multiplies the scores; ``None`` means the mechanism's default
+  (``1/sqrt(D)`` for scaled dot-product).
+* ``dropout_p``: dropout on the attention weights (applied whenever ``> 0``, as in SDPA;
+  modules pass 0 in eval mode).
+* ``need_weights``: also return the ``(B, H, Nq, Nk)`` attention weights, for mechanisms
+  that can.
+
+**A fully masked query row** (no key allowed) gives an output row of zeros and weights of
+zeros, never NaN, and zero gradient, the same as SDPA does in PyTorch >= 2.5.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "AttentionInputs",
+    "causal_mask",
+    "check_inputs",
+    "masked_softmax",
+    "merge_masks",
+    "slice_mask",
+]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class AttentionInputs:
+    """Validated shapes: batch, heads, query length, key length, head dims."""
+
+    B: int
+    H: int
+    Nq: int
+    Nk: int
+    D: int
+    Dv: int
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def check_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+    spec=None,
+) -> AttentionInputs:
+    """Validate the contract; raise ``TypeError``/``ValueError`` naming the argument.
+
+    ``spec`` (a :class:`~attnlab.registry.MechanismSpec`) adds the mechanism's own limits:
+    causal, arbitrary masks, cross-attention, returning weights, half precision.
+    """
+    who = f"{spec.name}: " if spec is not None else ""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{who}{name} must be a torch.Tensor; got {type(t).__name__}")
+        if t.dim() != 4:
+            want = {"q": "(B, H, Nq, D)", "k": "(B, H, Nk, D)", "v": "(B, H, Nk, Dv)"}[name]
+            raise ValueError(f"{who}{name} must be 4-D {want}; got {t.dim()}-D shape {_shape(t)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{who}{name} must be a floating-point tensor; got dtype {t.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{who}{name} dtype {t.dtype} does not match q dtype {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{who}{name} is on {t.device} but q is on {q.device}")
+    B, H, Nq, D = q.shape
+    for name, t in (("k", k), ("v", v)):
+        if t.shape[0] != B:
+            raise ValueError(
+                f"{who}{name} batch size {t.shape[0]} does not match q batch size {B} "
+                f"(q {_shape(q)}, {name} {_shape(t)})"
+            )
+        if t.shape[1] != H:
+            raise ValueError(
+                f"{who}{name} has {t.shape[1]} heads but q has {H} (q {_shape(q)}, "
+                f"{name} {_shape(t)}); expand grouped-query heads before calling"
+            )
+    if k.shape[-1] != D:
+        raise ValueError(
+            f"{who}k head dim {k.shape[-1]} does not match q head dim {D} "
+            f"(q {_shape(q)}, k {_shape(k)})"
+        )
+    Nk = k.shape[2]
+    if v.shape[2] != Nk:
+        raise ValueError(
+            f"{who}v length {v.shape[2]} does not match k length {Nk} "
+            f"(k {_shape(k)}, v {_shape(v)})"
+        )
+    if D == 0 or v.shape[-1] == 0:
+        raise ValueError(f"{who}head dims must be >= 1; got D={D}, Dv={v.shape[-1]}")
+    if Nk == 0:
+        raise ValueError(f"{who}k must hold at least one key; got Nk=0 (k {_shape(k)})")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"{who}is_causal must be a bool; got {type(is_causal).__name__}")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"{who}scale must be a float or None; got {type(scale).__name__}")
+        if not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"{who}scale must be a finite number > 0; got {scale!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"{who}dropout_p must be a float; got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{who}dropout_p must be in [0, 1); got {dropout_p!r}")
+    if attn_mask is not None:
+        _check_mask(attn_mask, q, (B, H, Nq, Nk), who)
+    if spec is not None:
+        if is_causal and not spec.causal:
+            raise ValueError(f"{spec.name} has no causal form; is_causal=True is not supported")
+        if attn_mask is not None and not spec.arbitrary_mask:
+            raise ValueError(f"{spec.name} cannot take an arbitrary attn_mask; pass attn_mask=None")
+        if Nq != Nk and not spec.cross:
+            raise ValueError(
+                f"{spec.name} needs Nq == Nk (self-attention); got Nq={Nq}, Nk={Nk}"
+            )
+        if need_weights and not spec.returns_weights:
+            raise ValueError(
+                f"{spec.name} cannot return attention weights (it never forms them); "
+                f"use mechanism='reference' or 'sdpa' for need_weights=True"
+            )
+        if q.dtype in _HALF and not spec.half_precision:
+            raise TypeError(f"{spec.name} does not support {q.dtype}; use float32 or float64")
+    return AttentionInputs(B, H, Nq, Nk, D, v.shape[-1])
+
+
+def _check_mask(mask, q: torch.Tensor, full: tuple[int, int, int, int], who: str) -> None:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{who}attn_mask must be a torch.Tensor or None; got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        if not mask.is_floating_point():
+            raise TypeError(
+                f"{who}attn_mask must be bool (True = may attend) or floating (additive); "
+                f"got dtype {mask.dtype}"
+            )
+        if mask.dtype != q.dtype:
+            raise TypeError(
+                f"{who}float attn_mask dtype {mask.dtype} does not match q dtype {q.dtype}; "
+                f"use attn_mask.to(q.dtype)"
+            )
+    if mask.device != q.device:
+        raise ValueError(f"{who}attn_mask is on {mask.device} but q is on {q.device}")
+    want = "(" + ", ".join(map(str, full)) + ")"
+    if not 2 <= mask.dim() <= 4:
+        raise ValueError(
+            f"{who}attn_mask must be broadcastable to (B, H, Nq, Nk) = {want}; "
+            f"got {mask.dim()}-D shape {_shape(mask)}"
+        )
+    for got, n in zip(reversed(mask.shape), reversed(full[4 - mask.dim():]), strict=True):
+        if got not in (1, n):
+            raise ValueError(
+                f"{who}attn_mask shape {_shape(mask)} is not broadcastable to "
+                f"(B, H, Nq, Nk) = {want}"
+            )
+
+
+def causal_mask(nq: int, nk: int, device=None) -> torch.Tensor:
+    """``(Nq, Nk)`` bool, ``True`` where key ``j <= i`` (top-left aligned, as SDPA)."""
+    return torch.ones(nq, nk, dtype=torch.bool, device=device).tril()
+
+
+def merge_masks(
+    attn_mask: torch.Tensor | None, is_causal: bool, nq: int, nk: int, device=None
+) -> torch.Tensor | None:
+    """One mask holding both ``attn_mask`` and the causal constraint (bool or float)."""
+    if not is_causal:
+        return attn_mask
+    c = causal_mask(nq, nk, device)
+    if attn_mask is None:
+        return c
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & c
+    return attn_mask.masked_fill(~c, float("-inf"))
+
+
+def slice_mask(mask: torch.Tensor, i0: int, i1: int, j0: int, j1: int) -> torch.Tensor:
+    """Rows ``i0:i1`` and columns ``j0:j1`` of a broadcastable mask (size-1 dims kept)."""
+    rows = slice(None) if mask.shape[-2] == 1 else slice(i0, i1)
+    cols = slice(None) if mask.shape[-1] == 1 else slice(j0, j1)
+    return mask[..., rows, cols]
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the last dim with ``mask`` applied; fully masked rows give zeros.
+
+    Computed in float32 at least (half-precision logits lose the max subtraction's
+    accuracy), returned in the scores' dtype. Rows with no allowed key are zeroed
+    *before* the exponent so neither the output nor the gradient sees a NaN.
+    """
+    work = scores.float() if scores.dtype in _HALF else scores
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            work = work.masked_fill(~mask, float("-inf"))
+        else:
+            work = work + mask.to(work.dtype)
+    dead = torch.isneginf(work).all(dim=-1, keepdim=True)
+    if dead.any():
+        work = work.masked_fill(dead, 0.0)
+        p = torch.softmax(work, dim=-1).masked_fill(dead, 0.0)
+    else:
+        p = torch.softmax(work, dim=-1)
+    return p.to(scores.dtype)

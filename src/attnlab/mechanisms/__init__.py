@@ -1,0 +1,10 @@
+"""Built-in mechanisms. Importing a module registers what it defines.
+
+One file per family; adding a file here (and importing it below) is all it takes
+for a mechanism to appear in ``attnlab list``.
+"""
+
+from attnlab.mechanisms import exact  # noqa: F401
+from attnlab.mechanisms.base import Mechanism
+
+__all__ = ["Mechanism"]

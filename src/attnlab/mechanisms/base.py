@@ -1,0 +1,65 @@
+"""The base class of every mechanism: an ``nn.Module`` with the functional contract.
+
+A subclass implements :meth:`Mechanism._attend` and receives inputs already validated
+against the contract (see :mod:`attnlab.contract`) and its own registry flags, with
+``scale`` resolved to a number and ``attn_mask`` (if any) viewed as 4-D (leading
+broadcast dims of size 1 added, nothing expanded). Hyperparameters are validated once,
+at construction, from the typed :class:`~attnlab.registry.HParam` list the mechanism
+registered with, and are available as ``self.hp``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from attnlab.contract import check_inputs
+from attnlab.registry import MechanismSpec
+
+__all__ = ["Mechanism"]
+
+
+class Mechanism(nn.Module):
+    spec: ClassVar[MechanismSpec]
+
+    def __init__(self, **hparams: Any) -> None:
+        super().__init__()
+        if not hasattr(type(self), "spec"):
+            raise TypeError(f"{type(self).__name__} is not registered; decorate it with "
+                            f"@register_mechanism")
+        self.hp: dict[str, Any] = self.spec.validate_hparams(hparams)
+
+    def default_scale(self, d: int) -> float:
+        """Scale used when the caller passes ``scale=None`` (``1/sqrt(D)`` by default)."""
+        return 1.0 / math.sqrt(d)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        scale: float | None = None,
+        dropout_p: float = 0.0,
+        need_weights: bool = False,
+    ):
+        """Attend; returns ``out`` ``(B, H, Nq, Dv)``, or ``(out, weights)`` if
+        ``need_weights`` (weights ``(B, H, Nq, Nk)``)."""
+        check_inputs(q, k, v, attn_mask, is_causal, scale, dropout_p, need_weights, self.spec)
+        s = self.default_scale(q.shape[-1]) if scale is None else float(scale)
+        if attn_mask is not None and attn_mask.dim() < 4:
+            # A view with leading 1s: mechanisms only ever see 4-D masks.
+            attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+        out, weights = self._attend(q, k, v, attn_mask, is_causal, s, float(dropout_p),
+                                    need_weights)
+        return (out, weights) if need_weights else out
+
+    def _attend(self, q, k, v, attn_mask, is_causal, scale, dropout_p, need_weights):
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.hp.items())

@@ -1,0 +1,100 @@
+"""Exact scaled dot-product attention: the definition and PyTorch's fused kernels.
+
+.. math::
+
+    \\mathrm{Attention}(Q, K, V) =
+    \\mathrm{softmax}\\!\\left(\\frac{QK^\\top}{\\sqrt{d}} + M\\right) V
+
+``reference`` is the definition written plainly: it forms the ``(Nq, Nk)`` score matrix
+and is the yardstick every other mechanism is tested against (``precision="float64"``
+computes in double and returns the input dtype). ``sdpa`` hands the same computation to
+``torch.nn.functional.scaled_dot_product_attention``, which picks PyTorch's fastest
+fused kernel (flash / memory-efficient / math) for the inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from attnlab.contract import masked_softmax, merge_masks
+from attnlab.mechanisms.base import Mechanism
+from attnlab.registry import HParam, Paper, register_mechanism
+
+VASWANI_2017 = Paper(
+    "Attention Is All You Need",
+    "Ashish Vaswani, Noam Shazeer, Niki Parmar, Jakob Uszkoreit, Llion Jones, "
+    "Aidan N. Gomez, Lukasz Kaiser, Illia Polosukhin",
+    2017,
+    "https://arxiv.org/abs/1706.03762",
+)
+SDPA_EQ = "softmax(Q K^T * scale + M) V,  scale = 1/sqrt(d)"
+
+
+def softmax_attention(q, k, v, mask, scale, dropout_p=0.0):
+    """softmax(QK^T*scale + M)V in the dtype of the inputs; returns (out, weights)."""
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    p = masked_softmax(scores, mask)
+    p_used = torch.nn.functional.dropout(p, dropout_p) if dropout_p > 0 else p
+    return torch.matmul(p_used, v), p
+
+
+@register_mechanism(
+    "reference",
+    family="exact",
+    paper=VASWANI_2017,
+    time="O(N^2 D)",
+    memory="O(N^2)",
+    equation=SDPA_EQ,
+    exact=True, causal=True, arbitrary_mask=True, cross=True, returns_weights=True,
+    aliases=("naive", "vanilla", "softmax"),
+    hparams=[
+        HParam("precision", str, "native", "compute dtype: the inputs' own, or float64",
+               choices=("native", "float64")),
+    ],
+)
+class ReferenceAttention(Mechanism):
+    """The definition, softmax(QK^T/sqrt(d))V, written plainly; the yardstick."""
+
+    def _attend(self, q, k, v, attn_mask, is_causal, scale, dropout_p, need_weights):
+        mask = merge_masks(attn_mask, is_causal, q.shape[-2], k.shape[-2], q.device)
+        if self.hp["precision"] == "float64" and q.dtype != torch.float64:
+            dt = q.dtype
+            if mask is not None and mask.dtype != torch.bool:
+                mask = mask.double()
+            out, w = softmax_attention(q.double(), k.double(), v.double(), mask, scale, dropout_p)
+            return out.to(dt), (w.to(dt) if need_weights else None)
+        out, w = softmax_attention(q, k, v, mask, scale, dropout_p)
+        return out, (w if need_weights else None)
+
+
+@register_mechanism(
+    "sdpa",
+    family="exact",
+    paper=VASWANI_2017,
+    time="O(N^2 D)",
+    memory="O(N) (fused kernels)",
+    equation=SDPA_EQ + "  [torch.nn.functional.scaled_dot_product_attention]",
+    exact=True, causal=True, arbitrary_mask=True, cross=True, returns_weights=True,
+    aliases=("torch", "fused"),
+    summary="PyTorch's fused scaled_dot_product_attention kernels (fastest exact path).",
+)
+class SDPAttention(Mechanism):
+    """PyTorch's fused scaled_dot_product_attention kernels (fastest exact path).
+
+    SDPA never forms the weights; with ``need_weights=True`` this falls back to the
+    reference computation (O(N^2) memory) for that call only.
+    """
+
+    def _attend(self, q, k, v, attn_mask, is_causal, scale, dropout_p, need_weights):
+        if need_weights:
+            mask = merge_masks(attn_mask, is_causal, q.shape[-2], k.shape[-2], q.device)
+            return softmax_attention(q, k, v, mask, scale, dropout_p)
+        if is_causal and attn_mask is not None:
+            # SDPA refuses both at once; fold the causal constraint into the mask.
+            attn_mask = merge_masks(attn_mask, True, q.shape[-2], k.shape[-2], q.device)
+            is_causal = False
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
+        )
+        return out, None

@@ -1,0 +1,344 @@
+"""The mechanism registry, in the style of timm's ``register_model``.
+
+A mechanism registers itself where it is defined::
+
+    @register_mechanism(
+        "reference", family="exact", paper=VASWANI_2017,
+        time="O(N^2 D)", memory="O(N^2)", exact=True, ...,
+        hparams=[HParam("block_size", int, 128, "keys per tile", low=1)],
+    )
+    class ReferenceAttention(Mechanism): ...
+
+Nothing keeps a second list by hand: ``list_mechanisms()`` reads what was registered.
+Hyperparameters are typed and validated here, once, so every mechanism reports bad
+values the same way (a ``ValueError``/``TypeError`` naming the argument, what was
+expected and what was given).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "HParam",
+    "MechanismSpec",
+    "Paper",
+    "REQUIRED",
+    "CONTEXT_HPARAMS",
+    "create",
+    "create_for",
+    "get",
+    "list_mechanisms",
+    "register_mechanism",
+    "resolve_name",
+]
+
+
+class _Required:
+    """Sentinel default for a hyperparameter the caller must give (e.g. ``head_dim``)."""
+
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+
+
+@dataclass(frozen=True)
+class Paper:
+    title: str
+    authors: str
+    year: int
+    url: str = ""
+
+    def short(self) -> str:
+        first = self.authors.split(",")[0].split(" and ")[0].strip().split(" ")[-1]
+        etal = " et al." if ("," in self.authors or " and " in self.authors) else ""
+        return f"{first}{etal} {self.year}"
+
+
+@dataclass(frozen=True)
+class HParam:
+    """A typed hyperparameter with its default and its valid range.
+
+    ``low``/``high`` are inclusive bounds; ``low_exclusive`` makes ``low`` strict.
+    ``choices`` restricts to a set of values. ``nullable`` allows ``None``.
+    """
+
+    name: str
+    type: type
+    default: Any
+    doc: str = ""
+    low: float | None = None
+    high: float | None = None
+    low_exclusive: bool = False
+    choices: tuple[Any, ...] | None = None
+    nullable: bool = False
+
+    def validate(self, value: Any, mechanism: str) -> Any:
+        where = f"{mechanism}: hyperparameter {self.name!r}"
+        if value is None:
+            if self.nullable:
+                return None
+            raise ValueError(f"{where} must be given (expected {self._expected()}); got None")
+        if isinstance(value, _Required):
+            raise ValueError(f"{where} is required (expected {self._expected()}); it was not given")
+        value = self._coerce(value, where)
+        if self.choices is not None and value not in self.choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in self.choices], n=3)
+            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+            raise ValueError(f"{where} must be one of {list(self.choices)}; got {value!r}{hint}")
+        if self.type in (int, float):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{where} must be finite; got {value!r}")
+            if self.low is not None and (
+                value < self.low or (self.low_exclusive and value == self.low)
+            ):
+                raise ValueError(f"{where} must be {self._range()}; got {value!r}")
+            if self.high is not None and value > self.high:
+                raise ValueError(f"{where} must be {self._range()}; got {value!r}")
+        return value
+
+    def _coerce(self, value: Any, where: str) -> Any:
+        # bool is an int subclass: never accept True as "1 head".
+        if self.type is bool:
+            if not isinstance(value, bool):
+                raise TypeError(f"{where} must be a bool; got {type(value).__name__} {value!r}")
+            return value
+        if self.type is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{where} must be an int; got {type(value).__name__} {value!r}")
+            return value
+        if self.type is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{where} must be a float; got {type(value).__name__} {value!r}")
+            return float(value)
+        if not isinstance(value, self.type):
+            raise TypeError(
+                f"{where} must be {self.type.__name__}; got {type(value).__name__} {value!r}"
+            )
+        return value
+
+    def _range(self) -> str:
+        lo = ""
+        if self.low is not None:
+            lo = f"> {self.low}" if self.low_exclusive else f">= {self.low}"
+        hi = "" if self.high is None else f"<= {self.high}"
+        return " and ".join(p for p in (lo, hi) if p) or "any value"
+
+    def _expected(self) -> str:
+        if self.choices is not None:
+            return f"one of {list(self.choices)}"
+        rng = self._range() if self.type in (int, float) else ""
+        return f"{self.type.__name__}" + (f" {rng}" if rng and rng != "any value" else "")
+
+    def describe_default(self) -> str:
+        return "required" if isinstance(self.default, _Required) else repr(self.default)
+
+
+@dataclass(frozen=True)
+class MechanismSpec:
+    """Everything the registry knows about one mechanism."""
+
+    name: str
+    cls: type
+    family: str
+    paper: Paper
+    time: str
+    memory: str
+    equation: str
+    exact: bool
+    causal: bool
+    arbitrary_mask: bool
+    cross: bool
+    returns_weights: bool
+    differentiable: bool = True
+    half_precision: bool = True
+    learnable: bool = False
+    aliases: tuple[str, ...] = ()
+    hparams: tuple[HParam, ...] = ()
+    summary: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def hparam(self, name: str) -> HParam:
+        for h in self.hparams:
+            if h.name == name:
+                return h
+        raise KeyError(name)
+
+    def validate_hparams(self, given: dict[str, Any]) -> dict[str, Any]:
+        known = {h.name: h for h in self.hparams}
+        unknown = [k for k in given if k not in known]
+        if unknown:
+            msgs = []
+            for k in unknown:
+                close = difflib.get_close_matches(k, list(known), n=3)
+                hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+                msgs.append(f"{k!r}{hint}")
+            accepted = ", ".join(known) or "none"
+            raise TypeError(
+                f"{self.name}: unknown hyperparameter {', '.join(msgs)}; accepted: {accepted}"
+            )
+        out = {}
+        for h in self.hparams:
+            out[h.name] = h.validate(given.get(h.name, h.default), self.name)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "aliases": list(self.aliases),
+            "family": self.family,
+            "exact": self.exact,
+            "time": self.time,
+            "memory": self.memory,
+            "causal": self.causal,
+            "arbitrary_mask": self.arbitrary_mask,
+            "cross": self.cross,
+            "returns_weights": self.returns_weights,
+            "differentiable": self.differentiable,
+            "half_precision": self.half_precision,
+            "learnable": self.learnable,
+            "equation": self.equation,
+            "summary": self.summary,
+            "paper": {
+                "title": self.paper.title,
+                "authors": self.paper.authors,
+                "year": self.paper.year,
+                "url": self.paper.url,
+            },
+            "hparams": [
+                {
+                    "name": h.name,
+                    "type": h.type.__name__,
+                    "default": None if isinstance(h.default, _Required) else h.default,
+                    "required": isinstance(h.default, _Required),
+                    "doc": h.doc,
+                }
+                for h in self.hparams
+            ],
+        }
+
+
+_REGISTRY: dict[str, MechanismSpec] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_mechanism(
+    name: str,
+    *,
+    family: str,
+    paper: Paper,
+    time: str,
+    memory: str,
+    equation: str,
+    exact: bool,
+    causal: bool,
+    arbitrary_mask: bool,
+    cross: bool,
+    returns_weights: bool,
+    differentiable: bool = True,
+    half_precision: bool = True,
+    learnable: bool = False,
+    aliases: Sequence[str] = (),
+    hparams: Sequence[HParam] = (),
+    summary: str = "",
+) -> Callable[[type], type]:
+    """Class decorator: register a :class:`~attnlab.mechanisms.base.Mechanism` subclass."""
+
+    def deco(cls: type) -> type:
+        spec = MechanismSpec(
+            name=name, cls=cls, family=family, paper=paper, time=time, memory=memory,
+            equation=equation, exact=exact, causal=causal, arbitrary_mask=arbitrary_mask,
+            cross=cross, returns_weights=returns_weights, differentiable=differentiable,
+            half_precision=half_precision, learnable=learnable, aliases=tuple(aliases),
+            hparams=tuple(hparams), summary=summary or (cls.__doc__ or "").strip().split("\n")[0],
+        )
+        for key in (name, *aliases):
+            if key in _REGISTRY or key in _ALIASES:
+                raise ValueError(f"mechanism name {key!r} is already registered")
+        _REGISTRY[name] = spec
+        for a in aliases:
+            _ALIASES[a] = name
+        cls.spec = spec
+        return cls
+
+    return deco
+
+
+def _ensure_loaded() -> None:
+    # Importing the package registers every built-in mechanism (each module decorates
+    # its classes at import time); this makes ``attnlab.registry`` usable on its own.
+    import attnlab.mechanisms  # noqa: F401
+
+
+def resolve_name(name: str) -> str:
+    """Canonical name for ``name`` or an alias; ``ValueError`` with close matches if unknown."""
+    _ensure_loaded()
+    if not isinstance(name, str):
+        raise TypeError(f"mechanism must be a str name; got {type(name).__name__} {name!r}")
+    key = name.strip().lower().replace("-", "_")
+    if key in _REGISTRY:
+        return key
+    if key in _ALIASES:
+        return _ALIASES[key]
+    known = sorted([*_REGISTRY, *_ALIASES])
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+    raise ValueError(
+        f"mechanism: unknown name {name!r}{hint} (known: {', '.join(sorted(_REGISTRY))})"
+    )
+
+
+def get(name: str) -> MechanismSpec:
+    """The :class:`MechanismSpec` registered under ``name`` (or one of its aliases)."""
+    return _REGISTRY[resolve_name(name)]
+
+
+def list_mechanisms(family: str | None = None, **flags: bool) -> list[str]:
+    """Sorted names of registered mechanisms, optionally filtered.
+
+    ``list_mechanisms(family="exact")``, ``list_mechanisms(causal=True, exact=False)``.
+    """
+    _ensure_loaded()
+    valid = {"exact", "causal", "arbitrary_mask", "cross", "returns_weights",
+             "differentiable", "half_precision", "learnable"}
+    bad = set(flags) - valid
+    if bad:
+        raise TypeError(f"list_mechanisms: unknown filter {sorted(bad)}; accepted: {sorted(valid)}")
+    out = []
+    for n, s in _REGISTRY.items():
+        if family is not None and s.family != family:
+            continue
+        if any(getattr(s, f) != v for f, v in flags.items()):
+            continue
+        out.append(n)
+    return sorted(out)
+
+
+def create(name: str, **hparams: Any):
+    """Build the mechanism module ``name`` with validated hyperparameters."""
+    spec = get(name)
+    return spec.cls(**hparams)
+
+
+# Hyperparameters that describe the model around a mechanism rather than the mechanism
+# itself; modules (and the demo / benchmarks) fill them in when a mechanism declares them.
+CONTEXT_HPARAMS = ("head_dim", "num_heads", "max_seq_len")
+
+
+def create_for(name: str, *, head_dim: int, num_heads: int, max_seq_len: int | None = None,
+               **hparams: Any):
+    """Like :func:`create`, filling ``head_dim``/``num_heads``/``max_seq_len`` when the
+    mechanism declares them and the caller did not give them."""
+    spec = get(name)
+    declared = {h.name for h in spec.hparams}
+    context = {"head_dim": head_dim, "num_heads": num_heads, "max_seq_len": max_seq_len}
+    for key, value in context.items():
+        if key in declared and key not in hparams and value is not None:
+            hparams[key] = value
+    return spec.cls(**hparams)

@@ -1,0 +1,65 @@
+"""Shared test helpers: the independent reference and the mechanism sets under test."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from hypothesis import HealthCheck, settings
+
+import attnlab
+
+settings.register_profile(
+    "default", deadline=None, max_examples=40,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("ci", deadline=None, max_examples=40, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ci" if os.environ.get("CI") else "default")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def naive_attention_f64(q, k, v, mask=None, is_causal=False, scale=None):
+    """softmax(QK^T*scale + M)V in float64, written independently of attnlab.
+
+    Loops over (batch, head) and uses explicit exp/sum so it shares no code with the
+    library; fully masked rows are defined as zeros (the documented contract).
+    """
+    q, k, v = q.double(), k.double(), v.double()
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    allowed = torch.ones(B, H, Nq, Nk, dtype=torch.bool)
+    bias = torch.zeros(B, H, Nq, Nk, dtype=torch.float64)
+    if mask is not None:
+        m = mask.expand(B, H, Nq, Nk) if mask.dim() == 4 else mask.reshape(
+            (1,) * (4 - mask.dim()) + tuple(mask.shape)).expand(B, H, Nq, Nk)
+        if m.dtype == torch.bool:
+            allowed = allowed & m
+        else:
+            bias = bias + m.double()
+            allowed = allowed & ~torch.isneginf(m)
+    if is_causal:
+        allowed = allowed & torch.ones(Nq, Nk, dtype=torch.bool).tril()
+    out = torch.zeros(B, H, Nq, v.shape[-1], dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            s = q[b, h] @ k[b, h].T * scale + torch.where(allowed[b, h], bias[b, h], 0.0)
+            s = s.masked_fill(~allowed[b, h], float("-inf"))
+            row_max = s.max(dim=-1, keepdim=True).values
+            row_max = torch.where(torch.isneginf(row_max), 0.0, row_max)
+            e = torch.exp(s - row_max)
+            z = e.sum(dim=-1, keepdim=True)
+            p = torch.where(z > 0, e / torch.where(z > 0, z, 1.0), 0.0)
+            out[b, h] = p @ v[b, h]
+    return out
+
+
+def softmax_equivalent_mechanisms() -> list[str]:
+    """Exact, parameter-free mechanisms: with an explicit ``scale`` they compute
+    softmax(QK^T*scale + M)V and must equal the reference."""
+    return [n for n in attnlab.list_mechanisms(exact=True) if not attnlab.get(n).learnable]
+
+
+def build(name: str, head_dim: int, num_heads: int = 1, **hp):
+    return attnlab.create_for(name, head_dim=head_dim, num_heads=num_heads, max_seq_len=64, **hp)

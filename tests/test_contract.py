@@ -1,0 +1,146 @@
+"""The functional contract, checked for every registered mechanism.
+
+Fully masked rows, numerical stability, half precision, and clear errors on bad input.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build, naive_attention_f64, softmax_equivalent_mechanisms
+
+import attnlab
+
+ALL = attnlab.list_mechanisms()
+MASKABLE = attnlab.list_mechanisms(arbitrary_mask=True)
+HALF = attnlab.list_mechanisms(half_precision=True)
+EQUIV = set(softmax_equivalent_mechanisms())
+
+
+def qkv(B=2, H=2, Nq=6, Nk=8, D=4, Dv=4, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, H, Nq, D, generator=g).to(dtype),
+            torch.randn(B, H, Nk, D, generator=g).to(dtype),
+            torch.randn(B, H, Nk, Dv, generator=g).to(dtype))
+
+
+# ---------------------------------------------------------------- fully masked rows
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("name", MASKABLE)
+def test_fully_masked_row_gives_zeros_not_nan(name, kind):
+    q, k, v = (t.requires_grad_() for t in qkv())
+    allowed = torch.ones(2, 1, 6, 8, dtype=torch.bool)
+    allowed[0, 0, 2] = False  # batch 0, query 2: no key at all
+    allowed[1, 0, 5] = False
+    mask = allowed if kind == "bool" else torch.zeros(allowed.shape).masked_fill(
+        ~allowed, float("-inf"))
+    mech = build(name, 4, 2)
+    out = mech(q, k, v, attn_mask=mask)
+    assert torch.isfinite(out).all(), f"{name} produced NaN/inf for a fully masked row"
+    assert out[0, :, 2].abs().max() == 0 and out[1, :, 5].abs().max() == 0
+    out.pow(2).sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert q.grad[0, :, 2].abs().max() == 0  # a dead row has no gradient to its query
+    if attnlab.get(name).returns_weights:
+        _, w = mech(q, k, v, attn_mask=mask, need_weights=True)
+        assert w[0, :, 2].abs().max() == 0 and torch.isfinite(w).all()
+
+
+# ---------------------------------------------------------------- stability
+@pytest.mark.parametrize("name", ALL)
+def test_logits_of_magnitude_1e4_stay_finite(name):
+    q, k, v = qkv(D=4)
+    q = q / q.norm(dim=-1, keepdim=True) * 100.0
+    k = k / k.norm(dim=-1, keepdim=True) * 100.0  # |q.k| up to 1e4
+    mech = build(name, 4, 2)
+    out = mech(q, k, v, scale=1.0)
+    assert torch.isfinite(out).all()
+    if name in EQUIV:
+        # Near one-hot softmax: float32 score rounding (1e4 * 2^-24 ~ 6e-4) bounds the error.
+        torch.testing.assert_close(out.double(), naive_attention_f64(q, k, v, scale=1.0),
+                                   rtol=0, atol=5e-3)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-2), (torch.bfloat16, 4e-2)])
+@pytest.mark.parametrize("name", HALF)
+def test_half_precision(name, dtype, tol):
+    q, k, v = qkv(dtype=dtype)
+    mask = torch.rand(6, 8, generator=torch.Generator().manual_seed(1)) < 0.8
+    spec = attnlab.get(name)
+    mech = build(name, 4, 2).to(dtype)
+    out = mech(q, k, v, attn_mask=mask if spec.arbitrary_mask else None)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    if name in EQUIV:
+        # Inputs are exactly representable in float16/bfloat16, so the only error is the
+        # mechanism's own rounding: tol is a few units in the last place of |out| <= ~3.
+        expected = naive_attention_f64(q, k, v, mask if spec.arbitrary_mask else None,
+                                       scale=mech.default_scale(4))
+        torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
+
+
+# ---------------------------------------------------------------- bad input
+BAD = [
+    ("q rank", lambda q, k, v: dict(q=q[0]), ValueError, r"q must be 4-D .*got 3-D"),
+    ("batch", lambda q, k, v: dict(k=k[:1], v=v[:1]), ValueError, r"k batch size 1 .* q batch size 2"),
+    ("heads", lambda q, k, v: dict(k=k[:, :1], v=v[:, :1]), ValueError, r"k has 1 heads but q has 2"),
+    ("head dim", lambda q, k, v: dict(k=k[..., :3]), ValueError, r"k head dim 3 does not match q head dim 4"),
+    ("v length", lambda q, k, v: dict(v=v[:, :, :5]), ValueError, r"v length 5 does not match k length 8"),
+    ("dtype", lambda q, k, v: dict(k=k.double()), TypeError, r"k dtype torch.float64 does not match q dtype torch.float32"),
+    ("int", lambda q, k, v: dict(q=q.long(), k=k.long(), v=v.long()), TypeError, r"q must be a floating-point tensor"),
+    ("mask shape", lambda q, k, v: dict(attn_mask=torch.ones(5, 8, dtype=torch.bool)), ValueError,
+     r"attn_mask shape \(5, 8\) is not broadcastable to \(B, H, Nq, Nk\) = \(2, 2, 6, 8\)"),
+    ("mask rank", lambda q, k, v: dict(attn_mask=torch.ones(1, 1, 1, 6, 8, dtype=torch.bool)), ValueError,
+     r"attn_mask must be broadcastable .* got 5-D"),
+    ("mask dtype", lambda q, k, v: dict(attn_mask=torch.ones(6, 8, dtype=torch.int64)), TypeError,
+     r"attn_mask must be bool .* got dtype torch.int64"),
+    ("mask float dtype", lambda q, k, v: dict(attn_mask=torch.zeros(6, 8, dtype=torch.float64)), TypeError,
+     r"float attn_mask dtype torch.float64 does not match q dtype torch.float32"),
+    ("scale", lambda q, k, v: dict(scale=-1.0), ValueError, r"scale must be a finite number > 0; got -1.0"),
+    ("dropout", lambda q, k, v: dict(dropout_p=1.5), ValueError, r"dropout_p must be in \[0, 1\); got 1.5"),
+    ("not tensor", lambda q, k, v: dict(v=[1, 2]), TypeError, r"v must be a torch.Tensor; got list"),
+]
+
+
+@pytest.mark.parametrize("label,change,exc,pattern", BAD, ids=[b[0] for b in BAD])
+@pytest.mark.parametrize("name", ["reference", "sdpa"] + [n for n in ALL if n not in
+                                                           ("reference", "sdpa")][:3])
+def test_bad_input_names_argument_expected_and_given(name, label, change, exc, pattern):
+    q, k, v = qkv()
+    args = dict(q=q, k=k, v=v)
+    args.update(change(q, k, v))
+    mech = build(name, 4, 2)
+    with pytest.raises(exc, match=pattern):
+        mech(**args)
+
+
+def test_functional_errors_are_the_same():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"k has 1 heads but q has 2"):
+        attnlab.attention(q, k[:, :1], v[:, :1])
+
+
+def test_unknown_mechanism_suggests_close_names():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"unknown name 'refrence'; did you mean 'reference'"):
+        attnlab.attention(q, k, v, mechanism="refrence")
+    with pytest.raises(ValueError, match=r"did you mean 'sdpa'"):
+        attnlab.get("spda")
+
+
+def test_flags_are_enforced_with_the_mechanism_named():
+    q, k, v = qkv()
+    no_weights = attnlab.list_mechanisms(returns_weights=False)
+    for name in no_weights:
+        with pytest.raises(ValueError, match=rf"{name} cannot return attention weights"):
+            build(name, 4, 2)(q, k, v, need_weights=True)
+
+
+def test_causal_and_mask_combine_as_both():
+    q, k, v = qkv(Nq=6, Nk=6)
+    mask = torch.rand(6, 6, generator=torch.Generator().manual_seed(2)) < 0.6
+    both = mask & torch.ones(6, 6, dtype=torch.bool).tril()
+    for name in softmax_equivalent_mechanisms():
+        mech = build(name, 4, 2)
+        torch.testing.assert_close(mech(q, k, v, attn_mask=mask, is_causal=True, scale=0.5),
+                                   mech(q, k, v, attn_mask=both, scale=0.5))
