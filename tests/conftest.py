@@ -62,4 +62,6 @@ def softmax_equivalent_mechanisms() -> list[str]:
 
 
 def build(name: str, head_dim: int, num_heads: int = 1, **hp):
+    """The mechanism for tiny test inputs: its ``tiny_hparams``, overridden by ``hp``."""
+    hp = {**attnlab.get(name).tiny_hparams, **hp}
     return attnlab.create_for(name, head_dim=head_dim, num_heads=num_heads, max_seq_len=64, **hp)

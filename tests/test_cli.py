@@ -50,7 +50,7 @@ def test_demo_runs_every_mechanism(capsys):
     assert {r["name"] for r in rows} == set(attnlab.list_mechanisms())
     for r in rows:
         assert r["finite"] and not r["error"], r
-        if r["max_abs_err"] is not None:
+        if r["max_abs_err"] is not None and r["exact"]:
             assert r["max_abs_err"] < 1e-4, r
 
 

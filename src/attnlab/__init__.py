@@ -3,11 +3,12 @@
 >>> import torch, attnlab
 >>> q = k = v = torch.randn(2, 4, 128, 32)
 >>> out = attnlab.attention(q, k, v, mechanism="flash", is_causal=True)
->>> attnlab.list_mechanisms(family="exact")[:3]
-['additive', 'dot', 'flash']
+>>> "flash" in attnlab.list_mechanisms(exact=True, causal=True)
+True
 """
 
 from attnlab import mechanisms  # noqa: F401  (registers the built-in mechanisms)
+from attnlab import nn  # noqa: F401  (attnlab.nn.MultiheadAttention)
 from attnlab.functional import attention, choose_mechanism
 from attnlab.mechanisms.base import Mechanism
 from attnlab.registry import (

@@ -162,6 +162,9 @@ class MechanismSpec:
     aliases: tuple[str, ...] = ()
     hparams: tuple[HParam, ...] = ()
     summary: str = ""
+    # Hyperparameters that make the mechanism valid on tiny inputs (16 tokens, D=4):
+    # used by the generic contract tests and nothing else; defaults stay realistic.
+    tiny_hparams: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     def hparam(self, name: str) -> HParam:
@@ -247,6 +250,7 @@ def register_mechanism(
     aliases: Sequence[str] = (),
     hparams: Sequence[HParam] = (),
     summary: str = "",
+    tiny_hparams: dict | None = None,
 ) -> Callable[[type], type]:
     """Class decorator: register a :class:`~attnlab.mechanisms.base.Mechanism` subclass."""
 
@@ -257,6 +261,7 @@ def register_mechanism(
             cross=cross, returns_weights=returns_weights, differentiable=differentiable,
             half_precision=half_precision, learnable=learnable, aliases=tuple(aliases),
             hparams=tuple(hparams), summary=summary or (cls.__doc__ or "").strip().split("\n")[0],
+            tiny_hparams=dict(tiny_hparams or {}),
         )
         for key in (name, *aliases):
             if key in _REGISTRY or key in _ALIASES:

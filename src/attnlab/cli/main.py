@@ -80,6 +80,8 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
         table.add_column(col)
     for r in rows:
         err = "n/a (own score)" if r.max_abs_err is None else f"{r.max_abs_err:.1e}"
+        if r.max_abs_err is not None and not r.exact:
+            err += " (approx.)"
         status = r.error or ("ok" if r.finite else "NON-FINITE")
         table.add_row(r.name, r.family, str(r.params), f"{r.forward_ms:.1f}",
                       f"{r.backward_ms:.1f}", err, status)

@@ -4,7 +4,11 @@ One file per family; adding a file here (and importing it below) is all it takes
 for a mechanism to appear in ``attnlab list``.
 """
 
-from attnlab.mechanisms import exact  # noqa: F401
+from attnlab.mechanisms import (
+    classic,  # noqa: F401
+    exact,  # noqa: F401
+    flash,  # noqa: F401
+)
 from attnlab.mechanisms.base import Mechanism
 
 __all__ = ["Mechanism"]

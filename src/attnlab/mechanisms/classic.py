@@ -1,0 +1,206 @@
+"""The classic score functions of the attention tutorials.
+
+Every mechanism here is ``softmax(score(q_i, k_j) * scale + M) V``; only the score
+function changes. Each computes its own defined attention exactly (no approximation):
+
+* ``additive`` -- Bahdanau et al. 2015: ``v_a^T tanh(W_a q_i + U_a k_j)`` (learnable);
+* ``general``  -- Luong et al. 2015:   ``q_i^T W_a k_j`` (learnable);
+* ``dot``      -- Luong et al. 2015:   ``q_i^T k_j``;
+* ``scaled_dot`` -- Vaswani et al. 2017: ``q_i^T k_j / sqrt(d)``, the textbook formula.
+
+Masks and ``is_causal`` follow :mod:`attnlab.contract` (fully masked rows give zeros);
+the softmax runs in float32 for half-precision inputs. The learnable mechanisms keep
+one set of parameters *shared across heads*: the contract hands them per-head
+``(B, H, N, head_dim)`` tensors with ``H`` known only at call time, and the papers have a
+single alignment model; per-head projections belong to the surrounding multi-head
+layer's input projections (:class:`attnlab.nn.MultiheadAttention`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attnlab.contract import masked_softmax, merge_masks, slice_mask
+from attnlab.mechanisms.base import Mechanism
+from attnlab.mechanisms.exact import VASWANI_2017, softmax_attention
+from attnlab.registry import REQUIRED, HParam, Paper, register_mechanism
+
+BAHDANAU_2015 = Paper(
+    "Neural Machine Translation by Jointly Learning to Align and Translate",
+    "Dzmitry Bahdanau, Kyunghyun Cho, Yoshua Bengio",
+    2015,
+    "https://arxiv.org/abs/1409.0473",
+)
+LUONG_2015 = Paper(
+    "Effective Approaches to Attention-based Neural Machine Translation",
+    "Minh-Thang Luong, Hieu Pham, Christopher D. Manning",
+    2015,
+    "https://arxiv.org/abs/1508.04025",
+)
+
+_HALF = (torch.float16, torch.bfloat16)
+_FLAGS = dict(family="classic", exact=True, causal=True, arbitrary_mask=True, cross=True,
+              returns_weights=True)
+_HEAD_DIM = HParam("head_dim", int, REQUIRED, "size D of each query/key head", low=1)
+
+
+def _check_head_dim(name: str, q: torch.Tensor, head_dim: int) -> None:
+    if q.shape[-1] != head_dim:
+        raise ValueError(
+            f"{name}: q head dim {q.shape[-1]} does not match head_dim={head_dim} the module "
+            f"was built with; create it with head_dim={q.shape[-1]} or reshape q"
+        )
+
+
+@register_mechanism(
+    "additive",
+    paper=BAHDANAU_2015,
+    time="O(N^2 A)",
+    memory="O(chunk N A) forward (autograd keeps O(N^2 A))",
+    equation="softmax(scale * v_a^T tanh(W_a q_i + U_a k_j) + M) V,  scale = 1",
+    learnable=True,
+    hparams=[
+        _HEAD_DIM,
+        HParam("hidden_dim", int, None, "alignment size A (None = head_dim)", low=1,
+               nullable=True),
+        HParam("chunk_size", int, 128, "queries per chunk (bounds the tanh tensor)", low=1),
+    ],
+    **_FLAGS,
+)
+class AdditiveAttention(Mechanism):
+    """Bahdanau additive attention: score(q_i, k_j) = v_a^T tanh(W_a q_i + U_a k_j).
+
+    Symbols as in the paper (eq. 6 of appendix A.1.2, ``e_ij = v_a^T tanh(W_a s_{i-1} +
+    U_a h_j)``): the decoder state ``s_{i-1}`` is the query ``q_i``, the annotation ``h_j``
+    is the key ``k_j``; ``W_a`` and ``U_a`` (``A x D``) are what other texts call ``W_q``
+    and ``W_k``. The score is multiplied by ``scale`` (default 1, no scaling in the paper).
+
+    Queries are processed ``chunk_size`` at a time, so the ``(chunk, Nk, A)`` tanh tensor
+    bounds memory; rows are independent, so chunking does not change the result.
+    """
+
+    def __init__(self, **hparams) -> None:
+        super().__init__(**hparams)
+        d = self.hp["head_dim"]
+        a = self.hp["hidden_dim"] or d
+        self.W_a = nn.Parameter(torch.empty(a, d))
+        self.U_a = nn.Parameter(torch.empty(a, d))
+        self.v_a = nn.Parameter(torch.empty(a))
+        nn.init.xavier_uniform_(self.W_a)
+        nn.init.xavier_uniform_(self.U_a)
+        nn.init.uniform_(self.v_a, -1.0 / math.sqrt(a), 1.0 / math.sqrt(a))
+
+    def default_scale(self, d: int) -> float:
+        return 1.0
+
+    def _attend(self, q, k, v, attn_mask, is_causal, scale, dropout_p, need_weights):
+        _check_head_dim("additive", q, self.hp["head_dim"])
+        nq, nk = q.shape[-2], k.shape[-2]
+        mask = merge_masks(attn_mask, is_causal, nq, nk, q.device)
+        work = torch.float32 if q.dtype in _HALF else q.dtype  # tanh/sum in >= float32
+        W_a, U_a, v_a = (p.to(work) for p in (self.W_a, self.U_a, self.v_a))
+        uk = k.to(work) @ U_a.T                                        # (B, H, Nk, A)
+        outs, weights = [], []
+        step = self.hp["chunk_size"]
+        for i0 in range(0, nq, step):
+            i1 = min(i0 + step, nq)
+            wq = q[..., i0:i1, :].to(work) @ W_a.T                      # (B, H, c, A)
+            e = torch.tanh(wq.unsqueeze(-2) + uk.unsqueeze(-3)) @ v_a   # (B, H, c, Nk)
+            m = None if mask is None else slice_mask(mask, i0, i1, 0, nk)
+            p = masked_softmax(e * scale, m).to(v.dtype)
+            p_used = F.dropout(p, dropout_p) if dropout_p > 0 else p
+            outs.append(p_used @ v)
+            if need_weights:
+                weights.append(p)
+        out = torch.cat(outs, dim=-2)
+        return out, (torch.cat(weights, dim=-2) if need_weights else None)
+
+
+@register_mechanism(
+    "general",
+    paper=LUONG_2015,
+    time="O(N^2 D + N D^2)",
+    memory="O(N^2)",
+    equation="softmax(scale * q_i^T W_a k_j + M) V,  scale = 1",
+    learnable=True,
+    hparams=[
+        _HEAD_DIM,
+        HParam("init", str, "xavier", "initial W_a", choices=("identity", "xavier")),
+    ],
+    **_FLAGS,
+)
+class GeneralAttention(Mechanism):
+    """Luong "general" (bilinear) attention: score(q_i, k_j) = q_i^T W_a k_j.
+
+    ``W_a`` is ``D x D``; computed as ``(q W_a) k^T``. With ``W_a = I`` it is ``dot``.
+    """
+
+    def __init__(self, **hparams) -> None:
+        super().__init__(**hparams)
+        d = self.hp["head_dim"]
+        self.W_a = nn.Parameter(torch.empty(d, d))
+        if self.hp["init"] == "identity":
+            nn.init.eye_(self.W_a)
+        else:
+            nn.init.xavier_uniform_(self.W_a)
+
+    def default_scale(self, d: int) -> float:
+        return 1.0
+
+    def _attend(self, q, k, v, attn_mask, is_causal, scale, dropout_p, need_weights):
+        _check_head_dim("general", q, self.hp["head_dim"])
+        mask = merge_masks(attn_mask, is_causal, q.shape[-2], k.shape[-2], q.device)
+        out, w = softmax_attention(q @ self.W_a.to(q.dtype), k, v, mask, scale, dropout_p)
+        return out, (w if need_weights else None)
+
+
+@register_mechanism(
+    "dot",
+    paper=LUONG_2015,
+    time="O(N^2 D)",
+    memory="O(N^2)",
+    equation="softmax(scale * q_i^T k_j + M) V,  scale = 1",
+    aliases=("luong_dot",),
+    **_FLAGS,
+)
+class DotAttention(Mechanism):
+    """Luong dot attention: score(q_i, k_j) = q_i^T k_j (unscaled; ``scale`` multiplies)."""
+
+    def default_scale(self, d: int) -> float:
+        return 1.0
+
+    def _attend(self, q, k, v, attn_mask, is_causal, scale, dropout_p, need_weights):
+        mask = merge_masks(attn_mask, is_causal, q.shape[-2], k.shape[-2], q.device)
+        out, w = softmax_attention(q, k, v, mask, scale, dropout_p)
+        return out, (w if need_weights else None)
+
+
+@register_mechanism(
+    "scaled_dot",
+    paper=VASWANI_2017,
+    time="O(N^2 D)",
+    memory="O(N^2)",
+    equation="softmax(Q K^T / sqrt(d_k) + M) V",
+    aliases=("scaled_dot_product",),
+    **_FLAGS,
+)
+class ScaledDotAttention(Mechanism):
+    """Scaled dot-product attention as the tutorials write it: softmax(QK^T/sqrt(d_k))V.
+
+    ``scale`` defaults to ``1/sqrt(d_k)``; an explicit ``scale`` replaces it.
+    """
+
+    def _attend(self, q, k, v, attn_mask, is_causal, scale, dropout_p, need_weights):
+        # scale = 1 / sqrt(d_k) unless the caller gave one (Mechanism.default_scale).
+        scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+        mask = merge_masks(attn_mask, is_causal, q.shape[-2], k.shape[-2], q.device)
+        p_attn = masked_softmax(scores, mask)
+        if dropout_p > 0:
+            out = torch.matmul(F.dropout(p_attn, dropout_p), v)
+        else:
+            out = torch.matmul(p_attn, v)
+        return out, (p_attn if need_weights else None)

@@ -1,0 +1,12 @@
+"""Layers built on the mechanism registry: multi-head attention and positions.
+
+>>> import torch, attnlab.nn as ann
+>>> mha = ann.MultiheadAttention(64, 8, "sdpa", num_kv_heads=2, positions="rope", is_causal=True)
+>>> mha(torch.randn(2, 10, 64)).shape
+torch.Size([2, 10, 64])
+"""
+
+from attnlab.nn.multihead import MultiheadAttention
+from attnlab.nn.positional import RotaryEmbedding, alibi_bias, alibi_slopes
+
+__all__ = ["MultiheadAttention", "RotaryEmbedding", "alibi_bias", "alibi_slopes"]
