@@ -5,8 +5,8 @@
 Each (mechanism, N, pass) point runs in its own child process so that its peak memory
 is its own and an out-of-memory costs only that point (the child's address space is
 capped with RLIMIT_AS). Peak memory is the child's peak RSS (VmHWM, reset once the
-inputs exist) above its RSS at that moment, for the first call. Time is the median of ``torch.utils.benchmark.Timer``'s
-``blocked_autorange``; FLOPs are exact attention's, counted by
+inputs exist) above its RSS at that moment, during the first call. Time is the median
+of ``torch.utils.benchmark.Timer``'s ``blocked_autorange``; FLOPs are exact attention's, counted by
 ``torch.utils.flop_counter.FlopCounterMode`` on SDPA with meta tensors, and the same
 count is used for every mechanism so GFLOP/s compare like with like. The roof is the
 measured fp32 GFLOP/s of a 4096^3 matmul on the same threads.

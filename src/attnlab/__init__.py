@@ -7,8 +7,10 @@
 True
 """
 
-from attnlab import mechanisms  # noqa: F401  (registers the built-in mechanisms)
-from attnlab import nn  # noqa: F401  (attnlab.nn.MultiheadAttention)
+from attnlab import (
+    mechanisms,  # noqa: F401  (registers the built-in mechanisms)
+    nn,  # noqa: F401  (attnlab.nn.MultiheadAttention)
+)
 from attnlab.functional import attention, choose_mechanism
 from attnlab.mechanisms.base import Mechanism
 from attnlab.registry import (
