@@ -23,7 +23,8 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
         print(json.dumps([get(n).to_dict() for n in names], indent=2))
         return 0
     table = Table(title=f"attnlab {__version__}: {len(names)} mechanisms", show_lines=False)
-    for col in ("name", "family", "exact", "time", "memory", "causal", "masks", "cross",
+    table.add_column("name", no_wrap=True)  # names are copied into code: never fold them
+    for col in ("family", "exact", "time", "memory", "causal", "masks", "cross",
                 "weights", "paper"):
         table.add_column(col, overflow="fold")
     for n in names:
