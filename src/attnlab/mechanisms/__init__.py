@@ -8,6 +8,7 @@ from attnlab.mechanisms import (
     classic,  # noqa: F401
     exact,  # noqa: F401
     flash,  # noqa: F401
+    hashing,  # noqa: F401
     kernel,  # noqa: F401
     lowrank,  # noqa: F401
 )

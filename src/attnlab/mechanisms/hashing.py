@@ -1,0 +1,384 @@
+"""Hashing / clustering attention: Reformer's LSH attention and Sparse Sinkhorn attention.
+
+Both sort the sequence so that, after sorting, a *local* attention pattern (chunks or
+blocks of fixed size) reaches the keys that matter, and both never form ``N x N`` scores.
+
+**reformer** (Kitaev et al. 2020). Angular LSH with a random rotation ``R`` (``D x n_b/2``):
+
+.. math::
+
+    h(x) = \\arg\\max([xR;\\ -xR]), \\qquad
+    o_i = \\sum_{j \\in \\tilde P_i} \\exp\\big(q_i \\cdot k_j - m(j, P_i) - z(i, P_i)\\big) v_j
+
+with ``P_i = {j : h(q_i) = h(k_j)}`` (same bucket), ``m(j, P_i) = inf`` for ``j not in P_i``
+and ``\\tilde P_i`` the chunk of ``q_i`` and the previous chunk after sorting by
+``(bucket, position)``. Shared-QK attention uses ``k_j = q_j / ||q_j||`` and replaces the
+score of ``q_i`` with itself by a large negative constant (it wins only when alone).
+``n_hashes`` rounds ``r`` combine as in eqs. 6-7 of the paper:
+
+.. math::
+
+    o_i = \\sum_r \\exp\\big(z(i, P_i^{(r)}) - z(i, P_i)\\big)\\, o_i^{(r)}, \\qquad
+    m^{(r)}_{ij} = \\ln N_{ij}, \\ N_{ij} = |\\{r' : j \\in P_i^{(r')}\\}|,
+
+i.e. exactly softmax attention over the union of the rounds' key sets. Causal (shared QK):
+``j <= i`` in ``i``'s bucket and at most ``b`` sorted places back, a set that depends on
+tokens ``<= i`` only (chunk boundaries would let future tokens' hashes move it).
+
+**sinkhorn** (Tay et al. 2020). Blocks of ``b`` tokens; a meta sorting network ``P`` on
+block-pooled keys ``psi_P(K)`` gives block scores ``R``, made doubly stochastic by
+log-space Sinkhorn normalisation ``S^k = F_c(F_r(S^{k-1}))``, ``S^0 = R / tau``:
+
+.. math::
+
+    S = \\mathrm{Sinkhorn}(R / \\tau), \\qquad \\psi_S(K)_i = \\sum_j S_{ij} K_j, \\qquad
+    Y_i = \\mathrm{softmax}\\big(Q_i [K_i;\\ \\psi_S(K)_i]^\\top\\big) [V_i;\\ \\psi_S(V)_i]
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attnlab.mechanisms.base import Mechanism
+from attnlab.registry import REQUIRED, HParam, Paper, register_mechanism
+
+__all__ = ["ReformerAttention", "SinkhornAttention", "sinkhorn_normalise"]
+
+KITAEV_2020 = Paper(
+    "Reformer: The Efficient Transformer",
+    "Nikita Kitaev, Lukasz Kaiser, Anselm Levskaya",
+    2020,
+    "https://arxiv.org/abs/2001.04451",
+)
+TAY_2020 = Paper(
+    "Sparse Sinkhorn Attention",
+    "Yi Tay, Dara Bahri, Liu Yang, Donald Metzler, Da-Cheng Juan",
+    2020,
+    "https://arxiv.org/abs/2002.11296",
+)
+_HALF = (torch.float16, torch.bfloat16)
+_INF = float("inf")
+# Score given to a query with itself under shared QK: finite, so a query with no other key
+# still attends itself, but far below any real score (the paper's "large negative value").
+SELF_SCORE = -1e9
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _group_size(name: str, hp: str, size: int, n: int) -> int:
+    """Tokens per chunk/block for a sequence of ``n``: ``size``, or ``n`` if ``n <= size``."""
+    if n <= size:
+        return n  # one chunk/block holds the whole sequence (a short input is not an error)
+    if n % size:
+        raise ValueError(
+            f"{name}: {hp}={size} does not divide the sequence length N={n} ({hp} not "
+            f"dividing N); pad N to a multiple of {size} or pick a {hp} that divides {n}"
+        )
+    return size
+
+
+def _safe_softmax(scores: torch.Tensor):
+    """``(softmax, logsumexp)`` over the last dim; rows with no allowed key give ``p = 0`` and
+    ``lse = -inf`` with finite gradients (no ``exp(-inf - -inf)``)."""
+    m = scores.detach().amax(dim=-1, keepdim=True)
+    m = m.masked_fill(torch.isneginf(m), 0.0)  # the max only stabilises; it cancels out
+    e = torch.exp(scores - m)
+    s = e.sum(dim=-1, keepdim=True)
+    alive = s > 0
+    s_safe = torch.where(alive, s, torch.ones_like(s))
+    lse = torch.where(alive, m + torch.log(s_safe), torch.full_like(s, -_INF))
+    return e / s_safe, lse.squeeze(-1)
+
+
+def _look_one_back(x: torch.Tensor, n_chunks: int, chunk_dim: int) -> torch.Tensor:
+    """Each chunk (along ``chunk_dim``, items along the next dim) preceded by the previous
+    one; chunk 0 by the last, as in the reference code. One chunk is its own previous one:
+    keep it once, so that no key is counted twice."""
+    if n_chunks == 1:
+        return x
+    return torch.cat([x.roll(1, dims=chunk_dim), x], dim=chunk_dim + 1)
+
+
+@register_mechanism(
+    "reformer",
+    family="hashing",
+    paper=KITAEV_2020,
+    time="O(r N b (D + r)),  r = n_hashes, b = bucket_size",
+    memory="O(r N (b + D))",
+    equation="o_i = sum_{j in P~_i, h(q_i)=h(k_j)} exp(q_i.k_j - z(i, P_i)) v_j, "
+             "h(x) = argmax([xR; -xR]); rounds: o_i = sum_r exp(z(i,P_i^(r)) - z(i,P_i)) o_i^(r)",
+    exact=False, causal=True, arbitrary_mask=False, cross=False, returns_weights=False,
+    half_precision=True, learnable=False,
+    aliases=("lsh", "lsh_attention"),
+    hparams=[
+        HParam("bucket_size", int, 64, "chunk size b; n_buckets = N // b (N <= b: one chunk)",
+               low=1),
+        HParam("n_hashes", int, 2, "hash rounds r, combined by log-sum-exp weights", low=1),
+        HParam("shared_qk", bool, True, "keys = q / ||q|| (k is ignored), as in the paper"),
+        HParam("mask_self", bool, None, "a query does not attend itself unless alone "
+               "(None = same as shared_qk)", nullable=True),
+        HParam("fixed_rotations", bool, False, "same rotations every call (from seed); "
+               "False draws fresh ones each call, as the paper"),
+        HParam("seed", int, 0, "seed of the random rotations", low=0),
+    ],
+    tiny_hparams={"bucket_size": 4, "n_hashes": 2},
+)
+class ReformerAttention(Mechanism):
+    """Reformer LSH attention: sort by angular-LSH bucket, attend within chunks.
+
+    ``o_i = sum_{j in P~_i} exp(q_i.k_j - m(j, P_i) - z(i, P_i)) v_j`` with ``h(x) =
+    argmax([xR; -xR])``. Per round the tokens are sorted by ``(h, position)`` and cut into
+    chunks of ``b = bucket_size``; a query sees keys of *its own bucket* in its chunk and
+    the previous one (``m(j, P_i)`` of eq. 3; no chunk is counted twice when there is only
+    one). ``n_buckets = N // b`` (rounded up to even for the hash, as ``h`` needs pairs of
+    directions); ``N`` must be a multiple of ``b`` (``N <= b`` is one chunk: exact).
+
+    * ``shared_qk=True`` (default, the paper): keys are ``q_j / ||q_j||``; the ``k`` given
+      is ignored. ``mask_self`` then scores ``q_i`` with itself at ``SELF_SCORE``.
+    * ``shared_qk=False``: queries and keys are hashed and sorted separately; query chunk
+      ``n`` meets key chunks ``n`` and ``n - 1`` (why the paper shares QK: these need not
+      hold the same buckets). A query with no key of its bucket there outputs zeros.
+    * Rounds combine by eqs. 6-7 with the ``ln N_ij`` correction, so ``r`` rounds are exact
+      softmax attention over the union of their key sets.
+    * Causal (shared QK only): query ``i`` sees ``j <= i`` of its bucket at most ``b``
+      places before it in sorted order. Within a bucket sorted distance is rank distance,
+      which depends on tokens ``<= i`` only; the paper's chunk boundaries would let future
+      tokens' hashes change which past keys a query sees.
+    * Rotations (``H x r x D x n_b/2``, one per head and round) come from a generator
+      seeded by ``seed`` (``fixed_rotations``) or by ``seed`` and a call counter.
+    """
+
+    def __init__(self, **hparams) -> None:
+        super().__init__(**hparams)
+        self._calls = 0
+
+    def rotations(self, H: int, D: int, n_chunks: int, device, dtype) -> torch.Tensor:
+        """The random rotations ``(H, n_hashes, D, n_buckets / 2)`` for the next call."""
+        n_rot = (n_chunks + 1) // 2
+        seed = self.hp["seed"]
+        if not self.hp["fixed_rotations"]:
+            seed = (seed + self._calls * _GOLDEN) % 2**63
+            self._calls += 1
+        g = torch.Generator(device=device).manual_seed(seed)
+        shape = (H, self.hp["n_hashes"], D, n_rot)
+        return torch.randn(shape, generator=g, device=device, dtype=dtype)
+
+    def _sort(self, x: torch.Tensor, rot: torch.Tensor | None):
+        """Buckets, sorted order (slot -> token) and its inverse (token -> slot), each
+        ``(B, H, r, N)``: tokens sorted by (bucket, position) in every round."""
+        B, H, N, _ = x.shape
+        r = self.hp["n_hashes"]
+        pos = torch.arange(N, device=x.device)
+        if rot is None:  # one chunk: hashing cannot change who meets whom; skip it
+            order = pos.expand(B, H, r, N)
+            return torch.zeros_like(order), order, order
+        with torch.no_grad():
+            xr = torch.einsum("bhnd,hrdk->bhrnk", x, rot)
+            buckets = torch.cat([xr, -xr], dim=-1).argmax(dim=-1)
+            order = (buckets * N + pos).argsort(dim=-1)
+            inv = torch.empty_like(order).scatter_(-1, order, pos.expand_as(order))
+        return buckets, order, inv
+
+    @staticmethod
+    def _codes(buckets, order, inv, c, nc, causal, query):
+        """Per round and token, ``(B, H, r, N)`` int32 codes that make membership two
+        comparisons of small per-token values (never index arithmetic on the scores' shape).
+
+        Causal: key ``j`` is in the set of query ``i`` iff ``lo_i <= s_j <= s_i``, with ``s``
+        the sorted slot and ``lo_i = max(s_i - c, first slot of i's bucket)``. Otherwise:
+        iff ``code_j`` is ``bucket_i * nc + chunk_i`` or ``bucket_i * nc + chunk_i - 1``.
+        """
+        if causal:
+            if not query:
+                return (inv.int(),)
+            sb = buckets.gather(-1, order)  # buckets in sorted order: runs
+            slot = torch.arange(sb.shape[-1], device=sb.device).expand_as(sb)
+            first = torch.ones_like(sb, dtype=torch.bool)
+            first[..., 1:] = sb[..., 1:] != sb[..., :-1]
+            start = torch.where(first, slot, 0).cummax(dim=-1).values.gather(-1, inv)
+            return torch.maximum(inv - c, start).int(), inv.int()
+        chunk = torch.div(inv, c, rounding_mode="floor")
+        if not query:
+            return ((buckets * nc + chunk).int(),)
+        return (buckets * nc + chunk).int(), (buckets * nc + (chunk - 1) % nc).int()
+
+    def _attend(self, q, k, v, attn_mask, is_causal, scale, dropout_p, need_weights):
+        B, H, N, D = q.shape
+        Dv = v.shape[-1]
+        r, shared = self.hp["n_hashes"], self.hp["shared_qk"]
+        mask_self = shared if self.hp["mask_self"] is None else self.hp["mask_self"]
+        if is_causal and not shared:
+            raise ValueError("reformer: is_causal=True needs shared_qk=True (with separate "
+                             "query and key hashes, future tokens would move past keys in "
+                             "and out of a query's chunks); got shared_qk=False")
+        c = _group_size("reformer", "bucket_size", self.hp["bucket_size"], N)
+        nc = N // c
+        L = c if nc == 1 else 2 * c
+        dtype = q.dtype
+        work = torch.float32 if dtype in _HALF else dtype
+        q, k, v = q.to(work), k.to(work), v.to(work)
+        if shared:
+            k = q / q.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(work).tiny)
+        rot = None if nc == 1 else self.rotations(H, D, nc, q.device, work)
+        bq, order_q, inv_q = self._sort(q, rot)
+        bk, order_k, inv_k = (bq, order_q, inv_q) if shared else self._sort(k, rot)
+        # Flat row numbers of the sorted tokens: index_select on (B*H*N, E) rows.
+        base = (torch.arange(B * H, device=q.device) * N).view(B, H, 1, 1)
+        rows_q, rows_k = (order_q + base).flatten(), (order_k + base).flatten()
+
+        def sort(x, rows):  # (B, H, N, E) -> sorted per round, in chunks (B, H, r, nc, c, E)
+            return x.reshape(B * H * N, -1).index_select(0, rows).view(B, H, r, nc, c, -1)
+
+        tq = order_q.reshape(B, H, r, nc, c)  # token id of each query slot
+        tk = _look_one_back(order_k.reshape(B, H, r, nc, c), nc, 3)  # (B, H, r, nc, L)
+        k_s = _look_one_back(sort(k, rows_k), nc, 3)
+        v_s = _look_one_back(sort(v, rows_k), nc, 3)
+        scores = torch.matmul(sort(q, rows_q), k_s.transpose(-1, -2)) * scale
+
+        qc = self._codes(bq, order_q, inv_q, c, nc, is_causal, query=True)
+        kc = self._codes(bk, order_k, inv_k, c, nc, is_causal, query=False)[0]
+        out_of_set, n_out = [], None
+        for rp in range(r):  # who meets whom in round rp: its own mask, and N_ij
+            def at(t, idx, rp=rp):  # round-rp values at token ids idx
+                return t[:, :, rp].gather(-1, idx.flatten(2)).view(idx.shape)
+            a, b = (at(t, tq).unsqueeze(-1) for t in qc)
+            kj = at(kc, tk).unsqueeze(-2)
+            outside = (kj < a) | (kj > b) if is_causal else (kj != a) & (kj != b)
+            out_of_set.append(outside[:, :, rp])
+            if r > 1:  # rounds where j is outside i's set: N_ij = r - n_out
+                n_out = outside.to(work) if n_out is None else n_out.add_(outside)
+        blocked = torch.stack(out_of_set, dim=2)
+        if mask_self:
+            if shared:  # same sort for q and k: itself sits at a fixed place in the chunk
+                t = torch.arange(c, device=q.device)
+                self_pair = torch.zeros(c, L, dtype=torch.bool, device=q.device)
+                self_pair[t, t + (L - c)] = True
+            else:
+                self_pair = tq.unsqueeze(-1) == tk.unsqueeze(-2)
+            scores = scores.masked_fill(self_pair, SELF_SCORE)
+        if n_out is not None:  # eq. 7: a key met in several rounds counts once in the union
+            scores = scores - n_out.neg_().add_(r).clamp_min_(1.0).log_()
+        scores = scores.masked_fill(blocked, -_INF)
+        if shared:  # every row holds its own (finite) score: the fused kernels are safe
+            p = torch.softmax(scores, dim=-1)
+            lse = torch.logsumexp(scores, dim=-1) if r > 1 else None
+        else:  # a query may find no key of its bucket: a row of -inf
+            p, lse = _safe_softmax(scores)
+        if dropout_p > 0:
+            p = F.dropout(p, dropout_p)
+        o = torch.matmul(p, v_s).view(B * H * r * N, Dv)
+        # Undo the sort: slot inv_q[t] of each round holds token t.
+        rows_o = (inv_q + torch.arange(B * H * r, device=q.device).view(B, H, r, 1) * N)
+        o = o.index_select(0, rows_o.flatten()).view(B, H, r, N, Dv)
+        if r == 1:
+            return o[:, :, 0].to(dtype), None
+        lse = lse.view(B, H, r, N).gather(3, inv_q)
+        w, _ = _safe_softmax(lse.transpose(2, 3))  # exp(z(i, P^(r)) - z(i, P)), (B, H, N, r)
+        out = torch.einsum("bhnr,bhrnd->bhnd", w, o)
+        return out.to(dtype), None
+
+
+def sinkhorn_normalise(log_r: torch.Tensor, iters: int) -> torch.Tensor:
+    """Log-space Sinkhorn: ``iters`` rounds of row then column normalisation of
+    ``exp(log_r)`` (the paper's ``F_c(F_r(.))``); returns ``S`` (rows/columns sum to ~1)."""
+    for _ in range(iters):
+        log_r = log_r - torch.logsumexp(log_r, dim=-1, keepdim=True)
+        log_r = log_r - torch.logsumexp(log_r, dim=-2, keepdim=True)
+    return log_r.exp()
+
+
+@register_mechanism(
+    "sinkhorn",
+    family="hashing",
+    paper=TAY_2020,
+    time="O(N b D + N^2 D / b),  b = block_size",
+    memory="O(N b + N D + (N/b)^2)",
+    equation="Y_i = softmax(Q_i [K_i; psi_S(K)_i]^T) [V_i; psi_S(V)_i], "
+             "psi_S(X)_i = sum_j S_ij X_j, S = Sinkhorn(R / tau), R = P(psi_P(K))",
+    exact=False, causal=False, arbitrary_mask=False, cross=False, returns_weights=False,
+    half_precision=True, learnable=True,
+    aliases=("sparse_sinkhorn", "sinkhorn_attention"),
+    hparams=[
+        HParam("head_dim", int, REQUIRED, "size D of each query/key head", low=1),
+        HParam("block_size", int, 64, "block size b; N_B = N // b blocks (N <= b: one block)",
+               low=1),
+        HParam("sinkhorn_iters", int, 8, "Sinkhorn row/column normalisation rounds", low=1),
+        HParam("temperature", float, 0.75, "tau: S = Sinkhorn(R / tau)", low=0.0,
+               low_exclusive=True),
+    ],
+    tiny_hparams={"block_size": 4},
+)
+class SinkhornAttention(Mechanism):
+    """Sparse Sinkhorn attention: each block attends to itself and a soft-sorted key block.
+
+    The sequence is cut into ``N_B = N / b`` blocks. The meta sorting network ``P`` scores
+    block pairs from block-pooled keys ``psi_P(K)_i`` (mean of the block's keys):
+    ``R_ij = P(psi_P(K)_i) . psi_P(K)_j / sqrt(D)``, ``P(x) = W_2 relu(W_1 x + b_1)``,
+    and ``S = Sinkhorn(R / tau)`` (``sinkhorn_iters`` log-space rounds) is a soft block
+    permutation. The sorted keys/values are ``psi_S(K)_i = sum_j S_ij K_j``; block ``i``'s
+    queries attend ``[K_i; psi_S(K)_i]`` (``2b`` keys), as in the paper's local + sorted
+    attention. With one block the sorted block *is* the block (``S = [1]``): it is kept
+    once, which makes ``N <= b`` exact attention.
+
+    Departures from the paper, each because its form needs a fixed length or input:
+    ``P`` scores pairs (bilinear) instead of emitting ``N_B`` logits from a ``d x N_B``
+    weight, so any ``N`` works; pooling is the mean (the paper's sum scaled by ``1/b``);
+    no Gumbel noise (deterministic); the network acts on the per-head keys with one set of
+    weights shared by all heads. No causal form (the paper's causal Sinkhorn balancing is
+    not implemented), no masks, self-attention only.
+    """
+
+    def __init__(self, **hparams) -> None:
+        super().__init__(**hparams)
+        d = self.hp["head_dim"]
+        self.sort_in = nn.Linear(d, d)
+        # No output bias: it would add a per-column constant to R, which Sinkhorn's column
+        # normalisation removes (a parameter that never gets a gradient).
+        self.sort_out = nn.Linear(d, d, bias=False)
+
+    def _blocks(self, q):
+        N = q.shape[-2]
+        if q.shape[-1] != self.hp["head_dim"]:
+            raise ValueError(
+                f"sinkhorn: q head dim {q.shape[-1]} does not match head_dim="
+                f"{self.hp['head_dim']} the module was built with; create it with "
+                f"head_dim={q.shape[-1]}"
+            )
+        b = _group_size("sinkhorn", "block_size", self.hp["block_size"], N)
+        return b, N // b
+
+    def sorting_matrix(self, k: torch.Tensor) -> torch.Tensor:
+        """The doubly stochastic block matrix ``S`` ``(B, H, N_B, N_B)`` for keys ``k``."""
+        b, nb = self._blocks(k)
+        B, H, N, D = k.shape
+        work = torch.float32 if k.dtype in _HALF else k.dtype
+        pooled = k.to(work).view(B, H, nb, b, D).mean(dim=3)  # psi_P(K)
+        w1, b1, w2 = (t.to(work) for t in (self.sort_in.weight, self.sort_in.bias,
+                                           self.sort_out.weight))
+        f = F.linear(F.relu(F.linear(pooled, w1, b1)), w2)
+        r = torch.matmul(f, pooled.transpose(-1, -2)) / math.sqrt(D)
+        return sinkhorn_normalise(r / self.hp["temperature"], self.hp["sinkhorn_iters"])
+
+    def _attend(self, q, k, v, attn_mask, is_causal, scale, dropout_p, need_weights):
+        b, nb = self._blocks(q)
+        B, H, N, D = q.shape
+        Dv = v.shape[-1]
+        dtype = q.dtype
+        work = torch.float32 if dtype in _HALF else dtype
+        qb = q.to(work).view(B, H, nb, b, D)
+        kb = k.to(work).view(B, H, nb, b, D)
+        vb = v.to(work).view(B, H, nb, b, Dv)
+        if nb > 1:
+            s = self.sorting_matrix(k)  # (B, H, nb, nb): tiny
+            k_sorted = torch.einsum("bhij,bhjtd->bhitd", s, kb)
+            v_sorted = torch.einsum("bhij,bhjtd->bhitd", s, vb)
+            kb = torch.cat([kb, k_sorted], dim=3)  # (B, H, nb, 2b, D)
+            vb = torch.cat([vb, v_sorted], dim=3)
+        p = torch.softmax(torch.matmul(qb, kb.transpose(-1, -2)) * scale, dim=-1)
+        if dropout_p > 0:
+            p = F.dropout(p, dropout_p)
+        out = torch.matmul(p, vb).reshape(B, H, N, Dv)
+        return out.to(dtype), None
