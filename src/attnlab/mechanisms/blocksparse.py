@@ -1,0 +1,454 @@
+"""The block-sparse engine behind every mechanism of the ``sparse`` family.
+
+A sparse pattern allows query ``i`` to attend only the keys of a set :math:`S_i`:
+
+.. math::
+
+    \\mathrm{out}_i = \\sum_{j \\in S_i} \\frac{\\exp(\\tau\\, q_i \\cdot k_j + M_{ij})}
+                      {\\sum_{j' \\in S_i} \\exp(\\tau\\, q_i \\cdot k_{j'} + M_{ij'})}\\, v_j
+
+Every pattern is given at two levels:
+
+1. a **block layout**: tokens are cut into blocks of ``b`` (``block_size``) and query block
+   ``I`` lists the key blocks ``J`` holding at least one allowed pair. It is derived
+   analytically from the pattern (never by evaluating ``N x N`` pairs) and is a superset:
+   an extra block costs time, never correctness;
+2. a **token predicate** ``allows(q_idx, kv_idx)`` (a FlexAttention ``mask_mod``) that
+   decides the pairs inside those blocks.
+
+Every pattern of :mod:`attnlab.mechanisms.sparse` is a union of a few primitive terms
+(:class:`SparsePattern`): a dilated band ``lo <= j - i <= hi, (j - i) % d == 0``, same
+``L``-block ``i // L == j // L``, stride ``(i - j) % l == 0``, summary columns
+``j % l >= l - c``, global tokens (``g[i] or g[j]``) and explicit blocks ``A[i//b, j//b]``;
+``is_causal`` intersects with ``j <= i``. One predicate, :func:`allows`, reads all of them
+from tensors, so FlexAttention compiles *one* kernel for every pattern and parameter.
+
+Two backends, both sparse (hyperparameter ``backend``):
+
+* ``blocked`` (PyTorch, plain autograd): query blocks are grouped by how many key blocks
+  they need; each group gathers only its key/value blocks (``index_select`` into
+  ``(B, H, r, c*b, D)``), scores them, applies the predicate and the caller's ``attn_mask``
+  tile (gathered at the same positions: both must allow a pair), a masked softmax (a row
+  with no allowed key gives 0, with zero gradient) and the weighted sum. With ``K`` keys
+  scored per query, time is ``O(N K D)`` and memory ``O(N K)`` for the scores plus
+  ``O(N K D / b)`` for the gathered blocks; groups run in chunks of at most ``_CHUNK``
+  scores, which bounds the forward's peak without autograd.
+* ``flex``: ``torch.nn.attention.flex_attention`` compiled once per process, with a
+  ``BlockMask`` built straight from the layout (``BlockMask.from_kv_blocks``; blocks whose
+  every pair is allowed are marked *full*), cached with the plan. A bool ``attn_mask`` is
+  and-ed in ``mask_mod``, a float one added in ``score_mod``; rows with no allowed key
+  give 0. FlexAttention on CPU (torch 2.13) has no backward and takes float32/16/bf16 only.
+* ``auto`` (default) is ``flex`` on CUDA when FlexAttention can run the call (no dropout,
+  a supported dtype, ``b % 16 == 0``) and ``blocked`` otherwise, in particular always on
+  CPU: there ``blocked`` needs no compilation (seconds per pattern shape) and has a
+  backward. An explicit ``flex`` that cannot run raises the reason (on CPU with inputs
+  that need a gradient: ``NotImplementedError``); it never silently switches backend.
+  ``flex`` compiles one static kernel per (length, dtype, block size, mask kind): on CPU
+  it is about 4x faster than ``blocked`` for repeated no-grad calls at a fixed shape, but
+  past torch's recompile limit (8 shapes) torch runs FlexAttention eagerly, densely.
+
+``N`` need not be a multiple of ``b``: queries are padded to whole blocks and the padded
+rows dropped; padded key positions are masked out. Plans (layout, groups, predicate
+tiles, flex block masks) are cached per (pattern, N, causal, device) in a small LRU.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from attnlab.mechanisms.base import Mechanism
+
+__all__ = [
+    "Rule", "SparseMechanism", "SparsePattern", "allows", "blocked_attention", "choose_backend",
+    "flex_attention_sparse", "plan_for",
+]
+
+_HALF = (torch.float16, torch.bfloat16)
+_CHUNK = 1 << 22  # scores per chunk of query blocks: bounds the forward's peak memory
+_CACHE: OrderedDict = OrderedDict()
+_CACHE_SIZE = 32
+_FLEX = None
+
+
+class Rule(NamedTuple):
+    """The token predicate's parameters, all tensors (FlexAttention then compiles once)."""
+
+    causal: torch.Tensor  # bool: intersect with j <= i
+    band_lo: torch.Tensor  # band lo <= j - i <= hi with (j - i) % dil == 0 (lo > hi: off)
+    band_hi: torch.Tensor
+    dil: torch.Tensor
+    local_on: torch.Tensor  # bool: i // local == j // local
+    local: torch.Tensor
+    stride_on: torch.Tensor  # bool: (i - j) % stride == 0
+    stride: torch.Tensor
+    sum_l: torch.Tensor  # j % sum_l >= sum_l - sum_c (sum_c = 0: off)
+    sum_c: torch.Tensor
+    is_global: torch.Tensor  # (N,) bool
+    bsz: torch.Tensor  # block size of ``blocks``
+    blocks: torch.Tensor  # (nqb, nkb) bool: explicitly allowed blocks
+
+
+def allows(r: Rule, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Whether query ``q`` may attend key ``k`` (broadcasting index tensors, ``< N``)."""
+    d = k - q
+    ok = (d >= r.band_lo) & (d <= r.band_hi) & (d % r.dil == 0)
+    ok = ok | (r.local_on & (q // r.local == k // r.local))
+    ok = ok | (r.stride_on & ((q - k) % r.stride == 0))
+    ok = ok | (k % r.sum_l >= r.sum_l - r.sum_c)
+    ok = ok | r.is_global[q] | r.is_global[k]
+    ok = ok | r.blocks[q // r.bsz, k // r.bsz]
+    return ok & (~r.causal | (k <= q))
+
+
+def _circular_overlap(x, lx, y, ly, m):
+    """Do ``[x, x+lx)`` and ``[y, y+ly)`` meet on the integers mod ``m``?"""
+    if lx >= m or ly >= m:
+        return torch.ones_like(x - y, dtype=torch.bool)
+    return ((y - x) % m < lx) | ((x - y) % m < ly)
+
+
+@dataclass(frozen=True)
+class SparsePattern:
+    """A union of primitive terms (``None``/0 = term absent) on ``n`` tokens."""
+
+    n: int
+    block_size: int
+    causal: bool
+    band: tuple[int, int, int] | None = None  # (lo, hi, dilation), offsets j - i
+    local: int = 0
+    stride: int = 0
+    summary: tuple[int, int] | None = None  # (l, c)
+    global_tokens: tuple[int, ...] = ()  # normalised to 0 <= g < n
+    blocks: torch.Tensor | None = None  # (nqb, nkb) bool at block_size
+    key: tuple = ()  # what identifies ``blocks`` (e.g. a seed) for the caches
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.n // self.block_size)
+
+    def cache_key(self, device) -> tuple:
+        return (self.n, self.block_size, self.causal, self.band, self.local, self.stride,
+                self.summary, self.global_tokens, self.key, str(device))
+
+    def block_layout(self) -> torch.Tensor:
+        """``(nqb, nkb)`` bool: the key blocks each query block needs (a superset)."""
+        b, nb = self.block_size, self.num_blocks
+        q0 = torch.arange(nb).unsqueeze(1) * b  # first token of each query block
+        q1 = (q0 + b - 1).clamp(max=self.n - 1)
+        k0 = torch.arange(nb).unsqueeze(0) * b
+        k1 = k0 + b - 1
+        lay = torch.zeros(nb, nb, dtype=torch.bool)
+        if self.band is not None:
+            lo, hi, dil = self.band
+            # Some offset j - i in [lo, hi]; with dilation, some offset also = 0 mod dil.
+            band = (k1 - q0 >= lo) & (k0 - q1 <= hi)
+            if dil > 1:
+                band &= _circular_overlap(q0 % dil, b, k0 % dil, b, dil)
+            lay |= band
+        if self.local:
+            L = self.local
+            lay |= (k1 >= (q0 // L) * L) & (k0 <= (q1 // L) * L + L - 1)
+        if self.stride:
+            lay |= _circular_overlap(q0 % self.stride, b, k0 % self.stride, b, self.stride)
+        if self.summary is not None and self.summary[1] > 0:
+            l, c = self.summary
+            lay |= _circular_overlap(k0 % l, b, torch.tensor(l - c), c, l).expand(nb, nb)
+        if self.global_tokens:
+            g = torch.tensor(sorted({t // b for t in self.global_tokens}))
+            lay[g, :] = True
+            lay[:, g] = True
+        if self.blocks is not None:
+            lay |= self.blocks
+        if self.causal:
+            lay &= torch.ones(nb, nb, dtype=torch.bool).tril()
+        return lay
+
+    def rule(self, device=None) -> Rule:
+        band_lo, band_hi, dil = self.band if self.band is not None else (1, 0, 1)
+        sum_l, sum_c = self.summary if self.summary is not None else (1, 0)
+        glob = torch.zeros(self.n, dtype=torch.bool)
+        if self.global_tokens:
+            glob[list(self.global_tokens)] = True
+        nb = self.num_blocks
+        blocks = self.blocks if self.blocks is not None else torch.zeros(nb, nb, dtype=torch.bool)
+
+        def t(x):
+            return torch.tensor(x, device=device)
+
+        return Rule(t(self.causal), t(band_lo), t(band_hi), t(dil), t(self.local > 0),
+                    t(max(self.local, 1)), t(self.stride > 0), t(max(self.stride, 1)),
+                    t(sum_l), t(sum_c), glob.to(device), t(self.block_size),
+                    blocks.to(device=device, dtype=torch.bool).contiguous())
+
+
+@dataclass
+class _Group:
+    """Query blocks that need the same number ``c`` of key blocks."""
+
+    rows: torch.Tensor  # (r,) query block indices
+    q_tok: torch.Tensor  # (r*b,) query positions, clamped to n-1
+    k_tok: torch.Tensor  # (r*c*b,) key positions, clamped to n-1
+    blocked: torch.Tensor  # (r, b, c*b) bool: pair NOT allowed (pattern, causal, padding)
+    dead: torch.Tensor | None  # (r, b, 1) rows with no allowed key, None if there are none
+    c: int
+
+
+class _Plan:
+    """What a pattern needs at one length and device: layout, groups, predicate tiles."""
+
+    def __init__(self, p: SparsePattern, device) -> None:
+        b, n = p.block_size, p.n
+        self.pattern, self.rule = p, p.rule(device)
+        lay = p.block_layout()
+        self.layout = lay
+        # A query block with no key block still gets one, entirely blocked: its rows give 0
+        # through the same softmax, so the output stays connected to the autograd graph.
+        counts = lay.sum(1).clamp(min=1)
+        # Allowed key blocks first, in ascending order (stable sort of "not allowed").
+        self.kidx = torch.argsort((~lay).to(torch.int8), dim=1, stable=True)
+        rule_cpu = p.rule()
+        ar = torch.arange(b)
+        self.groups: list[_Group] = []
+        for c in torch.unique(counts).tolist():
+            rows = torch.nonzero(counts == c).flatten()
+            q_tok = rows.unsqueeze(1) * b + ar  # (r, b)
+            k_tok = (self.kidx[rows, :c].unsqueeze(-1) * b + ar).reshape(len(rows), c * b)
+            qc, kc = q_tok.clamp(max=n - 1), k_tok.clamp(max=n - 1)
+            ok = allows(rule_cpu, qc.unsqueeze(-1), kc.unsqueeze(1)) & (k_tok < n).unsqueeze(1)
+            dead = ~ok.any(-1, keepdim=True)
+            self.groups.append(_Group(rows.to(device), qc.flatten().to(device),
+                                      kc.flatten().to(device), (~ok).to(device),
+                                      dead.to(device) if dead.any() else None, c))
+        order = torch.cat([g.rows.cpu() for g in self.groups])
+        self.inverse = torch.argsort(order).to(device)  # from group order back to block order
+        self._flex = {}
+
+    def block_mask(self, with_full: bool, mask_mod):
+        """A FlexAttention ``BlockMask``; its kv tensors are cached, ``mask_mod`` is per call.
+
+        ``with_full`` marks blocks whose every pair is allowed as *full* (FlexAttention then
+        skips ``mask_mod`` there); a caller's bool mask needs every block *partial*.
+        """
+        from torch.nn.attention.flex_attention import BlockMask
+
+        if with_full not in self._flex:
+            lay, dev = self.layout, self.rule.blocks.device
+            if with_full:
+                b, full = self.pattern.block_size, torch.zeros_like(lay)
+                for g in self.groups:
+                    rows, no = g.rows.cpu(), g.blocked.cpu()
+                    tile_full = ~no.view(len(rows), b, g.c, b).any(3).any(1)  # (r, c)
+                    full[rows.unsqueeze(1), self.kidx[rows, : g.c]] = tile_full
+                parts = (lay & ~full, full)
+            else:
+                parts = (lay,)
+            tensors = []
+            for sel in parts:
+                order = torch.argsort((~sel).to(torch.int8), dim=1, stable=True)
+                tensors += [sel.sum(1).to(torch.int32)[None, None].to(dev),
+                            order.to(torch.int32)[None, None].contiguous().to(dev)]
+            self._flex[with_full] = tensors
+        t = self._flex[with_full]
+        return BlockMask.from_kv_blocks(*t, BLOCK_SIZE=self.pattern.block_size,
+                                        mask_mod=mask_mod, seq_lengths=(self.pattern.n,) * 2)
+
+
+def plan_for(p: SparsePattern, device) -> _Plan:
+    key = p.cache_key(device)
+    plan = _CACHE.get(key)
+    if plan is None:
+        plan = _Plan(p, device)
+        _CACHE[key] = plan
+        if len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    else:
+        _CACHE.move_to_end(key)
+    return plan
+
+
+def _mask_tile(mask, g: _Group, rows: slice, b: int):
+    """The caller's 4-D broadcastable ``attn_mask`` at the chunk's (query, key) pairs."""
+    r = rows.stop - rows.start
+    cb = g.c * b
+    qi = g.q_tok[rows.start * b: rows.stop * b].view(r, b, 1)
+    ki = g.k_tok[rows.start * cb: rows.stop * cb].view(r, 1, cb)
+    qi = qi if mask.shape[2] > 1 else torch.zeros_like(qi)
+    ki = ki if mask.shape[3] > 1 else torch.zeros_like(ki)
+    return mask[:, :, qi, ki]  # (mb, mh, r, b, c*b)
+
+
+def _softmax(s, blocked, dead):
+    """Row softmax of ``s`` without the ``blocked`` pairs; rows in ``dead`` give 0.
+
+    ``s`` is a fresh tensor no backward needs, so it is masked in place. A dead row is set
+    to 0 before the exponent and zeroed after: no NaN in the output or the gradient.
+    """
+    s = s.masked_fill_(blocked, float("-inf"))
+    if dead is None:
+        return torch.softmax(s, dim=-1)
+    return torch.softmax(s.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+
+
+def blocked_attention(q, k, v, p: SparsePattern, attn_mask, scale, dropout_p=0.0):
+    """Sparse attention by gathering, per query block, only the key blocks it needs."""
+    B, H, N, D = q.shape
+    Dv, b, dtype = v.shape[-1], p.block_size, q.dtype
+    plan = plan_for(p, q.device)
+    wdt = torch.float32 if dtype in _HALF else dtype  # half inputs: computed in float32
+    q, k, v = q.to(wdt) * scale, k.to(wdt), v.to(wdt)
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        attn_mask = attn_mask.to(wdt)
+    outs = []
+    for g in plan.groups:
+        r_all = len(g.rows)
+        per_chunk = max(1, _CHUNK // (B * H * b * g.c * b))
+        for r0 in range(0, r_all, per_chunk):
+            rows = slice(r0, min(r0 + per_chunk, r_all))
+            r, cb = rows.stop - rows.start, g.c * b
+            qs = q.index_select(2, g.q_tok[r0 * b: rows.stop * b]).view(B, H, r, b, D)
+            ktok = g.k_tok[r0 * cb: rows.stop * cb]
+            ks = k.index_select(2, ktok).view(B, H, r, cb, D)
+            vs = v.index_select(2, ktok).view(B, H, r, cb, Dv)
+            s = torch.matmul(qs, ks.transpose(-1, -2))  # (B, H, r, b, c*b), scale in q
+            blocked, dead = g.blocked[rows], None if g.dead is None else g.dead[rows]
+            if attn_mask is not None:
+                tile = _mask_tile(attn_mask, g, rows, b)
+                if tile.dtype == torch.bool:
+                    blocked = blocked | ~tile
+                else:
+                    s = s + tile
+                    blocked = blocked | torch.isneginf(tile)
+                dead = blocked.all(-1, keepdim=True)
+            w = _softmax(s, blocked, dead)
+            if dropout_p > 0:
+                w = torch.nn.functional.dropout(w, dropout_p)
+            outs.append(torch.matmul(w, vs))
+    out = torch.cat(outs, dim=2).index_select(2, plan.inverse)  # back to block order
+    return out.reshape(B, H, -1, Dv)[:, :, :N].to(dtype)
+
+
+def _compiled_flex():
+    """``torch.compile(flex_attention)``, built once per process (compiling costs seconds)."""
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        # dynamic=False: a new length gets its own static kernel. With the default, the
+        # second length triggers a dynamic-shape recompile, whose CPU C++ code fails to
+        # build in torch 2.13 (``cur_kvSplitSize4`` undeclared).
+        _FLEX = torch.compile(flex_attention, dynamic=False)
+    return _FLEX
+
+
+def _pattern_mod(rule):
+    def mask_mod(b, h, q_idx, kv_idx):
+        return allows(rule, q_idx, kv_idx)
+
+    return mask_mod
+
+
+def _pattern_and_mask_mod(rule, user):
+    def mask_mod(b, h, q_idx, kv_idx):
+        return allows(rule, q_idx, kv_idx) & user[b, h, q_idx, kv_idx]
+
+    return mask_mod
+
+
+def _bias_mod(bias):
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + bias[b, h, q_idx, kv_idx]
+
+    return score_mod
+
+
+def flex_attention_sparse(q, k, v, p: SparsePattern, attn_mask, scale):
+    """The same attention through FlexAttention with a ``BlockMask`` from the layout."""
+    B, H, N, _ = q.shape
+    plan = plan_for(p, q.device)
+    score_mod = None
+    if attn_mask is None:
+        bm = plan.block_mask(True, _pattern_mod(plan.rule))
+    else:
+        full = attn_mask.expand(B, H, N, N)  # a stride-0 view, nothing is copied
+        if attn_mask.dtype == torch.bool:
+            bm = plan.block_mask(False, _pattern_and_mask_mod(plan.rule, full))
+        else:  # an additive mask goes to score_mod, which runs in full blocks too
+            bm = plan.block_mask(True, _pattern_mod(plan.rule))
+            score_mod = _bias_mod(full)
+    return _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=bm, scale=scale)
+
+
+# ---------------------------------------------------------------- mechanisms and backends
+BACKENDS = ("auto", "blocked", "flex")
+
+
+def _flex_refusal(name, q, k, v, attn_mask, dropout_p, block_size):
+    """Why FlexAttention cannot run this call (``None`` if it can): (exception, message)."""
+    if q.dtype not in (torch.float32, *_HALF):
+        return TypeError, (f"{name}: backend='flex' supports float32/float16/bfloat16; got "
+                           f"{q.dtype} (use backend='blocked')")
+    if dropout_p > 0:
+        return ValueError, (f"{name}: backend='flex' has no attention dropout; got "
+                            f"dropout_p={dropout_p} (use backend='blocked' or 'auto')")
+    if q.is_cuda and block_size % 16:
+        return ValueError, (f"{name}: backend='flex' on CUDA needs block_size to be a multiple "
+                            f"of 16; got block_size={block_size}")
+    grads = [t for t in (q, k, v, attn_mask) if t is not None and t.requires_grad]
+    if not q.is_cuda and torch.is_grad_enabled() and grads:
+        return NotImplementedError, (
+            f"{name}: backend='flex' has no backward on CPU (FlexAttention in torch "
+            f"{torch.__version__.split('+')[0]}); run under torch.no_grad() or with inputs "
+            f"that do not require grad, or use backend='blocked' (backend='auto' does)")
+    return None
+
+
+def choose_backend(name, requested, q, k, v, attn_mask, dropout_p, block_size) -> str:
+    """``blocked`` or ``flex`` for this call.
+
+    ``auto`` takes FlexAttention only on CUDA (where it has a backward) and when it can run
+    the call; on CPU it keeps ``blocked``, which needs no compilation (FlexAttention costs
+    seconds to compile per pattern shape and has no CPU backward). An explicit ``flex``
+    that cannot run raises the reason instead of silently changing backend.
+    """
+    if requested == "blocked":
+        return "blocked"
+    refusal = _flex_refusal(name, q, k, v, attn_mask, dropout_p, block_size)
+    if requested == "auto":
+        return "flex" if q.is_cuda and refusal is None else "blocked"
+    if refusal is not None:
+        exc, msg = refusal
+        raise exc(msg)
+    return "flex"
+
+
+class SparseMechanism(Mechanism):
+    """A mechanism given by :meth:`pattern`; the engine does the rest.
+
+    Subclasses declare the hyperparameters ``block_size`` and ``backend``.
+    """
+
+    def pattern(self, n: int, causal: bool) -> SparsePattern:
+        raise NotImplementedError
+
+    def backend_for(self, q, k, v, attn_mask=None, dropout_p=0.0) -> str:
+        return choose_backend(self.spec.name, self.hp["backend"], q, k, v, attn_mask,
+                              dropout_p, self.hp["block_size"])
+
+    def _attend(self, q, k, v, attn_mask, is_causal, scale, dropout_p, need_weights):
+        p = self.pattern(q.shape[-2], is_causal)
+        if self.backend_for(q, k, v, attn_mask, dropout_p) == "flex":
+            return flex_attention_sparse(q, k, v, p, attn_mask, scale), None
+        return blocked_attention(q, k, v, p, attn_mask, scale, dropout_p), None
+
+    def _check_globals(self, tokens, n: int) -> tuple[int, ...]:
+        """Global token indices normalised to ``0 <= g < n`` (negative count from the end)."""
+        for t in tokens:
+            if not -n <= t < n:
+                raise ValueError(
+                    f"{self.spec.name}: global_tokens index {t} is out of range for N={n} "
+                    f"(expected -{n} <= index < {n})")
+        return tuple(sorted({t % n for t in tokens}))
