@@ -250,6 +250,9 @@ def orthogonal_gaussian(m: int, d: int, generator=None) -> torch.Tensor:
         HParam("redraw", bool, False, "draw new features at every forward in training mode"),
         HParam("seed", int, None, "seed of the features (None: torch's global RNG)", low=0,
                nullable=True),
+        HParam("kernel_eps", float, 1e-4, "added to every (shifted) feature, as the reference "
+               "implementation does: it keeps a few large features from dominating the "
+               "denominator (0 = the plain unbiased estimator)", low=0.0),
         _CHUNK,
         _eps(1e-12),
     ],
@@ -269,8 +272,11 @@ class PerformerAttention(_KernelMechanism):
     Stability: ``exp`` arguments are shifted by constants that cancel in ``O_i``: per query
     its own max (as the reference code); for keys the global max (non-causal, as the
     reference code) or, causally, the running max over keys ``j' <= j`` -- a global max
-    would let future keys change past outputs. ``eps`` floors the denominator, which is in
-    these shifted units, hence its tiny default.
+    would let future keys change past outputs. ``kernel_eps`` (1e-4, as performer-pytorch)
+    is added to every shifted feature: a small bias towards uniform weights that keeps a
+    few large features from dominating the estimate (``kernel_eps=0`` gives the plain
+    unbiased estimator). ``eps`` floors the denominator, which is in these shifted units,
+    hence its tiny default.
     """
 
     def __init__(self, **hparams) -> None:
@@ -299,16 +305,20 @@ class PerformerAttention(_KernelMechanism):
         root = math.sqrt(scale)
         norm = 1.0 / math.sqrt(self.hp["num_features"])
 
-        def exponent(x):  # w_i^T x - |x|^2 / 2, with x scaled by scale^(1/2)
+        def parts(x):  # (w_i^T x, |x|^2 / 2), with x scaled by scale^(1/2)
             x = x * root
-            return x @ w.T - 0.5 * (x * x).sum(dim=-1, keepdim=True)
+            return x @ w.T, 0.5 * (x * x).sum(dim=-1, keepdim=True)
 
-        eq, ek = exponent(q), exponent(k)
-        phi_q = (eq - eq.amax(dim=-1, keepdim=True).detach()).exp() * norm
+        (wq, dq), (wk, dk) = parts(q), parts(k)
+        c = self.hp["kernel_eps"]
+        # As the reference code: shift by the max of w^T x alone (not of the whole exponent),
+        # then add kernel_eps; the shift is a per-row (q) or per-head (k) constant.
+        phi_q = ((wq - dq - wq.amax(dim=-1, keepdim=True).detach()).exp() + c) * norm
         if not is_causal:
-            return phi_q, (ek - ek.amax(dim=(-2, -1), keepdim=True).detach()).exp() * norm, None
-        run_max = ek.detach().amax(dim=-1).cummax(dim=-1).values          # (B, H, Nk)
-        return phi_q, (ek - run_max.unsqueeze(-1)).exp() * norm, run_max
+            shift = wk.amax(dim=(-2, -1), keepdim=True).detach()
+            return phi_q, ((wk - dk - shift).exp() + c) * norm, None
+        run_max = wk.detach().amax(dim=-1).cummax(dim=-1).values          # (B, H, Nk)
+        return phi_q, ((wk - dk - run_max.unsqueeze(-1)).exp() + c) * norm, run_max
 
 
 @register_mechanism(
