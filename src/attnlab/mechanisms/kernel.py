@@ -301,24 +301,25 @@ class PerformerAttention(_KernelMechanism):
                 f"head_dim={q.shape[-1]}")
         if self.hp["redraw"] and self.training:
             self.redraw_features()
-        w = self.projection.to(device=q.device, dtype=q.dtype)
-        root = math.sqrt(scale)
-        norm = 1.0 / math.sqrt(self.hp["num_features"])
+        # x scaled by scale^(1/2) is folded into w (an (m, D) matrix, not an (N, D) copy).
+        w = self.projection.to(device=q.device, dtype=q.dtype) * math.sqrt(scale)
+        log_norm = -0.5 * math.log(self.hp["num_features"])  # 1/sqrt(m), inside the exp
+        c = self.hp["kernel_eps"] * math.exp(log_norm)
 
-        def parts(x):  # (w_i^T x, |x|^2 / 2), with x scaled by scale^(1/2)
-            x = x * root
-            return x @ w.T, 0.5 * (x * x).sum(dim=-1, keepdim=True)
+        def parts(x):  # (w_i^T x, |x|^2 / 2) for the scaled x
+            return x @ w.T, (0.5 * scale) * (x * x).sum(dim=-1, keepdim=True)
 
         (wq, dq), (wk, dk) = parts(q), parts(k)
-        c = self.hp["kernel_eps"]
         # As the reference code: shift by the max of w^T x alone (not of the whole exponent),
-        # then add kernel_eps; the shift is a per-row (q) or per-head (k) constant.
-        phi_q = ((wq - dq - wq.amax(dim=-1, keepdim=True).detach()).exp() + c) * norm
+        # then add kernel_eps; the shift is a per-row (q) or per-head (k) constant. The row
+        # constants are summed first so each (N, m) map costs one subtraction, one exp and
+        # one addition.
+        phi_q = (wq - (dq + wq.amax(dim=-1, keepdim=True).detach() - log_norm)).exp() + c
         if not is_causal:
             shift = wk.amax(dim=(-2, -1), keepdim=True).detach()
-            return phi_q, ((wk - dk - shift).exp() + c) * norm, None
+            return phi_q, (wk - (dk + shift - log_norm)).exp() + c, None
         run_max = wk.detach().amax(dim=-1).cummax(dim=-1).values          # (B, H, Nk)
-        return phi_q, ((wk - dk - run_max.unsqueeze(-1)).exp() + c) * norm, run_max
+        return phi_q, (wk - (dk + run_max.unsqueeze(-1) - log_norm)).exp() + c, run_max
 
 
 @register_mechanism(
