@@ -177,7 +177,11 @@ class ReformerAttention(Mechanism):
             return torch.zeros_like(order), order, order
         with torch.no_grad():
             xr = torch.einsum("bhnd,hrdk->bhrnk", x, rot)
-            buckets = torch.cat([xr, -xr], dim=-1).argmax(dim=-1)
+            # argmax([xR; -xR]) without building it: the larger of max(xR) and -min(xR).
+            # Ties go to the first half, as argmax over the concatenation would.
+            hi, i_hi = xr.max(dim=-1)
+            lo, i_lo = xr.min(dim=-1)
+            buckets = torch.where(hi >= -lo, i_hi, i_lo + xr.shape[-1])
             order = (buckets * N + pos).argsort(dim=-1)
             inv = torch.empty_like(order).scatter_(-1, order, pos.expand_as(order))
         return buckets, order, inv
