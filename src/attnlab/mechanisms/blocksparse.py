@@ -33,7 +33,8 @@ Two backends, both sparse (hyperparameter ``backend``):
   scored per query, time is ``O(N K D)`` and memory ``O(N K)`` for the scores plus
   ``O(N K D / b)`` for the gathered blocks; groups run in chunks of at most ``_CHUNK``
   scores, which bounds the forward's peak without autograd.
-* ``flex``: ``torch.nn.attention.flex_attention`` compiled once per process, with a
+* ``flex`` (in :mod:`attnlab.mechanisms.sparse_flex`):
+  ``torch.nn.attention.flex_attention`` compiled once per process, with a
   ``BlockMask`` built straight from the layout (``BlockMask.from_kv_blocks``; blocks whose
   every pair is allowed are marked *full*), cached with the plan. A bool ``attn_mask`` is
   and-ed in ``mask_mod``, a float one added in ``score_mod``; rows with no allowed key
@@ -60,18 +61,12 @@ from typing import NamedTuple
 
 import torch
 
-from attnlab.mechanisms.base import Mechanism
-
-__all__ = [
-    "Rule", "SparseMechanism", "SparsePattern", "allows", "blocked_attention", "choose_backend",
-    "flex_attention_sparse", "plan_for",
-]
+__all__ = ["Rule", "SparsePattern", "allows", "blocked_attention", "plan_for"]
 
 _HALF = (torch.float16, torch.bfloat16)
 _CHUNK = 1 << 22  # scores per chunk of query blocks: bounds the forward's peak memory
 _CACHE: OrderedDict = OrderedDict()
 _CACHE_SIZE = 32
-_FLEX = None
 
 
 class Rule(NamedTuple):
@@ -329,126 +324,3 @@ def blocked_attention(q, k, v, p: SparsePattern, attn_mask, scale, dropout_p=0.0
             outs.append(torch.matmul(w, vs))
     out = torch.cat(outs, dim=2).index_select(2, plan.inverse)  # back to block order
     return out.reshape(B, H, -1, Dv)[:, :, :N].to(dtype)
-
-
-def _compiled_flex():
-    """``torch.compile(flex_attention)``, built once per process (compiling costs seconds)."""
-    global _FLEX
-    if _FLEX is None:
-        from torch.nn.attention.flex_attention import flex_attention
-
-        # dynamic=False: a new length gets its own static kernel. With the default, the
-        # second length triggers a dynamic-shape recompile, whose CPU C++ code fails to
-        # build in torch 2.13 (``cur_kvSplitSize4`` undeclared).
-        _FLEX = torch.compile(flex_attention, dynamic=False)
-    return _FLEX
-
-
-def _pattern_mod(rule):
-    def mask_mod(b, h, q_idx, kv_idx):
-        return allows(rule, q_idx, kv_idx)
-
-    return mask_mod
-
-
-def _pattern_and_mask_mod(rule, user):
-    def mask_mod(b, h, q_idx, kv_idx):
-        return allows(rule, q_idx, kv_idx) & user[b, h, q_idx, kv_idx]
-
-    return mask_mod
-
-
-def _bias_mod(bias):
-    def score_mod(score, b, h, q_idx, kv_idx):
-        return score + bias[b, h, q_idx, kv_idx]
-
-    return score_mod
-
-
-def flex_attention_sparse(q, k, v, p: SparsePattern, attn_mask, scale):
-    """The same attention through FlexAttention with a ``BlockMask`` from the layout."""
-    B, H, N, _ = q.shape
-    plan = plan_for(p, q.device)
-    score_mod = None
-    if attn_mask is None:
-        bm = plan.block_mask(True, _pattern_mod(plan.rule))
-    else:
-        full = attn_mask.expand(B, H, N, N)  # a stride-0 view, nothing is copied
-        if attn_mask.dtype == torch.bool:
-            bm = plan.block_mask(False, _pattern_and_mask_mod(plan.rule, full))
-        else:  # an additive mask goes to score_mod, which runs in full blocks too
-            bm = plan.block_mask(True, _pattern_mod(plan.rule))
-            score_mod = _bias_mod(full)
-    return _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=bm, scale=scale)
-
-
-# ---------------------------------------------------------------- mechanisms and backends
-BACKENDS = ("auto", "blocked", "flex")
-
-
-def _flex_refusal(name, q, k, v, attn_mask, dropout_p, block_size):
-    """Why FlexAttention cannot run this call (``None`` if it can): (exception, message)."""
-    if q.dtype not in (torch.float32, *_HALF):
-        return TypeError, (f"{name}: backend='flex' supports float32/float16/bfloat16; got "
-                           f"{q.dtype} (use backend='blocked')")
-    if dropout_p > 0:
-        return ValueError, (f"{name}: backend='flex' has no attention dropout; got "
-                            f"dropout_p={dropout_p} (use backend='blocked' or 'auto')")
-    if q.is_cuda and block_size % 16:
-        return ValueError, (f"{name}: backend='flex' on CUDA needs block_size to be a multiple "
-                            f"of 16; got block_size={block_size}")
-    grads = [t for t in (q, k, v, attn_mask) if t is not None and t.requires_grad]
-    if not q.is_cuda and torch.is_grad_enabled() and grads:
-        return NotImplementedError, (
-            f"{name}: backend='flex' has no backward on CPU (FlexAttention in torch "
-            f"{torch.__version__.split('+')[0]}); run under torch.no_grad() or with inputs "
-            f"that do not require grad, or use backend='blocked' (backend='auto' does)")
-    return None
-
-
-def choose_backend(name, requested, q, k, v, attn_mask, dropout_p, block_size) -> str:
-    """``blocked`` or ``flex`` for this call.
-
-    ``auto`` takes FlexAttention only on CUDA (where it has a backward) and when it can run
-    the call; on CPU it keeps ``blocked``, which needs no compilation (FlexAttention costs
-    seconds to compile per pattern shape and has no CPU backward). An explicit ``flex``
-    that cannot run raises the reason instead of silently changing backend.
-    """
-    if requested == "blocked":
-        return "blocked"
-    refusal = _flex_refusal(name, q, k, v, attn_mask, dropout_p, block_size)
-    if requested == "auto":
-        return "flex" if q.is_cuda and refusal is None else "blocked"
-    if refusal is not None:
-        exc, msg = refusal
-        raise exc(msg)
-    return "flex"
-
-
-class SparseMechanism(Mechanism):
-    """A mechanism given by :meth:`pattern`; the engine does the rest.
-
-    Subclasses declare the hyperparameters ``block_size`` and ``backend``.
-    """
-
-    def pattern(self, n: int, causal: bool) -> SparsePattern:
-        raise NotImplementedError
-
-    def backend_for(self, q, k, v, attn_mask=None, dropout_p=0.0) -> str:
-        return choose_backend(self.spec.name, self.hp["backend"], q, k, v, attn_mask,
-                              dropout_p, self.hp["block_size"])
-
-    def _attend(self, q, k, v, attn_mask, is_causal, scale, dropout_p, need_weights):
-        p = self.pattern(q.shape[-2], is_causal)
-        if self.backend_for(q, k, v, attn_mask, dropout_p) == "flex":
-            return flex_attention_sparse(q, k, v, p, attn_mask, scale), None
-        return blocked_attention(q, k, v, p, attn_mask, scale, dropout_p), None
-
-    def _check_globals(self, tokens, n: int) -> tuple[int, ...]:
-        """Global token indices normalised to ``0 <= g < n`` (negative count from the end)."""
-        for t in tokens:
-            if not -n <= t < n:
-                raise ValueError(
-                    f"{self.spec.name}: global_tokens index {t} is out of range for N={n} "
-                    f"(expected -{n} <= index < {n})")
-        return tuple(sorted({t % n for t in tokens}))

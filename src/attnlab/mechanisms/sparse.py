@@ -38,7 +38,8 @@ import hashlib
 
 import torch
 
-from attnlab.mechanisms.blocksparse import BACKENDS, SparseMechanism, SparsePattern
+from attnlab.mechanisms.blocksparse import SparsePattern
+from attnlab.mechanisms.sparse_flex import BACKENDS, SparseMechanism
 from attnlab.registry import HParam, Paper, register_mechanism
 
 __all__ = ["BigBirdAttention", "BlockSparseAttention", "DilatedWindowAttention",
