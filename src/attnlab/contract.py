@@ -32,15 +32,24 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "HALF_DTYPES",
     "AttentionInputs",
     "causal_mask",
     "check_inputs",
+    "format_shape",
     "masked_softmax",
     "merge_masks",
     "slice_mask",
+    "work_dtype",
 ]
 
-_HALF = (torch.float16, torch.bfloat16)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a mechanism computes in: float32 for half-precision inputs (their range
+    and rounding are too coarse for exp, sums and inverses), else the inputs' own."""
+    return torch.float32 if dtype in HALF_DTYPES else dtype
 
 
 @dataclass(frozen=True)
@@ -55,7 +64,8 @@ class AttentionInputs:
     Dv: int
 
 
-def _shape(t: torch.Tensor) -> str:
+def format_shape(t: torch.Tensor) -> str:
+    """``(2, 8, 128, 64)``: a shape as error messages print it."""
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
@@ -81,7 +91,9 @@ def check_inputs(
             raise TypeError(f"{who}{name} must be a torch.Tensor; got {type(t).__name__}")
         if t.dim() != 4:
             want = {"q": "(B, H, Nq, D)", "k": "(B, H, Nk, D)", "v": "(B, H, Nk, Dv)"}[name]
-            raise ValueError(f"{who}{name} must be 4-D {want}; got {t.dim()}-D shape {_shape(t)}")
+            raise ValueError(
+                f"{who}{name} must be 4-D {want}; got {t.dim()}-D shape {format_shape(t)}"
+            )
         if not t.is_floating_point():
             raise TypeError(f"{who}{name} must be a floating-point tensor; got dtype {t.dtype}")
     for name, t in (("k", k), ("v", v)):
@@ -94,28 +106,28 @@ def check_inputs(
         if t.shape[0] != B:
             raise ValueError(
                 f"{who}{name} batch size {t.shape[0]} does not match q batch size {B} "
-                f"(q {_shape(q)}, {name} {_shape(t)})"
+                f"(q {format_shape(q)}, {name} {format_shape(t)})"
             )
         if t.shape[1] != H:
             raise ValueError(
-                f"{who}{name} has {t.shape[1]} heads but q has {H} (q {_shape(q)}, "
-                f"{name} {_shape(t)}); expand grouped-query heads before calling"
+                f"{who}{name} has {t.shape[1]} heads but q has {H} (q {format_shape(q)}, "
+                f"{name} {format_shape(t)}); expand grouped-query heads before calling"
             )
     if k.shape[-1] != D:
         raise ValueError(
             f"{who}k head dim {k.shape[-1]} does not match q head dim {D} "
-            f"(q {_shape(q)}, k {_shape(k)})"
+            f"(q {format_shape(q)}, k {format_shape(k)})"
         )
     Nk = k.shape[2]
     if v.shape[2] != Nk:
         raise ValueError(
             f"{who}v length {v.shape[2]} does not match k length {Nk} "
-            f"(k {_shape(k)}, v {_shape(v)})"
+            f"(k {format_shape(k)}, v {format_shape(v)})"
         )
     if D == 0 or v.shape[-1] == 0:
         raise ValueError(f"{who}head dims must be >= 1; got D={D}, Dv={v.shape[-1]}")
     if Nk == 0:
-        raise ValueError(f"{who}k must hold at least one key; got Nk=0 (k {_shape(k)})")
+        raise ValueError(f"{who}k must hold at least one key; got Nk=0 (k {format_shape(k)})")
     if not isinstance(is_causal, bool):
         raise TypeError(f"{who}is_causal must be a bool; got {type(is_causal).__name__}")
     if scale is not None:
@@ -143,7 +155,7 @@ def check_inputs(
                 f"{spec.name} cannot return attention weights (it never forms them); "
                 f"use mechanism='reference' or 'sdpa' for need_weights=True"
             )
-        if q.dtype in _HALF and not spec.half_precision:
+        if q.dtype in HALF_DTYPES and not spec.half_precision:
             raise TypeError(f"{spec.name} does not support {q.dtype}; use float32 or float64")
     return AttentionInputs(B, H, Nq, Nk, D, v.shape[-1])
 
@@ -168,12 +180,12 @@ def _check_mask(mask, q: torch.Tensor, full: tuple[int, int, int, int], who: str
     if not 2 <= mask.dim() <= 4:
         raise ValueError(
             f"{who}attn_mask must be broadcastable to (B, H, Nq, Nk) = {want}; "
-            f"got {mask.dim()}-D shape {_shape(mask)}"
+            f"got {mask.dim()}-D shape {format_shape(mask)}"
         )
     for got, n in zip(reversed(mask.shape), reversed(full[4 - mask.dim():]), strict=True):
         if got not in (1, n):
             raise ValueError(
-                f"{who}attn_mask shape {_shape(mask)} is not broadcastable to "
+                f"{who}attn_mask shape {format_shape(mask)} is not broadcastable to "
                 f"(B, H, Nq, Nk) = {want}"
             )
 
@@ -211,7 +223,7 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Ten
     accuracy), returned in the scores' dtype. Rows with no allowed key are zeroed
     *before* the exponent so neither the output nor the gradient sees a NaN.
     """
-    work = scores.float() if scores.dtype in _HALF else scores
+    work = scores.to(work_dtype(scores.dtype))
     if mask is not None:
         if mask.dtype == torch.bool:
             work = work.masked_fill(~mask, float("-inf"))

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnlab.contract import masked_softmax
+from attnlab.contract import masked_softmax, work_dtype
 from attnlab.mechanisms.base import Mechanism
 from attnlab.registry import REQUIRED, HParam, Paper, register_mechanism
 
@@ -51,7 +51,6 @@ SUKHBAATAR_2019 = Paper(
     2019,
     "https://arxiv.org/abs/1905.07799",
 )
-_HALF = (torch.float16, torch.bfloat16)
 
 
 def _pad(t: torch.Tensor, dim: int, before: int, after: int, value) -> torch.Tensor:
@@ -177,7 +176,7 @@ class AdaptiveSpanAttention(Mechanism):
                 f"adaptive_span: num_heads={self.hp['num_heads']} (one span per head) does "
                 f"not match the H={H} heads of q; build it with num_heads={H}"
             )
-        wdt = torch.float32 if q.dtype in _HALF else q.dtype
+        wdt = work_dtype(q.dtype)
         W = self.window(N)
         band = _Band(N, W, min(self.hp["block_size"], N), is_causal)
         nb, b, L = band.nb, band.b, band.L

@@ -61,9 +61,10 @@ from typing import NamedTuple
 
 import torch
 
+from attnlab.contract import work_dtype
+
 __all__ = ["Rule", "SparsePattern", "allows", "blocked_attention", "plan_for"]
 
-_HALF = (torch.float16, torch.bfloat16)
 _CHUNK = 1 << 22  # scores per chunk of query blocks: bounds the forward's peak memory
 _CACHE: OrderedDict = OrderedDict()
 _CACHE_SIZE = 32
@@ -293,7 +294,7 @@ def blocked_attention(q, k, v, p: SparsePattern, attn_mask, scale, dropout_p=0.0
     B, H, N, D = q.shape
     Dv, b, dtype = v.shape[-1], p.block_size, q.dtype
     plan = plan_for(p, q.device)
-    wdt = torch.float32 if dtype in _HALF else dtype  # half inputs: computed in float32
+    wdt = work_dtype(dtype)  # half inputs: computed in float32
     q, k, v = q.to(wdt) * scale, k.to(wdt), v.to(wdt)
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         attn_mask = attn_mask.to(wdt)

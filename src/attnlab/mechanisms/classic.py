@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnlab.contract import masked_softmax, merge_masks, slice_mask
+from attnlab.contract import masked_softmax, merge_masks, slice_mask, work_dtype
 from attnlab.mechanisms.base import Mechanism
 from attnlab.mechanisms.exact import VASWANI_2017, softmax_attention
 from attnlab.registry import REQUIRED, HParam, Paper, register_mechanism
@@ -42,7 +42,6 @@ LUONG_2015 = Paper(
     "https://arxiv.org/abs/1508.04025",
 )
 
-_HALF = (torch.float16, torch.bfloat16)
 _FLAGS = dict(family="classic", exact=True, causal=True, arbitrary_mask=True, cross=True,
               returns_weights=True)
 _HEAD_DIM = HParam("head_dim", int, REQUIRED, "size D of each query/key head", low=1)
@@ -101,7 +100,7 @@ class AdditiveAttention(Mechanism):
         _check_head_dim("additive", q, self.hp["head_dim"])
         nq, nk = q.shape[-2], k.shape[-2]
         mask = merge_masks(attn_mask, is_causal, nq, nk, q.device)
-        work = torch.float32 if q.dtype in _HALF else q.dtype  # tanh/sum in >= float32
+        work = work_dtype(q.dtype)  # tanh/sum in >= float32
         W_a, U_a, v_a = (p.to(work) for p in (self.W_a, self.U_a, self.v_a))
         uk = k.to(work) @ U_a.T                                        # (B, H, Nk, A)
         outs, weights = [], []

@@ -36,7 +36,7 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from attnlab.contract import slice_mask
+from attnlab.contract import slice_mask, work_dtype
 from attnlab.mechanisms.base import Mechanism
 from attnlab.registry import HParam, Paper, register_mechanism
 
@@ -52,10 +52,6 @@ LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 _INF = float("inf")
 _GOLDEN = 0x9E3779B97F4A7C15  # odd, so distinct tile numbers give distinct seeds
-
-
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _blocked(attn_mask):
@@ -103,7 +99,7 @@ class FlashAttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, attn_mask, is_causal, scale, dropout_p, block_q, block_k):
         B, H, Nq, D = q.shape
         Nk, Dv = k.shape[2], v.shape[3]
-        wdt = _work_dtype(q.dtype)
+        wdt = work_dtype(q.dtype)
         ctx.B, ctx.H, ctx.is_causal, ctx.wdt = B, H, is_causal, wdt
         ctx.scale, ctx.dropout_p, ctx.bq, ctx.bk = scale, dropout_p, block_q, block_k
         ctx.n_kblocks = -(-Nk // block_k)

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnlab.contract import work_dtype
 from attnlab.mechanisms.base import Mechanism
 from attnlab.registry import REQUIRED, HParam, Paper, register_mechanism
 
@@ -60,7 +61,6 @@ TAY_2020 = Paper(
     2020,
     "https://arxiv.org/abs/2002.11296",
 )
-_HALF = (torch.float16, torch.bfloat16)
 _INF = float("inf")
 # Score given to a query with itself under shared QK: finite, so a query with no other key
 # still attends itself, but far below any real score (the paper's "large negative value").
@@ -222,7 +222,7 @@ class ReformerAttention(Mechanism):
         nc = N // c
         L = c if nc == 1 else 2 * c
         dtype = q.dtype
-        work = torch.float32 if dtype in _HALF else dtype
+        work = work_dtype(dtype)
         q, k, v = q.to(work), k.to(work), v.to(work)
         if shared:
             k = q / q.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(work).tiny)
@@ -358,7 +358,7 @@ class SinkhornAttention(Mechanism):
         """The doubly stochastic block matrix ``S`` ``(B, H, N_B, N_B)`` for keys ``k``."""
         b, nb = self._blocks(k)
         B, H, N, D = k.shape
-        work = torch.float32 if k.dtype in _HALF else k.dtype
+        work = work_dtype(k.dtype)
         pooled = k.to(work).view(B, H, nb, b, D).mean(dim=3)  # psi_P(K)
         w1, b1, w2 = (t.to(work) for t in (self.sort_in.weight, self.sort_in.bias,
                                            self.sort_out.weight))
@@ -371,7 +371,7 @@ class SinkhornAttention(Mechanism):
         B, H, N, D = q.shape
         Dv = v.shape[-1]
         dtype = q.dtype
-        work = torch.float32 if dtype in _HALF else dtype
+        work = work_dtype(dtype)
         qb = q.to(work).view(B, H, nb, b, D)
         kb = k.to(work).view(B, H, nb, b, D)
         vb = v.to(work).view(B, H, nb, b, Dv)

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from attnlab.contract import work_dtype
 from attnlab.mechanisms.base import Mechanism
 from attnlab.registry import REQUIRED, HParam, Paper, register_mechanism
 
@@ -70,7 +71,6 @@ QIN_2022 = Paper(
     "https://arxiv.org/abs/2202.08791",
 )
 
-_HALF = (torch.float16, torch.bfloat16)
 _FLAGS = dict(family="kernel", exact=False, causal=True, arbitrary_mask=False, cross=True,
               returns_weights=False, half_precision=True, learnable=False)
 _CHUNK = HParam("chunk_size", int, 64, "rows per chunk of the causal prefix sums", low=1)
@@ -188,7 +188,7 @@ class _KernelMechanism(Mechanism):
         if dropout_p > 0:
             raise ValueError(f"{name}: dropout_p={dropout_p} is not supported: kernel attention "
                              f"never forms the attention weights it would drop; pass 0")
-        work = torch.float32 if q.dtype in _HALF else q.dtype
+        work = work_dtype(q.dtype)
         phi_q, phi_k, log_scale = self._features(q.to(work), k.to(work), is_causal, scale)
         out = kernel_attention(phi_q, phi_k, v.to(work), is_causal, self.hp["eps"],
                                self.hp["chunk_size"], log_scale)

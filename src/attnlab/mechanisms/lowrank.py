@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import nn
 
+from attnlab.contract import work_dtype
 from attnlab.mechanisms.base import Mechanism
 from attnlab.registry import REQUIRED, HParam, Paper, register_mechanism
 
@@ -51,7 +52,6 @@ XIONG_2021 = Paper(
     2021,
     "https://arxiv.org/abs/2102.03902",
 )
-_HALF = (torch.float16, torch.bfloat16)
 _NUM_HEADS = HParam("num_heads", int, None, "number of heads H (for per-head parameters)",
                     low=1, nullable=True)
 
@@ -155,7 +155,7 @@ class Linformer(Mechanism):
         eq = "hkn,bhnd->bhkd" if per_head else "kn,bhnd->bhkd"
         k_bar, v_bar = torch.einsum(eq, E, k), torch.einsum(eq, F, v)   # (B, H, k, D)
         scores = torch.matmul(q, k_bar.transpose(-2, -1)) * scale        # (B, H, Nq, k)
-        work = torch.float32 if scores.dtype in _HALF else scores.dtype
+        work = work_dtype(scores.dtype)
         p_bar = torch.softmax(scores.to(work), dim=-1).to(v.dtype)
         if dropout_p > 0:
             p_bar = nnf.dropout(p_bar, dropout_p)
@@ -270,7 +270,7 @@ class Nystromformer(Mechanism):
         if self.conv is not None:
             self._check_conv(q, k)
         dtype = q.dtype
-        work = torch.float32 if dtype in _HALF else dtype  # the inverse needs >= float32
+        work = work_dtype(dtype)  # the inverse needs >= float32
         q, k, v = q.to(work), k.to(work), v.to(work)
         q_l, k_l = segment_means(q, m), segment_means(k, m)                   # (B, H, m, D)
         f1 = torch.softmax(torch.matmul(q, k_l.transpose(-2, -1)) * scale, -1)    # (Nq, m)

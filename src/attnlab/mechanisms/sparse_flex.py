@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import torch
 
+from attnlab.contract import HALF_DTYPES
 from attnlab.mechanisms.base import Mechanism
 from attnlab.mechanisms.blocksparse import SparsePattern, allows, blocked_attention, plan_for
 
 __all__ = ["BACKENDS", "SparseMechanism", "choose_backend", "flex_attention_sparse"]
 
-_HALF = (torch.float16, torch.bfloat16)
 _FLEX = None
 
 
@@ -76,7 +76,7 @@ BACKENDS = ("auto", "blocked", "flex")
 
 def _flex_refusal(name, q, k, v, attn_mask, dropout_p, block_size):
     """Why FlexAttention cannot run this call (``None`` if it can): (exception, message)."""
-    if q.dtype not in (torch.float32, *_HALF):
+    if q.dtype not in (torch.float32, *HALF_DTYPES):
         return TypeError, (f"{name}: backend='flex' supports float32/float16/bfloat16; got "
                            f"{q.dtype} (use backend='blocked')")
     if dropout_p > 0:

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnlab.contract import masked_softmax, merge_masks
+from attnlab.contract import masked_softmax, merge_masks, work_dtype
 from attnlab.mechanisms.base import Mechanism
 from attnlab.registry import REQUIRED, HParam, Paper, register_mechanism
 
@@ -50,7 +50,6 @@ TAY_2021 = Paper(
     2021,
     "https://arxiv.org/abs/2005.00743",
 )
-_HALF = (torch.float16, torch.bfloat16)
 _FLAGS = dict(family="synthesizer", exact=True, causal=True, arbitrary_mask=True, cross=True,
               returns_weights=True, half_precision=True, learnable=True)
 _MAX_LEN = HParam("max_seq_len", int, REQUIRED, "longest Nq/Nk: the synthesised row length",
@@ -104,10 +103,6 @@ def _softmax_apply(logits, v, attn_mask, is_causal, scale, dropout_p, need_weigh
     return out, weights
 
 
-def _work(dtype):
-    return torch.float32 if dtype in _HALF else dtype
-
-
 @register_mechanism(
     "synthesizer_dense",
     paper=TAY_2021,
@@ -155,7 +150,7 @@ class SynthesizerDense(Mechanism):
             )
         Nk = k.shape[-2]
         _check_len("synthesizer_dense", "Nk", Nk, self.hp["max_seq_len"])
-        wdt = _work(q.dtype)
+        wdt = work_dtype(q.dtype)
         W_1, b_1, W_2, b_2 = (p.to(wdt) for p in (self.W_1, self.b_1, self.W_2, self.b_2))
         hidden = F.relu(F.linear(q.to(wdt), W_1, b_1))        # (B, H, Nq, hidden)
         logits = F.linear(hidden, W_2[:Nk], b_2[:Nk])          # (B, H, Nq, Nk) = B[:, :Nk]
@@ -193,7 +188,7 @@ class _RandomBase(Mechanism):
         Nq, Nk = q.shape[-2], k.shape[-2]
         _check_len(name, "Nq", Nq, self.hp["max_seq_len"])
         _check_len(name, "Nk", Nk, self.hp["max_seq_len"])
-        logits = self._matrix(Nq, Nk, _work(q.dtype)).unsqueeze(0)  # (1, H or 1, Nq, Nk)
+        logits = self._matrix(Nq, Nk, work_dtype(q.dtype)).unsqueeze(0)  # (1, H or 1, Nq, Nk)
         out, w = _softmax_apply(logits, v, attn_mask, is_causal, scale, dropout_p,
                                 need_weights)
         return _finish(out, (q, k)), w

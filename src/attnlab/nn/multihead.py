@@ -14,19 +14,14 @@ import difflib
 import torch
 from torch import nn
 
+from attnlab.contract import format_shape
 from attnlab.nn.positional import RotaryEmbedding, alibi_bias
-from attnlab.registry import REQUIRED, create, get
+from attnlab.registry import CONTEXT_HPARAMS, REQUIRED, create, get
 
 __all__ = ["MultiheadAttention"]
 
 POSITIONS = ("rope", "alibi")
-# Mechanism hyperparameters the layer knows and fills in when the user did not.
-_FILLED = ("head_dim", "num_heads", "max_seq_len")
 _W = "MultiheadAttention: "  # every error names the layer
-
-
-def _shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
 def _int(name: str, value, *, nullable: bool = False) -> int | None:
@@ -194,7 +189,7 @@ class MultiheadAttention(nn.Module):
                 "max_seq_len": self.max_seq_len}
         declared = {h.name: h for h in self.spec.hparams}
         out = dict(hparams)
-        for name in (n for n in _FILLED if n in declared):
+        for name in (n for n in CONTEXT_HPARAMS if n in declared):
             if name in out and ours[name] is not None and out[name] != ours[name]:
                 raise ValueError(f"{_W}mechanism hyperparameter {name}={out[name]!r} "
                                  f"contradicts the layer's {name}={ours[name]}; leave it out")
@@ -236,12 +231,12 @@ class MultiheadAttention(nn.Module):
         layout = "(B, N, E)" if self.batch_first else "(N, B, E)"
         if x.dim() != 3:
             raise ValueError(f"{_W}{name} must be 3-D {layout} with E={dim}; "
-                             f"got {x.dim()}-D shape {_shape(x)}")
+                             f"got {x.dim()}-D shape {format_shape(x)}")
         if x.shape[-1] != dim:
-            raise ValueError(f"{_W}{name} feature size must be {dim}; got shape {_shape(x)}")
+            raise ValueError(f"{_W}{name} feature size must be {dim}; got shape {format_shape(x)}")
         if batch is not None and x.shape[0] != batch:
             raise ValueError(f"{_W}{name} batch size {x.shape[0]} does not match the "
-                             f"query's {batch} (shape {_shape(x)})")
+                             f"query's {batch} (shape {format_shape(x)})")
 
     def _mask(self, attn_mask, kpm, B: int, Nq: int, Nk: int, causal: bool, dtype, device):
         """attn_mask, key_padding_mask and ALiBi as one contract mask (or None)."""
@@ -263,12 +258,12 @@ class MultiheadAttention(nn.Module):
                 for g, n in zip(reversed(attn_mask.shape), reversed(full), strict=False)
             ):
                 raise ValueError(f"{_W}attn_mask must be broadcastable to (B, H, Nq, Nk) = "
-                                 f"{full}, e.g. (Nq, Nk); got {_shape(attn_mask)}")
+                                 f"{full}, e.g. (Nq, Nk); got {format_shape(attn_mask)}")
             mask = attn_mask if attn_mask.dtype == torch.bool else attn_mask.to(dtype)
         if kpm is not None:
             if tuple(kpm.shape) != (B, Nk):
                 raise ValueError(f"{_W}key_padding_mask must have shape (B, Nk) = ({B}, {Nk}); "
-                                 f"got {_shape(kpm)}")
+                                 f"got {format_shape(kpm)}")
             # torch's True = pad becomes the contract's True = may attend.
             pad = ~kpm if kpm.dtype == torch.bool else kpm.to(dtype)
             mask = _combine(mask, pad[:, None, None, :], dtype)
@@ -318,8 +313,8 @@ class MultiheadAttention(nn.Module):
             self._check_input("key", key, self.kdim, B)
             self._check_input("value", value, self.vdim, B)
             if value.shape[1] != key.shape[1]:
-                raise ValueError(f"{_W}key and value lengths differ: key {_shape(key)}, "
-                                 f"value {_shape(value)}")
+                raise ValueError(f"{_W}key and value lengths differ: key {format_shape(key)}, "
+                                 f"value {format_shape(value)}")
         Nk = key.shape[1]
         causal = self.is_causal if is_causal is None else _bool("is_causal", is_causal)
         if self.max_seq_len is not None and max(Nq, Nk) > self.max_seq_len:
