@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
 from hypothesis import HealthCheck, settings
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnlab
 
@@ -65,3 +67,33 @@ def build(name: str, head_dim: int, num_heads: int = 1, **hp):
     """The mechanism for tiny test inputs: its ``tiny_hparams``, overridden by ``hp``."""
     hp = {**attnlab.get(name).tiny_hparams, **hp}
     return attnlab.create_for(name, head_dim=head_dim, num_heads=num_heads, max_seq_len=64, **hp)
+
+
+@contextmanager
+def saved_numels():
+    """Yields a list that fills with the element count of every tensor autograd saves for
+    backward inside the block: the evidence that no (Nq, Nk) tensor is kept."""
+    sizes: list[int] = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield sizes
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the element count of the largest tensor any op creates (forward and
+    backward), so a transient (Nq, Nk) tensor is caught even if it is never saved."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import saved_numels
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -262,13 +263,7 @@ def test_saved_tensors_are_linear_in_n():
     """Nothing of size Nq x Nk is kept for backward: only q, k, v, O and L (all O(N D))."""
     N, B, H, D = 2048, 1, 2, 16
     q, k, v = rand_qkv(B, H, N, N, D, D, torch.float32)
-    sizes = []
-
-    def pack(t):
-        sizes.append(t.numel())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_numels() as sizes:
         out = attnlab.create("flash")(q, k, v, is_causal=True)
     assert sizes, "the hook saw no saved tensor"
     assert max(sizes) <= B * H * N * D

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import naive_attention_f64
+from conftest import naive_attention_f64, saved_numels
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -320,13 +320,7 @@ def test_no_saved_tensor_is_quadratic(name, hp, per_token):
     N = 4096
     q, k, v = qkv(B=1, H=1, N=N, D=8, Dv=8, grad=True)
     mech = attnlab.create_for(name, head_dim=8, num_heads=1, **hp)
-    sizes = []
-
-    def pack(t):
-        sizes.append(t.numel())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_numels() as sizes:
         out = mech(q, k, v, is_causal=attnlab.get(name).causal)
     out.sum().backward()
     # The largest saved tensor is the chunked score matrix, N x per_token, never N x N.

@@ -12,10 +12,9 @@ import math
 
 import pytest
 import torch
-from conftest import build, naive_attention_f64
+from conftest import LargestTensor, build, naive_attention_f64, saved_numels
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnlab
 
@@ -232,21 +231,6 @@ def test_future_tokens_do_not_change_the_past(name, chunk):
             assert (x.grad[:, :, t + 1:] == 0).all()
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the element count of every tensor any op creates (forward and backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("name", KERNEL)
 def test_no_n_by_n_tensor_at_n_4096(name, causal):
@@ -256,15 +240,9 @@ def test_no_n_by_n_tensor_at_n_4096(name, causal):
     # iterations keep the test quick on a loaded machine.
     mech = attnlab.create_for(name, head_dim=D, num_heads=1, chunk_size=256)
     features = mech.hp.get("num_features", 2 * D)
-    sizes = []
-
-    def pack(t):
-        sizes.append(t.numel())
-        return t
-
-    watch = _LargestTensor()
+    watch = LargestTensor()
     with watch:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with saved_numels() as sizes:
             out = mech(q, k, v, is_causal=causal)
         out.sum().backward()
     assert sizes and max(sizes) <= N * features < N * N

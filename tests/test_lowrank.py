@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as nnf
-from conftest import naive_attention_f64
+from conftest import naive_attention_f64, saved_numels
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -49,15 +49,9 @@ def assert_all_close(got, want, atol, rtol=0.0):
         torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def saved_numels(mech, q, k, v):
+def saved_during_forward(mech, q, k, v):
     """numel of every tensor autograd saves for backward during one forward."""
-    sizes = []
-
-    def pack(t):
-        sizes.append(t.numel())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_numels() as sizes:
         out = mech(q, k, v)
     out.sum().backward()
     return sizes
@@ -353,7 +347,7 @@ BOTH = [("linformer", dict(max_seq_len=2048, k=32)), ("nystromformer", dict(num_
 def test_saved_tensors_are_linear_in_n_never_n_by_n(name, hp):
     N, D = 2048, 16
     q, k, v = (t.requires_grad_() for t in qkv(1, 1, N, N, D, D))
-    sizes = saved_numels(attnlab.create(name, **hp), q, k, v)
+    sizes = saved_during_forward(attnlab.create(name, **hp), q, k, v)
     assert sizes and max(sizes) <= 2 * N * 32, f"{name}: largest saved tensor {max(sizes)}"
     assert sum(sizes) < N * N / 8
 

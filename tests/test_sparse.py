@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import naive_attention_f64
+from conftest import LargestTensor, naive_attention_f64, saved_numels
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnlab
 
@@ -283,19 +282,6 @@ def test_changing_future_tokens_leaves_earlier_outputs_unchanged(name):
 
 
 # ---------------------------------------------------------------- memory: never N x N
-class MaxNumel(TorchDispatchMode):
-    """Records the largest tensor any operator produces (forward and backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 @pytest.mark.parametrize("name,hp", [("sliding_window", dict(window=64, block_size=64)),
@@ -306,13 +292,7 @@ def test_blocked_path_never_materialises_n_by_n(name, hp):
     q, k, v = (torch.randn(1, 1, N, 16).requires_grad_() for _ in range(3))
     mech = attnlab.create(name, **hp)
     mech(q, k, v)  # the first call builds the plan (block layout, predicate tiles), cached
-    saved = []
-
-    def pack(t):
-        saved.append(t.numel())
-        return t
-
-    with MaxNumel() as mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with LargestTensor() as mode, saved_numels() as saved:
         mech(q, k, v).sum().backward()
     assert max(saved) < N * N / 4, max(saved)
     assert max(saved) <= 8 * N * (w + 2 * hp["block_size"]), max(saved)  # O(N w)
