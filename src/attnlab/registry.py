@@ -165,7 +165,6 @@ class MechanismSpec:
     # Hyperparameters that make the mechanism valid on tiny inputs (16 tokens, D=4):
     # used by the generic contract tests and nothing else; defaults stay realistic.
     tiny_hparams: dict = field(default_factory=dict)
-    extra: dict = field(default_factory=dict)
 
     def hparam(self, name: str) -> HParam:
         for h in self.hparams:
