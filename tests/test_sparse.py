@@ -8,6 +8,8 @@ backward). Then limit cases, causality, memory (no ``N x N`` tensor) and errors.
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from conftest import LargestTensor, naive_attention_f64, saved_numels
@@ -15,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attnlab
+from attnlab.mechanisms import blocksparse
 
 NAMES = ["local", "sliding_window", "dilated_window", "longformer", "bigbird",
          "sparse_transformer", "block_sparse"]
@@ -122,7 +125,10 @@ def test_blocked_path_equals_exact_attention_under_the_dense_mask(data):
     q, k, v = (torch.randn(B, H, n, D, generator=g, dtype=torch.float64).requires_grad_()
                for _ in range(3))
     mask = user_mask(kind, B, n, seed=n)
-    out = mech(q, k, v, attn_mask=mask, is_causal=causal)
+    # Scores per chunk: the default (one chunk here), or chunks of one query block each.
+    chunk = data.draw(st.sampled_from([blocksparse._CHUNK, 1]), label="chunk")
+    with mock.patch.object(blocksparse, "_CHUNK", chunk):
+        out = mech(q, k, v, attn_mask=mask, is_causal=causal)
     ref_mask = combined(dense_allowed(name, mech, n, causal), mask)
     q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
     ref = naive_attention_f64(q2, k2, v2, ref_mask)

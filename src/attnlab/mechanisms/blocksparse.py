@@ -300,15 +300,19 @@ def blocked_attention(q, k, v, p: SparsePattern, attn_mask, scale, dropout_p=0.0
         attn_mask = attn_mask.to(wdt)
     outs = []
     for g in plan.groups:
-        r_all = len(g.rows)
-        per_chunk = max(1, _CHUNK // (B * H * b * g.c * b))
-        for r0 in range(0, r_all, per_chunk):
-            rows = slice(r0, min(r0 + per_chunk, r_all))
-            r, cb = rows.stop - rows.start, g.c * b
-            qs = q.index_select(2, g.q_tok[r0 * b: rows.stop * b]).view(B, H, r, b, D)
-            ktok = g.k_tok[r0 * cb: rows.stop * cb]
-            ks = k.index_select(2, ktok).view(B, H, r, cb, D)
-            vs = v.index_select(2, ktok).view(B, H, r, cb, Dv)
+        r_all, cb = len(g.rows), g.c * b
+        per_chunk = max(1, _CHUNK // (B * H * b * cb))
+        # One gather per group, then split into chunks: the backward of ``split`` is one
+        # concatenation and that of ``index_select`` one scatter per group. (Gathering per
+        # chunk would scatter each chunk's gradient into its own full-length buffer.)
+        sizes = [min(per_chunk, r_all - r0) for r0 in range(0, r_all, per_chunk)]
+        qg = q.index_select(2, g.q_tok).view(B, H, r_all, b, D).split(sizes, dim=2)
+        kg = k.index_select(2, g.k_tok).view(B, H, r_all, cb, D).split(sizes, dim=2)
+        vg = v.index_select(2, g.k_tok).view(B, H, r_all, cb, Dv).split(sizes, dim=2)
+        r0 = 0
+        for qs, ks, vs in zip(qg, kg, vg, strict=True):
+            rows = slice(r0, r0 + qs.shape[2])
+            r0 = rows.stop
             s = torch.matmul(qs, ks.transpose(-1, -2))  # (B, H, r, b, c*b), scale in q
             blocked, dead = g.blocked[rows], None if g.dead is None else g.dead[rows]
             if attn_mask is not None:
