@@ -209,6 +209,30 @@ class ReformerAttention(Mechanism):
             return ((buckets * nc + chunk).int(),)
         return (buckets * nc + chunk).int(), (buckets * nc + (chunk - 1) % nc).int()
 
+    def _bias(self, qc, kc, tq, tk, causal, work):
+        """Additive ``(B, H, r, nc, c, L)`` term of eqs. 3 and 7: ``-inf`` where key ``j``
+        is outside ``P_i`` in the slot's own round, else ``-ln N_ij`` (0 with one round)."""
+        r = self.hp["n_hashes"]
+        count, blocked = None, None
+        for rp in range(r):  # who meets whom under round rp's hash, at every round's slots
+            def at(t, idx, rp=rp):  # round-rp values at token ids idx
+                return t[:, :, rp].gather(-1, idx.flatten(2)).view(idx.shape)
+            a, b = (at(t, tq).unsqueeze(-1) for t in qc)
+            kj = at(kc, tk).unsqueeze(-2)
+            inside = (torch.ge(kj, a).logical_and_(torch.le(kj, b)) if causal
+                      else torch.eq(kj, a).logical_or_(torch.eq(kj, b)))
+            if blocked is None:
+                blocked = torch.empty_like(inside)
+            blocked[:, :, rp] = inside[:, :, rp]
+            if r > 1:  # N_ij: rounds whose set holds j
+                count = inside.to(torch.uint8) if count is None else count.add_(inside)
+        blocked.logical_not_()
+        if count is None:
+            return torch.zeros(blocked.shape, dtype=work, device=blocked.device).masked_fill_(
+                blocked, -_INF)
+        # count >= 1 wherever the pair is allowed; the clamp only keeps log finite elsewhere.
+        return count.clamp_min_(1).to(work).log_().neg_().masked_fill_(blocked, -_INF)
+
     def _attend(self, q, k, v, attn_mask, is_causal, scale, dropout_p, need_weights):
         B, H, N, D = q.shape
         Dv = v.shape[-1]
@@ -229,32 +253,26 @@ class ReformerAttention(Mechanism):
         rot = None if nc == 1 else self.rotations(H, D, nc, q.device, work)
         bq, order_q, inv_q = self._sort(q, rot)
         bk, order_k, inv_k = (bq, order_q, inv_q) if shared else self._sort(k, rot)
-        # Flat row numbers of the sorted tokens: index_select on (B*H*N, E) rows.
+        # Flat row numbers of the sorted tokens: index_select on (B*H*N, E) rows. Keys and
+        # values are gathered straight into the look-one-back layout (no sort, then concat).
         base = (torch.arange(B * H, device=q.device) * N).view(B, H, 1, 1)
-        rows_q, rows_k = (order_q + base).flatten(), (order_k + base).flatten()
+        rows_q = (order_q + base).flatten()
+        rows_k = _look_one_back((order_k + base).view(B, H, r, nc, c), nc, 3).flatten()
 
-        def sort(x, rows):  # (B, H, N, E) -> sorted per round, in chunks (B, H, r, nc, c, E)
-            return x.reshape(B * H * N, -1).index_select(0, rows).view(B, H, r, nc, c, -1)
+        def gather(x, rows, length):  # (B, H, N, E) -> (B, H, r, nc, length, E)
+            return x.reshape(B * H * N, -1).index_select(0, rows).view(B, H, r, nc, length, -1)
 
         tq = order_q.reshape(B, H, r, nc, c)  # token id of each query slot
         tk = _look_one_back(order_k.reshape(B, H, r, nc, c), nc, 3)  # (B, H, r, nc, L)
-        k_s = _look_one_back(sort(k, rows_k), nc, 3)
-        v_s = _look_one_back(sort(v, rows_k), nc, 3)
-        scores = torch.matmul(sort(q, rows_q), k_s.transpose(-1, -2)) * scale
+        k_s, v_s = gather(k, rows_k, L), gather(v, rows_k, L)
+        q_s = gather(q * scale, rows_q, c)  # scale on (N, D), not on the (N, L) scores
 
         qc = self._codes(bq, order_q, inv_q, c, nc, is_causal, query=True)
         kc = self._codes(bk, order_k, inv_k, c, nc, is_causal, query=False)[0]
-        out_of_set, n_out = [], None
-        for rp in range(r):  # who meets whom in round rp: its own mask, and N_ij
-            def at(t, idx, rp=rp):  # round-rp values at token ids idx
-                return t[:, :, rp].gather(-1, idx.flatten(2)).view(idx.shape)
-            a, b = (at(t, tq).unsqueeze(-1) for t in qc)
-            kj = at(kc, tk).unsqueeze(-2)
-            outside = (kj < a) | (kj > b) if is_causal else (kj != a) & (kj != b)
-            out_of_set.append(outside[:, :, rp])
-            if r > 1:  # rounds where j is outside i's set: N_ij = r - n_out
-                n_out = outside.to(work) if n_out is None else n_out.add_(outside)
-        blocked = torch.stack(out_of_set, dim=2)
+        bias = self._bias(qc, kc, tq, tk, is_causal, work)  # -inf outside, -ln N_ij inside
+        # scores = bias + q k^T in one GEMM pass (baddbmm adds the bias as it writes).
+        scores = torch.baddbmm(bias.view(-1, c, L), q_s.reshape(-1, c, D),
+                               k_s.reshape(-1, L, D).transpose(1, 2)).view(bias.shape)
         if mask_self:
             if shared:  # same sort for q and k: itself sits at a fixed place in the chunk
                 t = torch.arange(c, device=q.device)
@@ -262,13 +280,13 @@ class ReformerAttention(Mechanism):
                 self_pair[t, t + (L - c)] = True
             else:
                 self_pair = tq.unsqueeze(-1) == tk.unsqueeze(-2)
-            scores = scores.masked_fill(self_pair, SELF_SCORE)
-        if n_out is not None:  # eq. 7: a key met in several rounds counts once in the union
-            scores = scores - n_out.neg_().add_(r).clamp_min_(1.0).log_()
-        scores = scores.masked_fill(blocked, -_INF)
-        if shared:  # every row holds its own (finite) score: the fused kernels are safe
+            scores = scores.masked_fill_(self_pair, SELF_SCORE)
+        if shared:  # every row holds its own (finite) score: the fused softmax is safe
             p = torch.softmax(scores, dim=-1)
-            lse = torch.logsumexp(scores, dim=-1) if r > 1 else None
+            lse = None
+            if r > 1:  # z = s_m - ln p_m at the row's max m (p_m >= 1/L): no second exp pass
+                s_max, i_max = scores.max(dim=-1, keepdim=True)
+                lse = (s_max - p.gather(-1, i_max).log()).squeeze(-1)
         else:  # a query may find no key of its bucket: a row of -inf
             p, lse = _safe_softmax(scores)
         if dropout_p > 0:
