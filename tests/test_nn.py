@@ -442,3 +442,57 @@ def test_rope_and_alibi_argument_errors():
         alibi_slopes(0)
     with pytest.raises(TypeError, match="num_heads must be an int"):
         alibi_bias(2.0, 3, 3)
+
+
+# ------------------------------------------------- Linformer's length fold in the layer
+def unfolded(layer: MultiheadAttention, x, key):
+    """The layer's computation without the fold: project, split heads, call the mechanism."""
+    def heads(t, h):
+        return t.view(t.shape[0], t.shape[1], h, layer.head_dim).transpose(1, 2)
+    q = heads(layer.q_proj(x), layer.num_heads)
+    k = layer._expand_kv(heads(layer.k_proj(key), layer.num_kv_heads))
+    v = layer._expand_kv(heads(layer.v_proj(key), layer.num_kv_heads))
+    out = layer.attn(q, k, v)
+    return layer.out_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("num_kv_heads,kdim,n,r,folds", [
+    # fold when r kdim (n + D_kv) < n D_kv (kdim + r), D_kv = num_kv_heads * 4
+    (4, None, 24, 4, True),     # 1792 < 7680: r=4 rows instead of 24
+    (1, None, 24, 8, False),    # MQA, 3584 > 2304: projecting to D_kv=4 first is cheaper
+    (2, 8, 24, 4, True),        # cross-attention with kdim != embed_dim: 1024 < 2304
+    (4, None, 3, 4, False),     # n < r: 1216 > 960, mixing would grow the sequence
+])
+def test_linformer_layer_folds_the_length_projection_exactly(bias, num_kv_heads, kdim, n, r,
+                                                             folds, monkeypatch):
+    layer = MultiheadAttention(E, H, mechanism="linformer", k=r, max_seq_len=32, bias=bias,
+                               num_kv_heads=num_kv_heads, kdim=kdim, vdim=kdim, dtype=DT)
+    if bias:  # zero biases would hide a wrong bias term
+        for lin in (layer.q_proj, layer.k_proj, layer.v_proj):
+            torch.nn.init.normal_(lin.bias)
+    calls = []
+    real = mh_module._mixed_linear
+    monkeypatch.setattr(mh_module, "_mixed_linear", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(B, 5, E, dtype=DT)
+    key = torch.randn(B, n, kdim or E, dtype=DT)
+    out = layer(x, key)
+    assert bool(calls) == folds
+    want = unfolded(layer, x, key)
+    torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-10)
+    params = [p for p in layer.parameters()]
+    g_out = torch.autograd.grad(out.square().sum(), params)
+    g_want = torch.autograd.grad(want.square().sum(), params)
+    for a, b in zip(g_out, g_want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+
+
+def test_linformer_layer_does_not_fold_per_head_projections_or_rope():
+    x = torch.randn(B, 24, E, dtype=DT)
+    per_head = MultiheadAttention(E, H, mechanism="linformer", k=4, max_seq_len=32,
+                                  sharing="none", dtype=DT)
+    assert per_head._length_fold(24) is None
+    rope = MultiheadAttention(E, H, mechanism="linformer", k=4, max_seq_len=32,
+                              positions="rope", dtype=DT)
+    assert rope._length_fold(24) is None
+    torch.testing.assert_close(per_head(x), unfolded(per_head, x, x))

@@ -140,26 +140,46 @@ class Linformer(Mechanism):
             nn.init.xavier_uniform_(m, gain=1.0 / math.sqrt(2.0))
         return w
 
-    def _attend(self, q, k, v, attn_mask, is_causal, scale, dropout_p, need_weights):
-        n, L = k.shape[-2], self.hp["max_seq_len"]
+    def _projections(self, n: int):
+        L = self.hp["max_seq_len"]
         if n > L:
             raise ValueError(f"linformer: key length N={n} exceeds max_seq_len={L} (E and F "
                              f"are (k, max_seq_len)); build it with max_seq_len >= {n}")
-        per_head = self.E.dim() == 3
-        if per_head and q.shape[1] != self.E.shape[0]:
-            raise ValueError(f"linformer: sharing='none' was built for num_heads="
-                             f"{self.E.shape[0]}; got H={q.shape[1]}")
-        E = self.E[..., :n].to(k.dtype)
-        F = self.F[..., :n].to(k.dtype) if hasattr(self, "F") else E
-        # einsum lets the shared projection fold into one matmul (no (B, H, k, n) copy).
-        eq = "hkn,bhnd->bhkd" if per_head else "kn,bhnd->bhkd"
-        k_bar, v_bar = torch.einsum(eq, E, k), torch.einsum(eq, F, v)   # (B, H, k, D)
+        E = self.E[..., :n]
+        return E, (self.F[..., :n] if hasattr(self, "F") else E)
+
+    def length_projections(self, n: int):
+        """``(E, F)`` of shape ``(k, n)`` when one pair serves every head, else ``None``.
+
+        Mixing along the length commutes with a layer's feature projection,
+        ``E (X W) = (E X) W``, so a layer may mix its inputs first (``k`` rows instead of
+        ``n``; :class:`attnlab.nn.MultiheadAttention` does when that is cheaper) and then
+        call :meth:`attend_projected`. Per-head projections (``sharing="none"``) cannot fold.
+        """
+        return None if self.E.dim() == 3 else self._projections(n)
+
+    def attend_projected(self, q, k_bar, v_bar, scale: float | None = None,
+                         dropout_p: float = 0.0):
+        """``softmax(Q K_bar^T * scale) V_bar`` for keys and values already projected to
+        ``(B, H, k, D)``: the second half of the forward pass."""
+        scale = self.default_scale(q.shape[-1]) if scale is None else scale
         scores = torch.matmul(q, k_bar.transpose(-2, -1)) * scale        # (B, H, Nq, k)
-        work = work_dtype(scores.dtype)
-        p_bar = torch.softmax(scores.to(work), dim=-1).to(v.dtype)
+        p_bar = torch.softmax(scores.to(work_dtype(scores.dtype)), dim=-1).to(v_bar.dtype)
         if dropout_p > 0:
             p_bar = nnf.dropout(p_bar, dropout_p)
-        return torch.matmul(p_bar, v_bar), None
+        return torch.matmul(p_bar, v_bar)
+
+    def _attend(self, q, k, v, attn_mask, is_causal, scale, dropout_p, need_weights):
+        E, F = self._projections(k.shape[-2])
+        per_head = E.dim() == 3
+        if per_head and q.shape[1] != E.shape[0]:
+            raise ValueError(f"linformer: sharing='none' was built for num_heads="
+                             f"{E.shape[0]}; got H={q.shape[1]}")
+        # einsum lets the shared projection fold into one matmul (no (B, H, k, n) copy).
+        eq = "hkn,bhnd->bhkd" if per_head else "kn,bhnd->bhkd"
+        k_bar = torch.einsum(eq, E.to(k.dtype), k)                       # (B, H, k, D)
+        v_bar = torch.einsum(eq, F.to(v.dtype), v)
+        return self.attend_projected(q, k_bar, v_bar, scale, dropout_p), None
 
 
 # ------------------------------------------------------------------------- Nyströmformer

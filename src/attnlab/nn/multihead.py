@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 
 import torch
+import torch.nn.functional as nnf
 from torch import nn
 
 from attnlab.contract import format_shape
@@ -68,6 +69,14 @@ def _combine(a: torch.Tensor | None, b: torch.Tensor | None, dtype) -> torch.Ten
     if a.dtype == torch.bool and b.dtype == torch.bool:
         return a & b
     return _additive(a, dtype) + _additive(b, dtype)
+
+
+def _mixed_linear(x: torch.Tensor, M: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
+    """``M lin(x)`` as ``lin(M x)``: ``(k, n)`` mixing of ``x`` ``(B, n, d)`` along the length
+    first; the bias, mixed too, becomes ``(M 1) b^T``."""
+    M = M.to(x.dtype)
+    out = nnf.linear(torch.matmul(M, x), lin.weight)
+    return out if lin.bias is None else out + M.sum(-1, keepdim=True) * lin.bias
 
 
 class MultiheadAttention(nn.Module):
@@ -271,6 +280,24 @@ class MultiheadAttention(nn.Module):
             mask = _combine(mask, alibi_bias(self.num_heads, Nq, Nk, device, dtype, causal), dtype)
         return mask
 
+    def _length_fold(self, n: int):
+        """The mechanism's shared ``(E, F)`` length projections when mixing the inputs along
+        the length before ``k_proj``/``v_proj`` is valid and cheaper, else ``None``.
+
+        Valid when keys are not rotated by position (RoPE acts per position, after the
+        projection). Cheaper when ``k kdim (n + D_kv) < n D_kv (kdim + k)``: mixing costs
+        ``k n kdim`` and then projects only ``k`` rows (``D_kv = num_kv_heads * head_dim``).
+        """
+        projections = getattr(self.attn, "length_projections", None)
+        if projections is None or self.rotary is not None:
+            return None
+        fold = projections(n)
+        if fold is None:
+            return None
+        r, d_kv, d_in = fold[0].shape[0], self.num_kv_heads * self.head_dim, max(self.kdim,
+                                                                                 self.vdim)
+        return fold if r * d_in * (n + d_kv) < n * d_kv * (d_in + r) else None
+
     def _expand_kv(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, Hkv, N, D) -> (B, H, N, D)``: kv head ``j`` serves query heads ``j*g ..``."""
         g = self.num_heads // self.num_kv_heads
@@ -329,16 +356,22 @@ class MultiheadAttention(nn.Module):
             return x.view(B, x.shape[1], h, self.head_dim).transpose(1, 2)
 
         q = heads(self.q_proj(query), self.num_heads)
-        k = heads(self.k_proj(key), self.num_kv_heads)
-        v = heads(self.v_proj(value), self.num_kv_heads)
-        if self.rotary is not None:
-            q, k = self.rotary(q, k)  # before the expansion: rotate Hkv heads, not H
-        k, v = self._expand_kv(k), self._expand_kv(v)
-        mask = self._mask(attn_mask, key_padding_mask, B, Nq, Nk, causal, q.dtype, q.device)
-
-        res = self.attn(q, k, v, attn_mask=mask, is_causal=causal,
-                        dropout_p=self.dropout if self.training else 0.0,
-                        need_weights=need_weights)
+        dropout_p = self.dropout if self.training else 0.0
+        fold = self._length_fold(Nk)
+        if fold is not None:  # keys/values mixed along the length first: E (X W) = (E X) W
+            k = heads(_mixed_linear(key, fold[0], self.k_proj), self.num_kv_heads)
+            v = heads(_mixed_linear(value, fold[1], self.v_proj), self.num_kv_heads)
+            k, v = self._expand_kv(k), self._expand_kv(v)
+            res = self.attn.attend_projected(q, k, v, dropout_p=dropout_p)
+        else:
+            k = heads(self.k_proj(key), self.num_kv_heads)
+            v = heads(self.v_proj(value), self.num_kv_heads)
+            if self.rotary is not None:
+                q, k = self.rotary(q, k)  # before the expansion: rotate Hkv heads, not H
+            k, v = self._expand_kv(k), self._expand_kv(v)
+            mask = self._mask(attn_mask, key_padding_mask, B, Nq, Nk, causal, q.dtype, q.device)
+            res = self.attn(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p,
+                            need_weights=need_weights)
         out, weights = res if need_weights else (res, None)
         out = self.out_proj(out.transpose(1, 2).reshape(B, Nq, self.embed_dim))
         if not self.batch_first:
