@@ -10,11 +10,13 @@ True
 from attnlab import (
     mechanisms,  # noqa: F401  (registers the built-in mechanisms)
     nn,  # noqa: F401  (attnlab.nn.MultiheadAttention)
+    verify,  # the correctness gate: attnlab.verify.verify(name), verify_all()
 )
 from attnlab.functional import attention, choose_mechanism
 from attnlab.mechanisms.base import Mechanism
 from attnlab.registry import (
     HParam,
+    Limit,
     MechanismSpec,
     Paper,
     create,
@@ -28,6 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "HParam",
+    "Limit",
     "Mechanism",
     "MechanismSpec",
     "Paper",
@@ -38,5 +41,6 @@ __all__ = [
     "get",
     "list_mechanisms",
     "register_mechanism",
+    "verify",
     "__version__",
 ]

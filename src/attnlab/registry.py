@@ -25,6 +25,7 @@ from typing import Any
 
 __all__ = [
     "HParam",
+    "Limit",
     "MechanismSpec",
     "Paper",
     "REQUIRED",
@@ -141,6 +142,30 @@ class HParam:
 
 
 @dataclass(frozen=True)
+class Limit:
+    """How the correctness gate checks a mechanism: under ``hparams(n)`` (which override
+    the user's), on length-``n`` inputs, the mechanism computes ``reference`` exactly.
+
+    :func:`attnlab.verify.verify` builds the mechanism with ``hparams(n)``, draws seeded
+    ``q, k, v`` and compares the output with ``reference`` computed in float64.
+    """
+
+    hparams: Callable[[int], dict]  # n -> hyperparameter overrides that make it exact
+    note: str  # one line for people, e.g. "window >= N: full attention"
+    # None: exact softmax attention, softmax(q k^T / sqrt(D)) V. Else a dense float64
+    # formula f(q, k, v, *, mech, scale, is_causal) -> out; ``scale`` is the one the
+    # mechanism was called with (None: the formula's own default, known from its paper).
+    reference: Callable | None = None
+    tol: float = 1e-4  # relative error allowed in float32 (scaled for other dtypes)
+    # ``inputs(q, k, v, generator)`` reshapes the drawn standard-normal float64 inputs
+    # where the check needs it (Performer: where the estimator's variance is small; dot:
+    # unit-variance unscaled scores). ``statistical=True`` says ``tol`` bounds a Monte Carlo
+    # error, which does not shrink with the dtype (float64 keeps ``tol``).
+    inputs: Callable | None = None
+    statistical: bool = False
+
+
+@dataclass(frozen=True)
 class MechanismSpec:
     """Everything the registry knows about one mechanism."""
 
@@ -165,6 +190,8 @@ class MechanismSpec:
     # Hyperparameters that make the mechanism valid on tiny inputs (16 tokens, D=4):
     # used by the generic contract tests and nothing else; defaults stay realistic.
     tiny_hparams: dict = field(default_factory=dict)
+    # The limit case the correctness gate (attnlab.verify) checks it in.
+    limit: Limit | None = None
 
     def hparam(self, name: str) -> HParam:
         for h in self.hparams:
@@ -207,6 +234,7 @@ class MechanismSpec:
             "learnable": self.learnable,
             "equation": self.equation,
             "summary": self.summary,
+            "limit": self.limit.note if self.limit else None,
             "paper": {
                 "title": self.paper.title,
                 "authors": self.paper.authors,
@@ -250,8 +278,13 @@ def register_mechanism(
     hparams: Sequence[HParam] = (),
     summary: str = "",
     tiny_hparams: dict | None = None,
+    limit: Limit | None = None,
 ) -> Callable[[type], type]:
     """Class decorator: register a :class:`~attnlab.mechanisms.base.Mechanism` subclass."""
+
+    if limit is not None and not isinstance(limit, Limit):
+        raise TypeError(f"register_mechanism({name!r}): limit must be a Limit or None; got "
+                        f"{type(limit).__name__}")
 
     def deco(cls: type) -> type:
         spec = MechanismSpec(
@@ -260,7 +293,7 @@ def register_mechanism(
             cross=cross, returns_weights=returns_weights, differentiable=differentiable,
             half_precision=half_precision, learnable=learnable, aliases=tuple(aliases),
             hparams=tuple(hparams), summary=summary or (cls.__doc__ or "").strip().split("\n")[0],
-            tiny_hparams=dict(tiny_hparams or {}),
+            tiny_hparams=dict(tiny_hparams or {}), limit=limit,
         )
         for key in (name, *aliases):
             if key in _REGISTRY or key in _ALIASES:

@@ -12,6 +12,7 @@ from attnlab.mechanisms import (
     hashing,  # noqa: F401
     kernel,  # noqa: F401
     lowrank,  # noqa: F401
+    sinkhorn,  # noqa: F401
     sparse,  # noqa: F401
     synthesizer,  # noqa: F401
 )

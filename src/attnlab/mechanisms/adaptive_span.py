@@ -41,7 +41,7 @@ from torch import nn
 
 from attnlab.contract import masked_softmax, work_dtype
 from attnlab.mechanisms.base import Mechanism
-from attnlab.registry import REQUIRED, HParam, Paper, register_mechanism
+from attnlab.registry import REQUIRED, HParam, Limit, Paper, register_mechanism
 
 __all__ = ["AdaptiveSpanAttention"]
 
@@ -131,6 +131,10 @@ class _Band:
         HParam("block_size", int, 64, "queries per block of the cropped computation", low=1),
     ],
     tiny_hparams={"max_span": 8, "ramp": 2, "init_span": 0.5, "block_size": 4},
+    # z = max_span * init_span = N: m_z(x) = 1 for every distance x < N, so the weights are
+    # softmax's; the user's ramp and block_size stay (the band is still cut into blocks).
+    limit=Limit(hparams=lambda n: {"max_span": n, "init_span": 1.0},
+                note="span z = max_span = N: full attention"),
 )
 class AdaptiveSpanAttention(Mechanism):
     """Adaptive attention span: each head soft-masks keys beyond its learned span z_h.

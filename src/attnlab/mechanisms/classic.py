@@ -26,8 +26,9 @@ from torch import nn
 
 from attnlab.contract import masked_softmax, merge_masks, slice_mask, work_dtype
 from attnlab.mechanisms.base import Mechanism
-from attnlab.mechanisms.exact import VASWANI_2017, softmax_attention
-from attnlab.registry import REQUIRED, HParam, Paper, register_mechanism
+from attnlab.mechanisms.exact import EXACT, VASWANI_2017, softmax_attention
+from attnlab.registry import REQUIRED, HParam, Limit, Paper, register_mechanism
+from attnlab.verify import causal_allowed, dense_softmax_f64, param_f64
 
 BAHDANAU_2015 = Paper(
     "Neural Machine Translation by Jointly Learning to Align and Translate",
@@ -45,6 +46,42 @@ LUONG_2015 = Paper(
 _FLAGS = dict(family="classic", exact=True, causal=True, arbitrary_mask=True, cross=True,
               returns_weights=True)
 _HEAD_DIM = HParam("head_dim", int, REQUIRED, "size D of each query/key head", low=1)
+
+
+# ---------------------------------------------------------------- float64 references
+# Each score function written plainly in float64 for the correctness gate (attnlab.verify):
+# the dense (Nq, Nk) scores, then softmax. ``scale=None`` is the papers' 1 (no scaling).
+def _reference(scores, v, scale, is_causal):
+    allowed = causal_allowed(scores.shape[-2], scores.shape[-1]) if is_causal else None
+    return dense_softmax_f64(scores * (1.0 if scale is None else scale), v, allowed)
+
+
+def additive_reference(q, k, v, *, mech, scale, is_causal):
+    """e_ij = v_a^T tanh(W_a q_i + U_a k_j), a few queries at a time (bounds the tanh tensor)."""
+    W_a, U_a, v_a = (param_f64(p) for p in (mech.W_a, mech.U_a, mech.v_a))
+    uk = (k @ U_a.T).unsqueeze(-3)                                     # (B, H, 1, Nk, A)
+    rows = [torch.tanh((q[..., i:i + 16, :] @ W_a.T).unsqueeze(-2) + uk) @ v_a
+            for i in range(0, q.shape[-2], 16)]
+    return _reference(torch.cat(rows, dim=-2), v, scale, is_causal)
+
+
+def general_reference(q, k, v, *, mech, scale, is_causal):
+    """score(q_i, k_j) = q_i^T W_a k_j."""
+    return _reference(q @ param_f64(mech.W_a) @ k.transpose(-2, -1), v, scale, is_causal)
+
+
+def dot_reference(q, k, v, *, mech, scale, is_causal):
+    """score(q_i, k_j) = q_i^T k_j, unscaled."""
+    return _reference(q @ k.transpose(-2, -1), v, scale, is_causal)
+
+
+def unit_logit_inputs(q, k, v, gen):
+    """q, k scaled by D^(-1/4): the unscaled scores q^T k (q^T W_a k) then have unit variance,
+    as scaled attention's. Unit-normal inputs would give scores of size sqrt(D), whose
+    rounding in half precision (1e-2 of ~30 at D = 128) is the inputs' conditioning, not
+    an error of the implementation."""
+    c = q.shape[-1] ** -0.25
+    return q * c, k * c, v
 
 
 def _check_head_dim(name: str, q: torch.Tensor, head_dim: int) -> None:
@@ -68,6 +105,8 @@ def _check_head_dim(name: str, q: torch.Tensor, head_dim: int) -> None:
                nullable=True),
         HParam("chunk_size", int, 128, "queries per chunk (bounds the tanh tensor)", low=1),
     ],
+    limit=Limit(hparams=lambda n: {}, note="exact: its own formula, v_a^T tanh(W_a q + U_a k)",
+                reference=additive_reference),
     **_FLAGS,
 )
 class AdditiveAttention(Mechanism):
@@ -130,6 +169,8 @@ class AdditiveAttention(Mechanism):
         _HEAD_DIM,
         HParam("init", str, "xavier", "initial W_a", choices=("identity", "xavier")),
     ],
+    limit=Limit(hparams=lambda n: {}, note="exact: its own formula, q^T W_a k (unscaled)",
+                reference=general_reference, inputs=unit_logit_inputs),
     **_FLAGS,
 )
 class GeneralAttention(Mechanism):
@@ -164,6 +205,8 @@ class GeneralAttention(Mechanism):
     memory="O(N^2)",
     equation="softmax(scale * q_i^T k_j + M) V,  scale = 1",
     aliases=("luong_dot",),
+    limit=Limit(hparams=lambda n: {}, note="exact: softmax(q^T k) V, unscaled",
+                reference=dot_reference, inputs=unit_logit_inputs),
     **_FLAGS,
 )
 class DotAttention(Mechanism):
@@ -185,6 +228,7 @@ class DotAttention(Mechanism):
     memory="O(N^2)",
     equation="softmax(Q K^T / sqrt(d_k) + M) V",
     aliases=("scaled_dot_product",),
+    limit=EXACT,
     **_FLAGS,
 )
 class ScaledDotAttention(Mechanism):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from attnlab.contract import masked_softmax, merge_masks
 from attnlab.mechanisms.base import Mechanism
-from attnlab.registry import HParam, Paper, register_mechanism
+from attnlab.registry import HParam, Limit, Paper, register_mechanism
 
 VASWANI_2017 = Paper(
     "Attention Is All You Need",
@@ -29,6 +29,8 @@ VASWANI_2017 = Paper(
     "https://arxiv.org/abs/1706.03762",
 )
 SDPA_EQ = "softmax(Q K^T * scale + M) V,  scale = 1/sqrt(d)"
+# Exact mechanisms need no limit: the gate compares them with softmax attention as they are.
+EXACT = Limit(hparams=lambda n: {}, note="exact: softmax attention as it is")
 
 
 def softmax_attention(q, k, v, mask, scale, dropout_p=0.0):
@@ -48,6 +50,7 @@ def softmax_attention(q, k, v, mask, scale, dropout_p=0.0):
     equation=SDPA_EQ,
     exact=True, causal=True, arbitrary_mask=True, cross=True, returns_weights=True,
     aliases=("naive", "vanilla", "softmax"),
+    limit=EXACT,
     hparams=[
         HParam("precision", str, "native", "compute dtype: the inputs' own, or float64",
                choices=("native", "float64")),
@@ -77,6 +80,7 @@ class ReferenceAttention(Mechanism):
     equation=SDPA_EQ + "  [torch.nn.functional.scaled_dot_product_attention]",
     exact=True, causal=True, arbitrary_mask=True, cross=True, returns_weights=True,
     aliases=("torch", "fused"),
+    limit=EXACT,
     summary="PyTorch's fused scaled_dot_product_attention kernels (fastest exact path).",
 )
 class SDPAttention(Mechanism):

@@ -1,7 +1,8 @@
-"""Hashing / clustering attention: Reformer's LSH attention and Sparse Sinkhorn attention.
+"""Hashing attention: Reformer's LSH attention (Sparse Sinkhorn attention, the other
+member of the family, is in :mod:`attnlab.mechanisms.sinkhorn`).
 
-Both sort the sequence so that, after sorting, a *local* attention pattern (chunks or
-blocks of fixed size) reaches the keys that matter, and both never form ``N x N`` scores.
+It sorts the sequence so that, after sorting, a *local* attention pattern (chunks of
+fixed size) reaches the keys that matter, and never forms ``N x N`` scores.
 
 **reformer** (Kitaev et al. 2020). Angular LSH with a random rotation ``R`` (``D x n_b/2``):
 
@@ -25,41 +26,25 @@ i.e. exactly softmax attention over the union of the rounds' key sets. Causal (s
 ``j <= i`` in ``i``'s bucket and at most ``b`` sorted places back, a set that depends on
 tokens ``<= i`` only (chunk boundaries would let future tokens' hashes move it).
 
-**sinkhorn** (Tay et al. 2020). Blocks of ``b`` tokens; a meta sorting network ``P`` on
-block-pooled keys ``psi_P(K)`` gives block scores ``R``, made doubly stochastic by
-log-space Sinkhorn normalisation ``S^k = F_c(F_r(S^{k-1}))``, ``S^0 = R / tau``:
-
-.. math::
-
-    S = \\mathrm{Sinkhorn}(R / \\tau), \\qquad \\psi_S(K)_i = \\sum_j S_{ij} K_j, \\qquad
-    Y_i = \\mathrm{softmax}\\big(Q_i [K_i;\\ \\psi_S(K)_i]^\\top\\big) [V_i;\\ \\psi_S(V)_i]
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from attnlab.contract import work_dtype
 from attnlab.mechanisms.base import Mechanism
-from attnlab.registry import REQUIRED, HParam, Paper, register_mechanism
+from attnlab.registry import HParam, Limit, Paper, register_mechanism
+from attnlab.verify import causal_allowed, dense_softmax_f64
 
-__all__ = ["ReformerAttention", "SinkhornAttention", "sinkhorn_normalise"]
+__all__ = ["ReformerAttention"]
 
 KITAEV_2020 = Paper(
     "Reformer: The Efficient Transformer",
     "Nikita Kitaev, Lukasz Kaiser, Anselm Levskaya",
     2020,
     "https://arxiv.org/abs/2001.04451",
-)
-TAY_2020 = Paper(
-    "Sparse Sinkhorn Attention",
-    "Yi Tay, Dara Bahri, Liu Yang, Donald Metzler, Da-Cheng Juan",
-    2020,
-    "https://arxiv.org/abs/2002.11296",
 )
 _INF = float("inf")
 # Score given to a query with itself under shared QK: finite, so a query with no other key
@@ -68,7 +53,7 @@ SELF_SCORE = -1e9
 _GOLDEN = 0x9E3779B97F4A7C15
 
 
-def _group_size(name: str, hp: str, size: int, n: int) -> int:
+def group_size(name: str, hp: str, size: int, n: int) -> int:
     """Tokens per chunk/block for a sequence of ``n``: ``size``, or ``n`` if ``n <= size``."""
     if n <= size:
         return n  # one chunk/block holds the whole sequence (a short input is not an error)
@@ -102,6 +87,22 @@ def _look_one_back(x: torch.Tensor, n_chunks: int, chunk_dim: int) -> torch.Tens
     return torch.cat([x.roll(1, dims=chunk_dim), x], dim=chunk_dim + 1)
 
 
+def reformer_reference(q, k, v, *, mech, scale, is_causal):
+    """Shared-QK attention over the whole sequence, in float64: what LSH attention is with
+    one bucket. Keys ``k_j = q_j / |q_j|`` (the ``k`` given is ignored); with ``mask_self``
+    a query attends itself only when no other key is allowed (the paper's rule)."""
+    n = q.shape[-2]
+    keys = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+    scores = q @ keys.transpose(-2, -1) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    allowed = causal_allowed(n, n) if is_causal else torch.ones(n, n, dtype=torch.bool)
+    mask_self = mech.hp["mask_self"]
+    if mask_self if mask_self is not None else mech.hp["shared_qk"]:
+        eye = torch.eye(n, dtype=torch.bool)
+        others = allowed & ~eye
+        allowed = others | (eye & ~others.any(dim=-1, keepdim=True))
+    return dense_softmax_f64(scores, v, allowed)
+
+
 @register_mechanism(
     "reformer",
     family="hashing",
@@ -125,6 +126,12 @@ def _look_one_back(x: torch.Tensor, n_chunks: int, chunk_dim: int) -> torch.Tens
         HParam("seed", int, 0, "seed of the random rotations", low=0),
     ],
     tiny_hparams={"bucket_size": 4, "n_hashes": 2},
+    # One chunk holds the sequence, so every round hashes nothing away (the user's n_hashes
+    # rounds stay and must combine to the same result). Shared QK, the paper's form, is
+    # kept rather than separate keys: it is the only one with a causal form to check.
+    limit=Limit(hparams=lambda n: {"bucket_size": n, "shared_qk": True},
+                note="bucket_size = N (one bucket): shared-QK softmax attention",
+                reference=reformer_reference),
 )
 class ReformerAttention(Mechanism):
     """Reformer LSH attention: sort by angular-LSH bucket, attend within chunks.
@@ -242,7 +249,7 @@ class ReformerAttention(Mechanism):
             raise ValueError("reformer: is_causal=True needs shared_qk=True (with separate "
                              "query and key hashes, future tokens would move past keys in "
                              "and out of a query's chunks); got shared_qk=False")
-        c = _group_size("reformer", "bucket_size", self.hp["bucket_size"], N)
+        c = group_size("reformer", "bucket_size", self.hp["bucket_size"], N)
         nc = N // c
         L = c if nc == 1 else 2 * c
         dtype = q.dtype
@@ -300,107 +307,4 @@ class ReformerAttention(Mechanism):
         lse = lse.view(B, H, r, N).gather(3, inv_q)
         w, _ = _safe_softmax(lse.transpose(2, 3))  # exp(z(i, P^(r)) - z(i, P)), (B, H, N, r)
         out = torch.einsum("bhnr,bhrnd->bhnd", w, o)
-        return out.to(dtype), None
-
-
-def sinkhorn_normalise(log_r: torch.Tensor, iters: int) -> torch.Tensor:
-    """Log-space Sinkhorn: ``iters`` rounds of row then column normalisation of
-    ``exp(log_r)`` (the paper's ``F_c(F_r(.))``); returns ``S`` (rows/columns sum to ~1)."""
-    for _ in range(iters):
-        log_r = log_r - torch.logsumexp(log_r, dim=-1, keepdim=True)
-        log_r = log_r - torch.logsumexp(log_r, dim=-2, keepdim=True)
-    return log_r.exp()
-
-
-@register_mechanism(
-    "sinkhorn",
-    family="hashing",
-    paper=TAY_2020,
-    time="O(N b D + N^2 D / b),  b = block_size",
-    memory="O(N b + N D + (N/b)^2)",
-    equation="Y_i = softmax(Q_i [K_i; psi_S(K)_i]^T) [V_i; psi_S(V)_i], "
-             "psi_S(X)_i = sum_j S_ij X_j, S = Sinkhorn(R / tau), R = P(psi_P(K))",
-    exact=False, causal=False, arbitrary_mask=False, cross=False, returns_weights=False,
-    half_precision=True, learnable=True,
-    aliases=("sparse_sinkhorn", "sinkhorn_attention"),
-    hparams=[
-        HParam("head_dim", int, REQUIRED, "size D of each query/key head", low=1),
-        HParam("block_size", int, 64, "block size b; N_B = N // b blocks (N <= b: one block)",
-               low=1),
-        HParam("sinkhorn_iters", int, 8, "Sinkhorn row/column normalisation rounds", low=1),
-        HParam("temperature", float, 0.75, "tau: S = Sinkhorn(R / tau)", low=0.0,
-               low_exclusive=True),
-    ],
-    tiny_hparams={"block_size": 4},
-)
-class SinkhornAttention(Mechanism):
-    """Sparse Sinkhorn attention: each block attends to itself and a soft-sorted key block.
-
-    The sequence is cut into ``N_B = N / b`` blocks. The meta sorting network ``P`` scores
-    block pairs from block-pooled keys ``psi_P(K)_i`` (mean of the block's keys):
-    ``R_ij = P(psi_P(K)_i) . psi_P(K)_j / sqrt(D)``, ``P(x) = W_2 relu(W_1 x + b_1)``,
-    and ``S = Sinkhorn(R / tau)`` (``sinkhorn_iters`` log-space rounds) is a soft block
-    permutation. The sorted keys/values are ``psi_S(K)_i = sum_j S_ij K_j``; block ``i``'s
-    queries attend ``[K_i; psi_S(K)_i]`` (``2b`` keys), as in the paper's local + sorted
-    attention. With one block the sorted block *is* the block (``S = [1]``): it is kept
-    once, which makes ``N <= b`` exact attention.
-
-    Departures from the paper, each because its form needs a fixed length or input:
-    ``P`` scores pairs (bilinear) instead of emitting ``N_B`` logits from a ``d x N_B``
-    weight, so any ``N`` works; pooling is the mean (the paper's sum scaled by ``1/b``);
-    no Gumbel noise (deterministic); the network acts on the per-head keys with one set of
-    weights shared by all heads. No causal form (the paper's causal Sinkhorn balancing is
-    not implemented), no masks, self-attention only.
-    """
-
-    def __init__(self, **hparams) -> None:
-        super().__init__(**hparams)
-        d = self.hp["head_dim"]
-        self.sort_in = nn.Linear(d, d)
-        # No output bias: it would add a per-column constant to R, which Sinkhorn's column
-        # normalisation removes (a parameter that never gets a gradient).
-        self.sort_out = nn.Linear(d, d, bias=False)
-
-    def _blocks(self, q):
-        N = q.shape[-2]
-        if q.shape[-1] != self.hp["head_dim"]:
-            raise ValueError(
-                f"sinkhorn: q head dim {q.shape[-1]} does not match head_dim="
-                f"{self.hp['head_dim']} the module was built with; create it with "
-                f"head_dim={q.shape[-1]}"
-            )
-        b = _group_size("sinkhorn", "block_size", self.hp["block_size"], N)
-        return b, N // b
-
-    def sorting_matrix(self, k: torch.Tensor) -> torch.Tensor:
-        """The doubly stochastic block matrix ``S`` ``(B, H, N_B, N_B)`` for keys ``k``."""
-        b, nb = self._blocks(k)
-        B, H, N, D = k.shape
-        work = work_dtype(k.dtype)
-        pooled = k.to(work).view(B, H, nb, b, D).mean(dim=3)  # psi_P(K)
-        w1, b1, w2 = (t.to(work) for t in (self.sort_in.weight, self.sort_in.bias,
-                                           self.sort_out.weight))
-        f = F.linear(F.relu(F.linear(pooled, w1, b1)), w2)
-        r = torch.matmul(f, pooled.transpose(-1, -2)) / math.sqrt(D)
-        return sinkhorn_normalise(r / self.hp["temperature"], self.hp["sinkhorn_iters"])
-
-    def _attend(self, q, k, v, attn_mask, is_causal, scale, dropout_p, need_weights):
-        b, nb = self._blocks(q)
-        B, H, N, D = q.shape
-        Dv = v.shape[-1]
-        dtype = q.dtype
-        work = work_dtype(dtype)
-        qb = q.to(work).view(B, H, nb, b, D)
-        kb = k.to(work).view(B, H, nb, b, D)
-        vb = v.to(work).view(B, H, nb, b, Dv)
-        if nb > 1:
-            s = self.sorting_matrix(k)  # (B, H, nb, nb): tiny
-            k_sorted = torch.einsum("bhij,bhjtd->bhitd", s, kb)
-            v_sorted = torch.einsum("bhij,bhjtd->bhitd", s, vb)
-            kb = torch.cat([kb, k_sorted], dim=3)  # (B, H, nb, 2b, D)
-            vb = torch.cat([vb, v_sorted], dim=3)
-        p = torch.softmax(torch.matmul(qb, kb.transpose(-1, -2)) * scale, dim=-1)
-        if dropout_p > 0:
-            p = F.dropout(p, dropout_p)
-        out = torch.matmul(p, vb).reshape(B, H, N, Dv)
         return out.to(dtype), None

@@ -44,7 +44,8 @@ from torch.autograd.function import once_differentiable
 
 from attnlab.contract import work_dtype
 from attnlab.mechanisms.base import Mechanism
-from attnlab.registry import REQUIRED, HParam, Paper, register_mechanism
+from attnlab.registry import REQUIRED, HParam, Limit, Paper, register_mechanism
+from attnlab.verify import causal_allowed
 
 __all__ = ["CosFormerAttention", "LinearAttention", "PerformerAttention", "kernel_attention",
            "orthogonal_gaussian"]
@@ -175,6 +176,58 @@ def kernel_attention(phi_q, phi_k, v, is_causal=False, eps=1e-6, chunk_size=64, 
     return y[..., :Dv] / y[..., Dv:].clamp_min(eps)
 
 
+# ------------------------------------------------------------------ float64 references
+# For the correctness gate (attnlab.verify): each kernel's O(N^2) form written plainly in
+# float64, with the full (Nq, Nk) matrix of pair weights A_ij = phi(q_i) . phi(k_j).
+def _weighted_average(A, v, is_causal, eps):
+    """O_i = sum_j A_ij v_j / max(sum_j A_ij, eps), only j <= i when causal."""
+    if is_causal:
+        A = A * causal_allowed(A.shape[-2], A.shape[-1])
+    return (A @ v) / A.sum(dim=-1, keepdim=True).clamp_min(eps)
+
+
+def linear_reference(q, k, v, *, mech, scale, is_causal):
+    """Katharopoulos et al. eq. 6: phi(x) = elu(x) + 1, scale (default 1) on q."""
+    def phi(x):
+        return torch.where(x > 0, x + 1.0, torch.exp(x))
+    A = phi(q * (1.0 if scale is None else scale)) @ phi(k).transpose(-2, -1)
+    return _weighted_average(A, v, is_causal, mech.hp["eps"])
+
+
+def cosformer_reference(q, k, v, *, mech, scale, is_causal):
+    """Qin et al. eq. 10: A_ij = relu(q_i) . relu(k_j) cos(pi/2 (i - j) / M)."""
+    nq, nk = q.shape[-2], k.shape[-2]
+    M = mech.hp["max_seq_len"] or max(nq, nk)
+    i = torch.arange(nq, dtype=torch.float64).unsqueeze(1)
+    j = torch.arange(nk, dtype=torch.float64).unsqueeze(0)
+    q = q * (1.0 if scale is None else scale)
+    A = torch.relu(q) @ torch.relu(k).transpose(-2, -1) * torch.cos(math.pi / 2 * (i - j) / M)
+    return _weighted_average(A, v, is_causal, mech.hp["eps"])
+
+
+def performer_limit_inputs(q, k, v, gen):
+    """Inputs on which FAVOR+ with many features is close to softmax, and still telling.
+
+    The estimator's relative variance per feature is ``exp(|x_q + x_k|^2) - 1`` with
+    ``x = q (1/sqrt(D))^(1/2)`` (Choromanski et al., Lemma 2), so ``|x| <= 0.8`` keeps it
+    below ``exp(2.56) - 1`` for every pair. Independent directions in ``D`` dimensions
+    would give logits ``x_q . x_k`` of only ``|x|^2 / sqrt(D)`` (nearly uniform weights, where
+    a wrong scale hardly shows), so q and k lie in one random 4-dimensional subspace: the
+    logits spread over ``+-|x|^2``. Norms vary over ``[0.2, 0.8]`` so that the ``|x|^2 / 2``
+    normalisation matters. ``v`` is left as drawn.
+    """
+    d = q.shape[-1]
+    r = min(4, d)
+    basis = torch.linalg.qr(torch.randn(d, r, generator=gen, dtype=torch.float64))[0].T
+
+    def shaped(x):
+        u = x[..., :r] / x[..., :r].norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        norm = 0.2 + 0.6 * torch.rand(*x.shape[:-1], 1, generator=gen, dtype=torch.float64)
+        return (u * norm) @ basis * d ** 0.25  # |x| = norm once scaled by (1/sqrt(D))^(1/2)
+
+    return shaped(q), shaped(k), v
+
+
 # ----------------------------------------------------------------------------- mechanisms
 class _KernelMechanism(Mechanism):
     """Shared ``_attend``: features in float32 (or float64), then :func:`kernel_attention`."""
@@ -205,6 +258,8 @@ class _KernelMechanism(Mechanism):
     aliases=("linear_attention", "linear_transformer"),
     hparams=[_CHUNK, _eps(1e-6)],
     tiny_hparams={"chunk_size": 4},
+    limit=Limit(hparams=lambda n: {}, note="exact: its own formula, phi(x) = elu(x) + 1",
+                reference=linear_reference),
     **_FLAGS,
 )
 class LinearAttention(_KernelMechanism):
@@ -257,6 +312,17 @@ def orthogonal_gaussian(m: int, d: int, generator=None) -> torch.Tensor:
         _eps(1e-12),
     ],
     tiny_hparams={"num_features": 16, "chunk_size": 4},
+    # FAVOR+ is unbiased, exact only as m -> infinity (error ~ 1/sqrt(m)): 8192 plain
+    # (kernel_eps = 0) features on inputs with a small estimator variance
+    # (performer_limit_inputs). Measured over D in 8..128, N in 16..512 and 5-40 seeds, the
+    # Monte Carlo error stays <= 0.032 (causal <= 0.015), while non-causally a scale off
+    # by 2x (>= 0.17) or 0.5x (>= 0.08), scale instead of sqrt(scale) on q and k (>= 0.12)
+    # or a dropped |x|^2/2 normalisation (>= 0.059) exceed tol = 0.05. Causally the early
+    # rows (few keys, large outputs) set the scale of the metric: only the 2x error is
+    # caught reliably there (>= 0.06). 16384 features cost 2x and do not remove the tail.
+    limit=Limit(hparams=lambda n: {"num_features": 8192, "kernel_eps": 0.0},
+                note="8192 random features, small |q|, |k|: softmax attention within MC error",
+                tol=0.05, inputs=performer_limit_inputs, statistical=True),
     **_FLAGS,
 )
 class PerformerAttention(_KernelMechanism):
@@ -336,6 +402,8 @@ class PerformerAttention(_KernelMechanism):
         _eps(1e-6),
     ],
     tiny_hparams={"chunk_size": 4},
+    limit=Limit(hparams=lambda n: {}, note="exact: its own formula, relu features, cos reweighting",
+                reference=cosformer_reference),
     **_FLAGS,
 )
 class CosFormerAttention(_KernelMechanism):

@@ -35,7 +35,7 @@ from torch import nn
 
 from attnlab.contract import work_dtype
 from attnlab.mechanisms.base import Mechanism
-from attnlab.registry import REQUIRED, HParam, Paper, register_mechanism
+from attnlab.registry import REQUIRED, HParam, Limit, Paper, register_mechanism
 
 __all__ = ["Linformer", "Nystromformer", "iterative_pinv", "segment_means"]
 
@@ -83,6 +83,8 @@ _NUM_HEADS = HParam("num_heads", int, None, "number of heads H (for per-head par
         _NUM_HEADS,
     ],
     tiny_hparams={"k": 8},
+    limit=Limit(hparams=lambda n: {"k": n, "max_seq_len": n, "init": "identity"},
+                note="k = max_seq_len = N, E = F = I: softmax attention"),
 )
 class Linformer(Mechanism):
     """Linformer: keys and values projected along the length, softmax(Q (EK)^T)(FV).
@@ -242,6 +244,13 @@ def iterative_pinv(A: torch.Tensor, iterations: int) -> torch.Tensor:
         _NUM_HEADS,
     ],
     tiny_hparams={"num_landmarks": 4},
+    # m = N: S S^+ S V = S V, but computed to about eps * cond(S) (see the class docstring);
+    # cond(S) reaches 1e4..5e5 on random inputs at N = 256..512. Measured float32 errors:
+    # <= 1.2e-4 (D >= 4, N <= 512), hence 1e-3. At head_dim <= 4, S = softmax(QK^T) of a
+    # rank-D QK^T is numerically rank-deficient and float64 misses its 1e-9 (D=4, N=512).
+    limit=Limit(hparams=lambda n: {"num_landmarks": n, "pinv": "exact", "conv_kernel": None},
+                note="num_landmarks = N (one per token), exact pinv, no conv: softmax attention",
+                tol=1e-3),
 )
 class Nystromformer(Mechanism):
     """Nyströmformer: Nyström approximation of softmax attention through m landmarks.

@@ -40,7 +40,7 @@ import torch
 
 from attnlab.mechanisms.blocksparse import SparsePattern
 from attnlab.mechanisms.sparse_flex import BACKENDS, SparseMechanism
-from attnlab.registry import HParam, Paper, register_mechanism
+from attnlab.registry import HParam, Limit, Paper, register_mechanism
 
 __all__ = ["BigBirdAttention", "BlockSparseAttention", "DilatedWindowAttention",
            "LocalAttention", "LongformerAttention", "SlidingWindowAttention",
@@ -76,6 +76,12 @@ _WINDOW = HParam("window", int, 128, "window w in tokens", low=1)
 _GLOBALS = HParam("global_tokens", tuple, None, "indices of global tokens (negative count "
                   "from the end); None = (0,), the first token", nullable=True)
 _TINY = dict(window=4, block_size=4)
+# Limit cases (attnlab.verify): each pattern made to cover every pair, so the mechanism is
+# softmax attention; the user's block_size and backend stay, so the blocked (or flex) path
+# the benchmark runs is the one checked. A window w >= 2N covers |i - j| <= N - 1
+# (bidirectional) and i - w < j (causal).
+_FULL_WINDOW = Limit(hparams=lambda n: {"window": 2 * n},
+                     note="window >= 2N: full attention")
 
 
 def _bidirectional_band(w: int, d: int = 1) -> tuple[int, int, int]:
@@ -96,7 +102,9 @@ class _GlobalTokensMixin:
     "local", paper=PARMAR_2018, time="O(N b D)", memory="O(N (b + D))",
     equation=_SOFTMAX + "S_i = {j : floor(i/b) = floor(j/b)}",
     aliases=("block_local", "local_attention"), hparams=[_block(64), _BACKEND],
-    tiny_hparams=dict(block_size=4), **_FLAGS)
+    tiny_hparams=dict(block_size=4),
+    limit=Limit(hparams=lambda n: {"block_size": n}, note="block_size = N: full attention"),
+    **_FLAGS)
 class LocalAttention(SparseMechanism):
     """Local (blocked) attention: each token attends only within its block of b tokens.
 
@@ -113,7 +121,7 @@ class LocalAttention(SparseMechanism):
     "sliding_window", paper=BELTAGY_2020, time="O(N (w + b) D)", memory="O(N (w + b) (1 + D/b))",
     equation=_SOFTMAX + "S_i = {j : |i - j| <= w//2}; causal: {j : i - w < j <= i}",
     aliases=("swa",), hparams=[_WINDOW, _block(64), _BACKEND],
-    tiny_hparams=_TINY, **_FLAGS)
+    tiny_hparams=_TINY, limit=_FULL_WINDOW, **_FLAGS)
 class SlidingWindowAttention(SparseMechanism):
     """Sliding-window attention: each token attends the w tokens around it.
 
@@ -135,7 +143,10 @@ class SlidingWindowAttention(SparseMechanism):
     aliases=("dilated_sliding_window",),
     hparams=[_WINDOW, HParam("dilation", int, 2, "gap d between attended keys", low=1),
              _block(64), _BACKEND],
-    tiny_hparams=dict(_TINY, dilation=2), **_FLAGS)
+    tiny_hparams=dict(_TINY, dilation=2),
+    limit=Limit(hparams=lambda n: {"window": 2 * n, "dilation": 1},
+                note="dilation 1, window >= 2N: full attention"),
+    **_FLAGS)
 class DilatedWindowAttention(SparseMechanism):
     """Dilated sliding window: w keys spaced d apart, ``S_i = {i + d t : |t| <= w//2}``.
 
@@ -154,7 +165,10 @@ class DilatedWindowAttention(SparseMechanism):
     "longformer", paper=BELTAGY_2020, time="O(N (w + g b) D)", memory="O(N (w + g b) (1 + D/b))",
     equation=_SOFTMAX + "S_i = {j : |i - j| <= w//2} u {j : i in G or j in G}",
     hparams=[_WINDOW, _GLOBALS, _block(64), _BACKEND],
-    tiny_hparams=_TINY, **_FLAGS)
+    tiny_hparams=_TINY,
+    limit=Limit(hparams=lambda n: {"global_tokens": tuple(range(n))},
+                note="every token global: full attention"),
+    **_FLAGS)
 class LongformerAttention(_GlobalTokensMixin, SparseMechanism):
     """Longformer: a sliding window plus global tokens G that attend and are attended by all.
 
@@ -181,7 +195,11 @@ class LongformerAttention(_GlobalTokensMixin, SparseMechanism):
     hparams=[_WINDOW, _GLOBALS,
              HParam("num_random_blocks", int, 3, "random key blocks r per query block", low=0),
              HParam("seed", int, 0, "seed of the random blocks", low=0), _block(64), _BACKEND],
-    tiny_hparams=dict(_TINY, num_random_blocks=1), **_FLAGS)
+    tiny_hparams=dict(_TINY, num_random_blocks=1),
+    # The random blocks stay (drawn among uncovered blocks: none), the window too.
+    limit=Limit(hparams=lambda n: {"global_tokens": tuple(range(n))},
+                note="every token global: full attention"),
+    **_FLAGS)
 class BigBirdAttention(_GlobalTokensMixin, SparseMechanism):
     """BigBird: window + global tokens + r random key blocks per query block.
 
@@ -231,7 +249,11 @@ class BigBirdAttention(_GlobalTokensMixin, SparseMechanism):
              HParam("stride", int, 128, "stride l (about sqrt(N) in the paper)", low=1),
              HParam("c", int, 8, "summary width c of the fixed pattern (<= stride)", low=1),
              _block(16), _BACKEND],
-    tiny_hparams=dict(stride=4, c=1, block_size=4), **_FLAGS)
+    tiny_hparams=dict(stride=4, c=1, block_size=4),
+    # Either pattern (the user's): strided |i - j| <= l, fixed floor(i/l) = floor(j/l) = 0.
+    limit=Limit(hparams=lambda n: {"stride": n, "c": 1},
+                note="stride l = N: one stride covers the sequence, full attention"),
+    **_FLAGS)
 class SparseTransformerAttention(SparseMechanism):
     """Sparse Transformer (Child et al. 2019): the union A(1) u A(2) of a factorised pattern.
 
@@ -262,7 +284,11 @@ class SparseTransformerAttention(SparseMechanism):
     hparams=[_block(64),
              HParam("layout", torch.Tensor, None, "(n_qblocks, n_kblocks) bool block layout A; "
                     "None = block diagonal", nullable=True), _BACKEND],
-    tiny_hparams=dict(block_size=4), **_FLAGS)
+    tiny_hparams=dict(block_size=4),
+    # An N x N layout of ones is full at any block_size (read from its top-left corner).
+    limit=Limit(hparams=lambda n: {"layout": torch.ones(n, n, dtype=torch.bool)},
+                note="layout of all ones: full attention"),
+    **_FLAGS)
 class BlockSparseAttention(SparseMechanism):
     """Block-sparse attention with any block layout A: ``S_i = {j : A[i//b, j//b]}``.
 

@@ -40,7 +40,8 @@ from torch import nn
 
 from attnlab.contract import masked_softmax, merge_masks, work_dtype
 from attnlab.mechanisms.base import Mechanism
-from attnlab.registry import REQUIRED, HParam, Paper, register_mechanism
+from attnlab.registry import REQUIRED, HParam, Limit, Paper, register_mechanism
+from attnlab.verify import causal_allowed, dense_softmax_f64, param_f64
 
 __all__ = ["SynthesizerDense", "SynthesizerRandom", "SynthesizerFactorizedRandom"]
 
@@ -103,6 +104,34 @@ def _softmax_apply(logits, v, attn_mask, is_causal, scale, dropout_p, need_weigh
     return out, weights
 
 
+# ---------------------------------------------------------------- float64 references
+# For the correctness gate (attnlab.verify): the synthesised logits written plainly from
+# the module's weights, then softmax(logits * scale) V (scale None: the paper's 1).
+def _reference(logits, v, scale, is_causal):
+    allowed = causal_allowed(logits.shape[-2], logits.shape[-1]) if is_causal else None
+    return dense_softmax_f64(logits * (1.0 if scale is None else scale), v, allowed)
+
+
+def dense_reference(q, k, v, *, mech, scale, is_causal):
+    """B_i = W_2 relu(W_1 q_i + b_1) + b_2, first Nk entries of each row."""
+    W_1, b_1, W_2, b_2 = (param_f64(p) for p in (mech.W_1, mech.b_1, mech.W_2, mech.b_2))
+    logits = torch.relu(q @ W_1.T + b_1) @ W_2.T + b_2                 # (B, H, Nq, L)
+    return _reference(logits[..., : k.shape[-2]], v, scale, is_causal)
+
+
+def random_reference(q, k, v, *, mech, scale, is_causal):
+    """softmax(R[:Nq, :Nk]) V with R per head (or one shared by all heads)."""
+    R = param_f64(mech.R)[:, : q.shape[-2], : k.shape[-2]]            # (H or 1, Nq, Nk)
+    return _reference(R, v, scale, is_causal)
+
+
+def factorized_reference(q, k, v, *, mech, scale, is_causal):
+    """softmax(R_1 R_2^T) V, R_1, R_2 of shape (max_seq_len, rank) per head."""
+    R_1, R_2 = param_f64(mech.R_1), param_f64(mech.R_2)
+    R = R_1 @ R_2.transpose(-2, -1)
+    return _reference(R[:, : q.shape[-2], : k.shape[-2]], v, scale, is_causal)
+
+
 @register_mechanism(
     "synthesizer_dense",
     paper=TAY_2021,
@@ -111,6 +140,8 @@ def _softmax_apply(logits, v, attn_mask, is_causal, scale, dropout_p, need_weigh
     equation="B_i = W_2 relu(W_1 q_i + b_1) + b_2 in R^max_seq_len;  "
              "softmax(scale * B[:, :Nk] + M) V,  scale = 1",
     aliases=("dense_synthesizer",),
+    limit=Limit(hparams=lambda n: {}, note="exact: its own formula, MLP-synthesised logits",
+                reference=dense_reference),
     hparams=[
         HParam("head_dim", int, REQUIRED, "size D of each query head (the MLP's input)", low=1),
         _MAX_LEN,
@@ -211,6 +242,8 @@ _RANDOM_HPARAMS = [
     equation="softmax(scale * R[:Nq, :Nk] + M) V,  R in R^(H x max_seq_len x max_seq_len), "
              "scale = 1",
     aliases=("random_synthesizer",),
+    limit=Limit(hparams=lambda n: {}, note="exact: its own formula, softmax(R) V",
+                reference=random_reference),
     hparams=_RANDOM_HPARAMS,
     **_FLAGS,
 )
@@ -241,6 +274,8 @@ class SynthesizerRandom(_RandomBase):
     equation="softmax(scale * (R_1 R_2^T)[:Nq, :Nk] + M) V,  R_1, R_2 in R^(max_seq_len x k) "
              "per head, scale = 1",
     aliases=("factorized_random_synthesizer",),
+    limit=Limit(hparams=lambda n: {}, note="exact: its own formula, softmax(R_1 R_2^T) V",
+                reference=factorized_reference),
     hparams=[*_RANDOM_HPARAMS,
              HParam("rank", int, 8, "k, the rank of R = R_1 R_2^T", low=1)],
     tiny_hparams={"rank": 2},

@@ -1,0 +1,181 @@
+"""Sparse Sinkhorn attention (Tay et al. 2020), of the hashing / clustering family.
+
+Like Reformer (:mod:`attnlab.mechanisms.hashing`) it sorts the sequence so that a local
+pattern (blocks of fixed size) reaches the keys that matter, without ``N x N`` scores.
+
+**sinkhorn** (Tay et al. 2020). Blocks of ``b`` tokens; a meta sorting network ``P`` on
+block-pooled keys ``psi_P(K)`` gives block scores ``R``, made doubly stochastic by
+log-space Sinkhorn normalisation ``S^k = F_c(F_r(S^{k-1}))``, ``S^0 = R / tau``:
+
+.. math::
+
+    S = \\mathrm{Sinkhorn}(R / \\tau), \\qquad \\psi_S(K)_i = \\sum_j S_{ij} K_j, \\qquad
+    Y_i = \\mathrm{softmax}\\big(Q_i [K_i;\\ \\psi_S(K)_i]^\\top\\big) [V_i;\\ \\psi_S(V)_i]
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attnlab.contract import work_dtype
+from attnlab.mechanisms.base import Mechanism
+from attnlab.mechanisms.hashing import group_size
+from attnlab.registry import REQUIRED, HParam, Limit, Paper, register_mechanism
+from attnlab.verify import dense_softmax_f64, param_f64
+
+__all__ = ["SinkhornAttention", "sinkhorn_normalise"]
+
+TAY_2020 = Paper(
+    "Sparse Sinkhorn Attention",
+    "Yi Tay, Dara Bahri, Liu Yang, Donald Metzler, Da-Cheng Juan",
+    2020,
+    "https://arxiv.org/abs/2002.11296",
+)
+
+def sinkhorn_normalise(log_r: torch.Tensor, iters: int) -> torch.Tensor:
+    """Log-space Sinkhorn: ``iters`` rounds of row then column normalisation of
+    ``exp(log_r)`` (the paper's ``F_c(F_r(.))``); returns ``S`` (rows/columns sum to ~1)."""
+    for _ in range(iters):
+        log_r = log_r - torch.logsumexp(log_r, dim=-1, keepdim=True)
+        log_r = log_r - torch.logsumexp(log_r, dim=-2, keepdim=True)
+    return log_r.exp()
+
+
+def _sinkhorn_limit(n: int) -> dict:
+    """4 (or 3, or 2) blocks when they divide N, so the sorting network is exercised."""
+    blocks = next((p for p in (4, 3, 2) if n % p == 0), 1)
+    return {"block_size": n // blocks}
+
+
+def sinkhorn_reference(q, k, v, *, mech, scale, is_causal):
+    """Tay et al.'s local + sorted block attention in float64, block by block, from the
+    module's sorting network: ``R_ij = P(psi(K)_i) . psi(K)_j / sqrt(D)``, ``S =
+    Sinkhorn(R / tau)``, block ``i`` attends ``[K_i; sum_j S_ij K_j]`` (only ``K_i`` when
+    there is one block)."""
+    N, D = q.shape[-2:]
+    b = min(mech.hp["block_size"], N)
+    nb = N // b
+    scale = D ** -0.5 if scale is None else scale
+    if nb == 1:
+        return dense_softmax_f64(q @ k.transpose(-2, -1) * scale, v)
+    blocks = [slice(j * b, (j + 1) * b) for j in range(nb)]
+    pooled = torch.stack([k[..., s, :].mean(dim=-2) for s in blocks], dim=-2)  # (B, H, nb, D)
+    w1, b1, w2 = (param_f64(p) for p in (mech.sort_in.weight, mech.sort_in.bias,
+                                         mech.sort_out.weight))
+    log_s = torch.relu(pooled @ w1.T + b1) @ w2.T @ pooled.transpose(-2, -1) / math.sqrt(D)
+    log_s = log_s / mech.hp["temperature"]
+    for _ in range(mech.hp["sinkhorn_iters"]):  # rows, then columns, sum to 1
+        log_s = log_s - torch.logsumexp(log_s, dim=-1, keepdim=True)
+        log_s = log_s - torch.logsumexp(log_s, dim=-2, keepdim=True)
+    S = log_s.exp()
+    out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=torch.float64)
+    for i, rows in enumerate(blocks):
+        k_sorted = sum(S[..., i, j, None, None] * k[..., s, :] for j, s in enumerate(blocks))
+        v_sorted = sum(S[..., i, j, None, None] * v[..., s, :] for j, s in enumerate(blocks))
+        keys = torch.cat([k[..., rows, :], k_sorted], dim=-2)
+        values = torch.cat([v[..., rows, :], v_sorted], dim=-2)
+        out[..., rows, :] = dense_softmax_f64(q[..., rows, :] @ keys.transpose(-2, -1) * scale,
+                                              values)
+    return out
+
+
+@register_mechanism(
+    "sinkhorn",
+    family="hashing",
+    paper=TAY_2020,
+    time="O(N b D + N^2 D / b),  b = block_size",
+    memory="O(N b + N D + (N/b)^2)",
+    equation="Y_i = softmax(Q_i [K_i; psi_S(K)_i]^T) [V_i; psi_S(V)_i], "
+             "psi_S(X)_i = sum_j S_ij X_j, S = Sinkhorn(R / tau), R = P(psi_P(K))",
+    exact=False, causal=False, arbitrary_mask=False, cross=False, returns_weights=False,
+    half_precision=True, learnable=True,
+    aliases=("sparse_sinkhorn", "sinkhorn_attention"),
+    hparams=[
+        HParam("head_dim", int, REQUIRED, "size D of each query/key head", low=1),
+        HParam("block_size", int, 64, "block size b; N_B = N // b blocks (N <= b: one block)",
+               low=1),
+        HParam("sinkhorn_iters", int, 8, "Sinkhorn row/column normalisation rounds", low=1),
+        HParam("temperature", float, 0.75, "tau: S = Sinkhorn(R / tau)", low=0.0,
+               low_exclusive=True),
+    ],
+    tiny_hparams={"block_size": 4},
+    # One block (block_size >= N) would be plain softmax attention and check none of the
+    # sorting; the paper's own formula, with several blocks, checks all of it.
+    limit=Limit(hparams=_sinkhorn_limit, reference=sinkhorn_reference,
+                note="4 blocks (when 4 | N): its own formula (local + Sinkhorn-sorted block)"),
+)
+class SinkhornAttention(Mechanism):
+    """Sparse Sinkhorn attention: each block attends to itself and a soft-sorted key block.
+
+    The sequence is cut into ``N_B = N / b`` blocks. The meta sorting network ``P`` scores
+    block pairs from block-pooled keys ``psi_P(K)_i`` (mean of the block's keys):
+    ``R_ij = P(psi_P(K)_i) . psi_P(K)_j / sqrt(D)``, ``P(x) = W_2 relu(W_1 x + b_1)``,
+    and ``S = Sinkhorn(R / tau)`` (``sinkhorn_iters`` log-space rounds) is a soft block
+    permutation. The sorted keys/values are ``psi_S(K)_i = sum_j S_ij K_j``; block ``i``'s
+    queries attend ``[K_i; psi_S(K)_i]`` (``2b`` keys), as in the paper's local + sorted
+    attention. With one block the sorted block *is* the block (``S = [1]``): it is kept
+    once, which makes ``N <= b`` exact attention.
+
+    Departures from the paper, each because its form needs a fixed length or input:
+    ``P`` scores pairs (bilinear) instead of emitting ``N_B`` logits from a ``d x N_B``
+    weight, so any ``N`` works; pooling is the mean (the paper's sum scaled by ``1/b``);
+    no Gumbel noise (deterministic); the network acts on the per-head keys with one set of
+    weights shared by all heads. No causal form (the paper's causal Sinkhorn balancing is
+    not implemented), no masks, self-attention only.
+    """
+
+    def __init__(self, **hparams) -> None:
+        super().__init__(**hparams)
+        d = self.hp["head_dim"]
+        self.sort_in = nn.Linear(d, d)
+        # No output bias: it would add a per-column constant to R, which Sinkhorn's column
+        # normalisation removes (a parameter that never gets a gradient).
+        self.sort_out = nn.Linear(d, d, bias=False)
+
+    def _blocks(self, q):
+        N = q.shape[-2]
+        if q.shape[-1] != self.hp["head_dim"]:
+            raise ValueError(
+                f"sinkhorn: q head dim {q.shape[-1]} does not match head_dim="
+                f"{self.hp['head_dim']} the module was built with; create it with "
+                f"head_dim={q.shape[-1]}"
+            )
+        b = group_size("sinkhorn", "block_size", self.hp["block_size"], N)
+        return b, N // b
+
+    def sorting_matrix(self, k: torch.Tensor) -> torch.Tensor:
+        """The doubly stochastic block matrix ``S`` ``(B, H, N_B, N_B)`` for keys ``k``."""
+        b, nb = self._blocks(k)
+        B, H, N, D = k.shape
+        work = work_dtype(k.dtype)
+        pooled = k.to(work).view(B, H, nb, b, D).mean(dim=3)  # psi_P(K)
+        w1, b1, w2 = (t.to(work) for t in (self.sort_in.weight, self.sort_in.bias,
+                                           self.sort_out.weight))
+        f = F.linear(F.relu(F.linear(pooled, w1, b1)), w2)
+        r = torch.matmul(f, pooled.transpose(-1, -2)) / math.sqrt(D)
+        return sinkhorn_normalise(r / self.hp["temperature"], self.hp["sinkhorn_iters"])
+
+    def _attend(self, q, k, v, attn_mask, is_causal, scale, dropout_p, need_weights):
+        b, nb = self._blocks(q)
+        B, H, N, D = q.shape
+        Dv = v.shape[-1]
+        dtype = q.dtype
+        work = work_dtype(dtype)
+        qb = q.to(work).view(B, H, nb, b, D)
+        kb = k.to(work).view(B, H, nb, b, D)
+        vb = v.to(work).view(B, H, nb, b, Dv)
+        if nb > 1:
+            s = self.sorting_matrix(k)  # (B, H, nb, nb): tiny
+            k_sorted = torch.einsum("bhij,bhjtd->bhitd", s, kb)
+            v_sorted = torch.einsum("bhij,bhjtd->bhitd", s, vb)
+            kb = torch.cat([kb, k_sorted], dim=3)  # (B, H, nb, 2b, D)
+            vb = torch.cat([vb, v_sorted], dim=3)
+        p = torch.softmax(torch.matmul(qb, kb.transpose(-1, -2)) * scale, dim=-1)
+        if dropout_p > 0:
+            p = F.dropout(p, dropout_p)
+        out = torch.matmul(p, vb).reshape(B, H, N, Dv)
+        return out.to(dtype), None
