@@ -1,0 +1,1 @@
+"""attnlab bench: sweep mechanisms x sequence lengths, store the results, analyse and plot them."""
