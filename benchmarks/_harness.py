@@ -19,25 +19,9 @@ import time
 
 import torch
 
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def _reset_peak_rss() -> None:
-    # Linux >= 4.0: writing 5 resets VmHWM (peak RSS) to the current RSS, so the peak
-    # read afterwards is this point's alone, not torch's import-time high-water mark.
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+from attnlab.bench.measure import peak_rss_bytes as _peak_rss_bytes
+from attnlab.bench.measure import reset_peak_rss as _reset_peak_rss
+from attnlab.bench.measure import rss_bytes as _rss_bytes
 
 
 def _child(conn, mech_name, n, p, cfg):

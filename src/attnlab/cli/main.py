@@ -1,4 +1,4 @@
-"""``attnlab`` command line: ``list``, ``info NAME``, ``demo``."""
+"""``attnlab`` command line: ``list``, ``info NAME``, ``demo``, ``bench ...``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from attnlab import __version__
+from attnlab.cli import bench
 from attnlab.registry import get, list_mechanisms
 
 
@@ -108,15 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--causal", action="store_true")
     pd.add_argument("--mechanisms", nargs="+", default=None)
     pd.add_argument("--json", action="store_true")
+    bench.add_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = bench.normalise_argv(sys.argv[1:] if argv is None else list(argv))
     args = build_parser().parse_args(argv)
     # Piped output (CI logs, files) gets a wide table instead of rich's 80 columns.
     console = Console() if sys.stdout.isatty() else Console(width=160)
     try:
-        return {"list": cmd_list, "info": cmd_info, "demo": cmd_demo}[args.command](args, console)
+        handlers = {"list": cmd_list, "info": cmd_info, "demo": cmd_demo, "bench": bench.run}
+        return handlers[args.command](args, console)
     except (ValueError, TypeError) as e:
         # Bad names and hyperparameters are the user's to fix: say what, no traceback.
         console.print(f"[red]error:[/red] {e}")

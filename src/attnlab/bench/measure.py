@@ -1,0 +1,185 @@
+"""One point, measured inside its own child process (see :mod:`attnlab.bench.runner`).
+
+Order matters: the correctness gate first (a failing mechanism is never timed), then the
+peak memory of the first call (nothing else has run in this process since its inputs were
+made), then FLOPs, then time, and last the error against exact attention (whose own memory
+must not count).
+
+* **Gate**: :func:`attnlab.verify.verify` on the point's head dim, dtype and causality at
+  ``min(N, 256)`` tokens: the mechanism in its limit case against its reference.
+* **Peak memory**: CPU: the peak RSS (``VmHWM``, reset just before the call) above the
+  RSS at that moment. CUDA: ``torch.cuda.max_memory_allocated`` above the allocated bytes.
+* **FLOPs**: :class:`torch.utils.flop_counter.FlopCounterMode` around one call of the
+  mechanism itself (matmuls and SDPA; elementwise work is not counted).
+* **Time**: median and IQR of :meth:`torch.utils.benchmark.Timer.blocked_autorange`.
+* **Error**: ``||out - exact|| / ||exact||`` with ``exact = F.scaled_dot_product_attention``
+  in float32 on the same inputs (skipped above ``error_max_n``: exact costs O(N^2)).
+"""
+
+from __future__ import annotations
+
+import resource
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["measure_point", "peak_rss_bytes", "reset_peak_rss", "rss_bytes"]
+
+GATE_MAX_N = 256
+
+
+def _count_cpu_sdpa_flops() -> None:
+    """Teach ``FlopCounterMode`` the CPU flash-attention kernel behind SDPA.
+
+    torch counts the CUDA SDPA kernels but not ``_scaled_dot_product_flash_attention_for_cpu``
+    (and its backward): without this, ``sdpa`` on CPU would count 0 FLOPs. Same formulas as
+    torch's own for the CUDA kernels (4 N^2 D forward, 8 N^2 D backward per head, matmuls).
+    """
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    fwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    bwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if fwd is not None and fwd not in fc.flop_registry:
+        @fc.register_flop_formula(fwd)
+        def _fwd(query, key, value, *args, out_shape=None, **kwargs) -> int:
+            return fc.sdpa_flop_count(query, key, value)  # shapes, not tensors
+    if bwd is not None and bwd not in fc.flop_registry:
+        @fc.register_flop_formula(bwd)
+        def _bwd(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+            return fc.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+_count_cpu_sdpa_flops()
+
+
+def _warm_up() -> None:
+    """Import now what the first measurement would import lazily (FlopCounterMode pulls in
+    torch._dynamo and sympy: about a second). This module is preloaded by the runner's
+    forkserver, so every child starts with it done."""
+    from torch.utils.benchmark import Timer  # noqa: F401
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False):
+        torch.ones(2, 2) @ torch.ones(2, 2)
+
+
+_warm_up()
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def reset_peak_rss() -> None:
+    # Linux >= 4.0: writing 5 resets VmHWM (peak RSS) to the current RSS, so the peak read
+    # afterwards is this call's alone, not the import's or the inputs' high-water mark.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _gate(p: dict, dtype: torch.dtype) -> tuple[dict | None, dict]:
+    """``(None, info)`` when the mechanism passes its limit-case check, else the FAILED
+    record and ``info`` (the gate's error and tolerance)."""
+    from attnlab.bench.peers import is_peer, verify_peer
+    from attnlab.verify import verify
+
+    check = verify_peer if is_peer(p["mechanism"]) else verify  # peer:NAME: its own limit
+    res = check(p["mechanism"], n=min(p["N"], GATE_MAX_N), head_dim=p["head_dim"],
+                num_heads=min(p["heads"], 2), batch=1, dtype=dtype, causal=p["causal"],
+                device=p["device"], **p["hparams"])
+    info = {"gate_error": res.error, "gate_tol": res.tol}
+    if res.ok:
+        return None, info
+    return {"status": "FAILED", "message": f"correctness gate: {res.message or res.note}",
+            **info}, info
+
+
+def _peak(step, device: str) -> int:
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    reset_peak_rss()
+    base = rss_bytes()
+    step()
+    return max(0, peak_rss_bytes() - base)
+
+
+def measure_point(p: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+    """Measure point ``p`` (a :class:`~attnlab.bench.grid.Point` as a dict, ``hparams`` a
+    dict); ``cfg`` holds ``threads``, ``min_run_time``, ``error_max_n`` and ``gate``."""
+    import attnlab
+
+    torch.set_num_threads(cfg["threads"])
+    dtype, device = getattr(torch, p["dtype"]), p["device"]
+    out: dict[str, Any] = {}
+    if cfg.get("gate", True):
+        failed, info = _gate(p, dtype)
+        out.update(info)
+        if failed is not None:
+            return failed
+    B, H, N, D = p["batch"], p["heads"], p["N"], p["head_dim"]
+    if p["mechanism"].startswith("peer:"):  # a PyPI peer, called as mech(q, k, v, is_causal=)
+        from attnlab.bench.peers import build
+
+        mech = build(p["mechanism"], p["hparams"], n=N, head_dim=D, num_heads=H, device=device,
+                     dtype=dtype)
+    else:
+        mech = attnlab.create_for(p["mechanism"], head_dim=D, num_heads=H, max_seq_len=N,
+                                  **p["hparams"]).to(device=device, dtype=dtype).eval()
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(B, H, N, D, generator=g, device=device, dtype=dtype)
+               for _ in range(3))
+    backward = p["pass_"] == "fwd+bwd"
+    grad_out = torch.randn(B, H, N, D, generator=g, device=device, dtype=dtype)
+    params = [t for t in mech.parameters() if t.requires_grad]
+    if backward:
+        for t in (q, k, v):
+            t.requires_grad_()
+    causal = p["causal"]
+
+    def step():
+        with torch.set_grad_enabled(backward):
+            o = mech(q, k, v, is_causal=causal)
+            if backward:
+                o.backward(grad_out)
+                for t in (q, k, v, *params):
+                    t.grad = None
+        return o
+
+    out["peak_mem_bytes"] = _peak(step, device)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        step()
+    out["flops"] = float(fc.get_total_flops())
+    from torch.utils.benchmark import Timer
+
+    m = Timer("step()", globals={"step": step}, num_threads=cfg["threads"]).blocked_autorange(
+        min_run_time=cfg["min_run_time"])
+    out.update(time_s=m.median, time_iqr_s=m.iqr, runs=len(m.times) * m.number_per_run,
+               timed_s=float(sum(m.raw_times)))
+    if N <= cfg["error_max_n"]:
+        with torch.no_grad():
+            got = mech(q, k, v, is_causal=causal).double()
+            exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                   is_causal=causal).double()
+        out["error"] = float((got - exact).norm() / exact.norm().clamp_min(1e-300))
+        if not torch.isfinite(got).all():
+            return {"status": "error", "message": "non-finite output", **out}
+    out["status"] = "ok"
+    return out

@@ -1,0 +1,266 @@
+"""Run a sweep: every point of a grid in its own child process, stored as it finishes.
+
+Children are forked from a *forkserver* that has imported torch and attnlab once, so a
+point costs a fork (milliseconds), not an interpreter start-up (about 1.5 s), while its
+peak memory is still its own. A child is capped in address space (``RLIMIT_AS``, CPU
+only) and in time; a crash, an out-of-memory or a hang costs only that point, which is
+stored with its status (``oom``, ``timeout``, ``error``) and never as a number. After an
+``oom`` or ``timeout`` the longer lengths of the same series are stored as ``skipped``.
+
+Resume: starting the same grid again on the same machine continues the latest unfinished
+run (points already stored are skipped; ``UNIQUE(run_id, point_key)`` makes a double
+count impossible). A mechanism's correctness gate runs in its first child; if it fails,
+every point of that mechanism and configuration is stored ``FAILED`` without running.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import resource
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+
+from attnlab.bench import machine as mach
+from attnlab.bench.grid import Grid, Point
+from attnlab.bench.store import Store
+
+__all__ = ["run_sweep"]
+
+_CTX = None
+
+
+def _context():
+    global _CTX
+    if _CTX is None:
+        _CTX = mp.get_context("forkserver")
+        _CTX.set_forkserver_preload(["attnlab", "attnlab.bench.measure"])
+    return _CTX
+
+
+def _child(conn, point: dict, cfg: dict) -> None:
+    """Child process body: cap memory, measure, send one dict back."""
+    try:
+        if cfg.get("mem_cap_bytes") and point["device"] == "cpu":
+            cap = cfg["mem_cap_bytes"]
+            resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+        if cfg.get("_test_hook"):  # tests only: make a child fail on purpose
+            _test_hooks(cfg["_test_hook"], point)
+        from attnlab.bench.measure import measure_point
+
+        res = measure_point(point, cfg)
+    except MemoryError as e:
+        res = {"status": "oom", "message": f"MemoryError: {e}"[:500]}
+    except RuntimeError as e:
+        text = str(e)
+        oom = any(w in text.lower() for w in ("out of memory", "alloc", "can't allocate"))
+        res = {"status": "oom" if oom else "error", "message": text[:500]}
+    except Exception as e:  # recorded, never a number
+        res = {"status": "error", "message": f"{type(e).__name__}: {e}"[:500]}
+    conn.send(res)
+    conn.close()
+
+
+def _test_hooks(hook: dict, point: dict) -> None:
+    """Deliberate failures for the harness's own tests, chosen by mechanism and length."""
+    what = hook.get(f"{point['label']}@{point['N']}")
+    if what == "raise":
+        raise ValueError("deliberate failure (test hook)")
+    if what == "hang":
+        time.sleep(3600)
+    if what == "allocate":
+        _hog = bytearray(hook["bytes"])  # noqa: F841 - past RLIMIT_AS: MemoryError
+    if what == "die":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if what == "break_gate":  # a wrong mechanism: its output shifted by 0.1
+        from attnlab.registry import get
+
+        cls = get(point["mechanism"]).cls
+        attend = cls._attend
+
+        def broken(self, *args):
+            out, w = attend(self, *args)
+            return out + 0.1, w
+
+        cls._attend = broken
+
+
+def _run_child(point: Point, cfg: dict, timeout: float) -> dict:
+    ctx = _context()
+    parent, child = ctx.Pipe(duplex=False)
+    d = asdict(point)
+    d["hparams"] = dict(point.hparams)
+    proc = ctx.Process(target=_child, args=(child, d, cfg), daemon=True)
+    proc.start()
+    child.close()
+    res = None
+    try:
+        if parent.poll(timeout):
+            try:
+                res = parent.recv()
+            except EOFError:  # died mid-way (e.g. killed by the kernel's OOM killer)
+                res = None
+        else:
+            res = {"status": "timeout", "message": f"no result within {timeout:g} s"}
+    finally:
+        proc.join(2)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        parent.close()
+    if res is None:
+        code = proc.exitcode
+        killed = code is not None and code < 0 and -code == signal.SIGKILL
+        res = {"status": "oom" if killed else "error",
+               "message": f"child exited with code {code}"
+                          + (" (SIGKILL: most likely the kernel's OOM killer)" if killed else "")}
+    return res
+
+
+def _row(point: Point, res: dict, roof: float | None, wall: float) -> dict:
+    row = {**asdict(point), "hparams": dict(point.hparams), **res, "wall_s": wall}
+    if res.get("status") == "ok" and res.get("flops") and res.get("time_s"):
+        row["gflops_per_s"] = res["flops"] / res["time_s"] / 1e9
+        if roof:
+            row["roof_fraction"] = row["gflops_per_s"] / roof
+    if res.get("status") != "ok":  # a point that did not pass is never a number
+        for k in ("time_s", "time_iqr_s", "runs", "peak_mem_bytes", "flops", "gflops_per_s",
+                  "roof_fraction", "error", "timed_s"):
+            row[k] = None
+    return row
+
+
+def _gate_record(r: dict) -> dict:
+    return {"passed": r["status"] != "FAILED", "gate_error": r.get("gate_error"),
+            "gate_tol": r.get("gate_tol"), "message": r.get("message") or ""}
+
+
+def _gate_key(p: Point) -> tuple:
+    return (p.mechanism, p.hparams, p.head_dim, p.dtype, p.causal, p.device)
+
+
+def run_sweep(grid: Grid, store: Store, *, command: str = "", resume: bool = True,
+              progress: bool = True, console=None, test_hook: dict | None = None,
+              on_row: Callable[[dict], None] | None = None) -> int:
+    """Measure every point of ``grid`` not yet in the database; returns the run id."""
+    machine = mach.describe(grid.device)
+    fp = mach.fingerprint(machine, grid.threads)
+    digest = grid.digest()
+    points = grid.points()
+    run_id = store.resumable(digest, fp) if resume else None
+    if run_id is None:
+        machine["roof_gflops"] = mach.matmul_roof_gflops(grid.threads, grid.device)
+        run_id = store.new_run(grid=grid.to_json(), digest=digest, machine=machine,
+                               fingerprint=fp, versions=mach.versions(),
+                               commit=mach.git_commit(), command=command,
+                               profile=grid.profile, points_total=len(points))
+    else:
+        store.set_status(run_id, "running")
+    roof = store.run(run_id)["machine"].get("roof_gflops")
+    stored = store.measurements(run_id)
+    done = {_key(r) for r in stored}
+    dead: dict[tuple, str] = {}  # series -> why longer lengths are skipped
+    gates: dict[tuple, dict] = {}  # gate key -> {"passed", "gate_error", "gate_tol", ...}
+    for r in stored:
+        p = _point(r)
+        if r["status"] in ("oom", "timeout"):
+            dead.setdefault(p.series, f"after {r['status']} at N={r['N']}")
+        if r.get("gate_error") is not None or r["status"] == "FAILED":
+            gates.setdefault(_gate_key(p), _gate_record(r))
+    mem_cap = int((grid.mem_cap_gib or 0.9 * machine["ram_gib"]) * 2**30)
+    cfg = {"threads": grid.threads, "min_run_time": grid.min_run_time,
+           "error_max_n": grid.error_max_n, "mem_cap_bytes": mem_cap,
+           "_test_hook": test_hook}
+    todo = [p for p in points if p.key not in done]
+    bar = _Bar(progress, console, len(points), len(points) - len(todo))
+    old = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        with bar:
+            for p in todo:
+                bar.describe(p)
+                t0 = time.perf_counter()
+                why = p.unsupported()
+                g = gates.get(_gate_key(p))
+                if why:
+                    res = {"status": "unsupported", "message": why}
+                elif p.series in dead:
+                    res = {"status": "skipped", "message": dead[p.series]}
+                elif g is not None and not g["passed"]:  # failed for this configuration
+                    res = {"status": "FAILED", "message": g["message"],
+                           "gate_error": g["gate_error"], "gate_tol": g["gate_tol"]}
+                else:
+                    res = _run_child(p, {**cfg, "gate": g is None}, grid.timeout_s)
+                    if g is None and (res.get("gate_error") is not None
+                                      or res["status"] == "FAILED"):
+                        g = gates[_gate_key(p)] = _gate_record(res)
+                    if g is not None and res["status"] != "FAILED":  # the gate it passed
+                        res.update(gate_error=g["gate_error"], gate_tol=g["gate_tol"])
+                    if res["status"] in ("oom", "timeout"):
+                        dead[p.series] = f"after {res['status']} at N={p.N}"
+                row = _row(p, res, roof, time.perf_counter() - t0)
+                store.add(run_id, p.key, row)
+                if on_row is not None:
+                    on_row(row)
+                bar.advance()
+        store.set_status(run_id, "done")
+    except KeyboardInterrupt:
+        store.set_status(run_id, "interrupted")
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    return run_id
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _point(r: dict) -> Point:
+    return Point(r["mechanism"], r["label"], tuple(sorted(r["hparams"].items())), r["N"],
+                 r["batch"], r["heads"], r["head_dim"], r["dtype"], r["pass_"],
+                 bool(r["causal"]), r["device"])
+
+
+def _key(r: dict) -> str:
+    return _point(r).key
+
+
+class _Bar:
+    """A rich progress bar with ETA (or nothing, when ``enabled`` is false)."""
+
+    def __init__(self, enabled: bool, console, total: int, completed: int) -> None:
+        self.progress = None
+        if enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                     MofNCompleteColumn(), TimeElapsedColumn(), "ETA",
+                                     TimeRemainingColumn(), console=console)
+            self.task = self.progress.add_task("bench", total=total, completed=completed)
+
+    def __enter__(self):
+        if self.progress:
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress:
+            self.progress.__exit__(*exc)
+
+    def describe(self, p: Point) -> None:
+        if self.progress:
+            self.progress.update(self.task, description=f"{p.label} N={p.N} {p.pass_}"
+                                 f"{' causal' if p.causal else ''}")
+
+    def advance(self) -> None:
+        if self.progress:
+            self.progress.advance(self.task)

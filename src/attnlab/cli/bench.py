@@ -1,0 +1,254 @@
+"""``attnlab bench``: run a sweep, list runs, show, export, compare and plot them.
+
+    attnlab bench --profile quick                   # run (the default subcommand)
+    attnlab bench run --mechanisms sdpa sliding_window:window=128 --n 1024 4096 --pass both
+    attnlab bench runs | show RUN | export RUN --format csv | compare A B | plot RUN
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+SUBCOMMANDS = ("run", "runs", "show", "export", "compare", "plot")
+DEFAULT_DB = "results/bench.db"
+
+
+def _db_path(args) -> str:
+    return args.db or os.environ.get("ATTNLAB_DB") or DEFAULT_DB
+
+
+def _mechanism(text: str):
+    """``name`` or ``name:key=value,key=value`` (values parsed as JSON when they can be);
+    a peer is ``peer:NAME[:key=value,...]``."""
+    prefix = ""
+    if text.startswith("peer:"):
+        prefix, text = "peer:", text[len("peer:"):]
+    if ":" not in text:
+        return prefix + text
+    name, _, rest = text.partition(":")
+    name = prefix + name
+    hp = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, raw = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--mechanisms: expected name:key=value[,key=value]; got {text!r}")
+        try:
+            hp[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            hp[key] = raw
+    return {"name": name, **hp}
+
+
+def add_parser(sub) -> None:
+    pb = sub.add_parser("bench", help="benchmark lab: time, memory, FLOPs and scaling",
+                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bsub = pb.add_subparsers(dest="bench_command", required=True)
+    pr = bsub.add_parser("run", help="measure a grid (resumes an unfinished identical run)")
+    pr.add_argument("--profile", default=None, help="quick | standard | long")
+    pr.add_argument("--sweep", default=None, help="a .toml or .yaml sweep file")
+    pr.add_argument("--mechanisms", nargs="+", default=None,
+                    help="names, name:key=value,..., 'all' or 'approximate'")
+    pr.add_argument("--n", dest="lengths", type=int, nargs="+", default=None,
+                    help="sequence lengths")
+    pr.add_argument("--batch", type=int, nargs="+", default=None)
+    pr.add_argument("--heads", type=int, nargs="+", default=None)
+    pr.add_argument("--head-dim", dest="head_dim", type=int, nargs="+", default=None)
+    pr.add_argument("--dtype", dest="dtypes", nargs="+", default=None)
+    pr.add_argument("--pass", dest="passes", default=None, choices=("fwd", "fwd+bwd", "both"))
+    pr.add_argument("--causal", default=None, choices=("no", "yes", "both"))
+    pr.add_argument("--device", default=None, choices=("cpu", "cuda"))
+    pr.add_argument("--threads", type=int, default=None)
+    pr.add_argument("--min-run-time", dest="min_run_time", type=float, default=None)
+    pr.add_argument("--timeout", dest="timeout_s", type=float, default=None,
+                    help="seconds per point")
+    pr.add_argument("--mem-cap-gib", dest="mem_cap_gib", type=float, default=None)
+    pr.add_argument("--new", action="store_true", help="start a new run, do not resume")
+    pr.add_argument("--no-progress", action="store_true")
+    pr.add_argument("--plot", default=None, metavar="DIR", help="also write the plots here")
+    pl = bsub.add_parser("runs", help="list the runs in the database")
+    ps = bsub.add_parser("show", help="the table of one run")
+    ps.add_argument("run", nargs="?", default="latest")
+    pe = bsub.add_parser("export", help="measurements as CSV, JSON or Parquet")
+    pe.add_argument("run", nargs="?", default="latest")
+    pe.add_argument("--format", default="csv", choices=("csv", "json", "parquet"))
+    pe.add_argument("--out", default=None, help="file (default: stdout; parquet needs one)")
+    pc = bsub.add_parser("compare", help="time and memory ratios of run B over run A")
+    pc.add_argument("run_a")
+    pc.add_argument("run_b")
+    pp = bsub.add_parser("plot", help="PNG and SVG plots of a run")
+    pp.add_argument("run", nargs="?", default="latest")
+    pp.add_argument("--out", default=None, help="directory (default results/plots/run-ID)")
+    for p in (pr, pl, ps, pe, pc, pp):
+        p.add_argument("--db", default=None,
+                       help=f"results database (default $ATTNLAB_DB or {DEFAULT_DB})")
+
+
+def normalise_argv(argv: list[str]) -> list[str]:
+    """``attnlab bench --profile quick`` means ``attnlab bench run --profile quick``."""
+    if argv and argv[0] == "bench":
+        rest = argv[1:]
+        if not rest or (rest[0].startswith("-") and rest[0] not in ("-h", "--help")):
+            return ["bench", "run", *rest]
+    return argv
+
+
+def _grid(args):
+    from attnlab.bench.grid import grid_from_file, make_grid
+
+    given = {k: getattr(args, k) for k in ("lengths", "batch", "heads", "head_dim", "dtypes",
+                                            "device", "threads", "min_run_time", "timeout_s",
+                                            "mem_cap_gib")}
+    if args.mechanisms is not None:
+        given["mechanisms"] = [_mechanism(m) for m in args.mechanisms]
+        if len(given["mechanisms"]) == 1 and isinstance(given["mechanisms"][0], str):
+            given["mechanisms"] = given["mechanisms"][0]  # "all", "approximate+sdpa"
+    if args.passes is not None:
+        given["passes"] = ["fwd", "fwd+bwd"] if args.passes == "both" else [args.passes]
+    if args.causal is not None:
+        given["causal"] = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]
+    if args.sweep:
+        return grid_from_file(args.sweep, profile=args.profile, **given)
+    if args.profile is None and args.lengths is None:
+        args.profile = "quick"
+    return make_grid(profile=args.profile, **given)
+
+
+def cmd_run(args, console: Console) -> int:
+    from attnlab.bench.runner import run_sweep
+    from attnlab.bench.store import Store
+
+    grid = _grid(args)  # every error before the database is opened
+    with Store(_db_path(args)) as store:
+        command = "attnlab " + " ".join(sys.argv[1:]) if sys.argv else "attnlab bench"
+        points = len(grid.points())
+        console.print(f"[bold]attnlab bench[/bold]: {points} points -> {store.path}")
+        try:
+            run_id = run_sweep(grid, store, command=command, resume=not args.new,
+                               progress=not args.no_progress, console=console)
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/yellow]: run the same command again to resume")
+            return 130
+        _show(store, run_id, console)
+        if args.plot:
+            _plot(store, run_id, args.plot, console)
+    return 0
+
+
+def _show(store, run_id, console: Console) -> None:
+    from attnlab.bench.analysis import render_table, summarise
+
+    run = store.run(run_id)
+    rows = store.measurements(run_id)
+    m = run["machine"]
+    console.print(render_table(summarise(rows)))
+    console.print(f"run {run['id']} ({run['status']}): {m['cpu']}, {m['cores']} cores, roof "
+                  f"{m.get('roof_gflops', float('nan')):.0f} GFLOP/s, torch "
+                  f"{run['versions']['torch']}, commit {run['git_commit']}")
+
+
+def _plot(store, run_id, out, console: Console) -> None:
+    from attnlab.bench.plots import plot_run
+
+    rid = store.resolve(run_id)
+    out = Path(out or f"results/plots/run-{rid}")
+    paths = plot_run(store.measurements(rid), store.run(rid), out)
+    console.print(f"{len(paths)} plot files in {out}")
+
+
+def cmd_runs(args, console: Console) -> int:
+    from rich.table import Table
+
+    from attnlab.bench.store import Store
+
+    with Store(_db_path(args), create=False) as store:
+        t = Table(title=f"runs in {store.path}")
+        for c in ("id", "started", "status", "profile", "points", "ok", "commit", "command"):
+            t.add_column(c)
+        for r in store.runs():
+            t.add_row(str(r["id"]), r["started_at"], r["status"], r["profile"] or "-",
+                      f"{r['done']}/{r['points_total']}", str(r["ok"]),
+                      (r["git_commit"] or "-")[:12], r["command"] or "")
+        console.print(t)
+    return 0
+
+
+def cmd_show(args, console: Console) -> int:
+    from attnlab.bench.store import Store
+
+    with Store(_db_path(args), create=False) as store:
+        _show(store, store.resolve(args.run), console)
+    return 0
+
+
+def cmd_export(args, console: Console) -> int:
+    from attnlab.bench.store import Store
+
+    with Store(_db_path(args), create=False) as store:
+        rid = store.resolve(args.run)
+        rows = store.measurements(rid)
+    for r in rows:
+        r["hparams"] = json.dumps(r["hparams"], sort_keys=True)
+    if args.format == "parquet":
+        if not args.out:
+            raise ValueError("export --format parquet needs --out FILE (binary output)")
+        try:
+            import pandas as pd
+
+            pd.DataFrame(rows).to_parquet(args.out)
+        except ImportError as e:
+            raise ValueError(f"export --format parquet needs pandas and pyarrow: pip install "
+                             f"pandas pyarrow ({e})") from None
+        console.print(f"{len(rows)} measurements -> {args.out}")
+        return 0
+    buf = io.StringIO()
+    if args.format == "json":
+        json.dump(rows, buf, indent=1)
+        buf.write("\n")
+    else:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["run_id"])
+        w.writeheader()
+        w.writerows(rows)
+    if args.out:
+        Path(args.out).write_text(buf.getvalue())
+        console.print(f"{len(rows)} measurements -> {args.out}")
+    else:
+        sys.stdout.write(buf.getvalue())
+    return 0
+
+
+def cmd_compare(args, console: Console) -> int:
+    from attnlab.bench.analysis import compare_runs, render_compare
+    from attnlab.bench.store import Store
+
+    with Store(_db_path(args), create=False) as store:
+        a, b = store.measurements(args.run_a), store.measurements(args.run_b)
+    console.print(render_compare(compare_runs(a, b)))
+    return 0
+
+
+def cmd_plot(args, console: Console) -> int:
+    from attnlab.bench.store import Store
+
+    with Store(_db_path(args), create=False) as store:
+        _plot(store, args.run, args.out, console)
+    return 0
+
+
+def run(args, console: Console) -> int:
+    from attnlab.bench.store import StoreError
+
+    handlers = {"run": cmd_run, "runs": cmd_runs, "show": cmd_show, "export": cmd_export,
+                "compare": cmd_compare, "plot": cmd_plot}
+    try:
+        return handlers[args.bench_command](args, console)
+    except StoreError as e:
+        console.print(f"[red]error:[/red] {e}")
+        return 2
