@@ -298,3 +298,20 @@ def test_cli_refuses_a_newer_database_untouched(tmp_path, capsys):
     assert "newer attnlab" in capsys.readouterr().out
     assert db.read_bytes() == before
     assert os.path.getsize(db) == len(before)
+
+
+def test_a_point_predicted_to_time_out_is_skipped_not_run():
+    from attnlab.bench.runner import _predicted_wall
+
+    assert _predicted_wall([], 4096) == 0.0 and _predicted_wall([(1024, 2.0)], 4096) == 0.0
+    # 1K -> 2K took 4x (quadratic): 4K is predicted at 8 s * 4 = 32 s.
+    assert _predicted_wall([(1024, 2.0), (2048, 8.0)], 4096) == pytest.approx(32.0)
+    # Faster than linear growth is extrapolated linearly (exponent at least 1).
+    assert _predicted_wall([(1024, 2.0), (2048, 2.0)], 8192) == pytest.approx(8.0)
+
+
+def test_all_and_approximate_expand_inside_a_list():
+    import attnlab
+
+    g = tiny(mechanisms=["approximate", "sdpa"], lengths=[8])
+    assert [m.name for m in g.mechanisms] == [*attnlab.list_mechanisms(exact=False), "sdpa"]

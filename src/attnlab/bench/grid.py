@@ -46,7 +46,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     # The comparison in docs/benchmarks.md: 1K..16K, both passes.
     "standard": {"lengths": [1024, 2048, 4096, 8192, 16384], "batch": [1], "heads": [8],
                  "head_dim": [64], "passes": ["fwd", "fwd+bwd"], "min_run_time": 0.3,
-                 "timeout_s": 300.0},
+                 "timeout_s": 120.0},
     # Long context: the sub-quadratic mechanisms and the exact yardsticks up to 64K.
     "long": {"lengths": [4096, 8192, 16384, 32768, 65536], "batch": [1], "heads": [8],
              "head_dim": [64], "passes": ["fwd"], "min_run_time": 0.3, "timeout_s": 600.0,
@@ -224,6 +224,10 @@ def _mechanisms(where: str, spec, defaults: dict) -> tuple[MechanismEntry, ...]:
         items = [spec] if isinstance(spec, (str, dict)) else spec
     if not isinstance(items, (list, tuple)) or not items:
         _fail(where, f"mechanisms must be a non-empty list; got {spec!r}")
+    # "all" and "approximate" may also stand inside a list: ["all", "peer:local_attention"]
+    groups = {"all": list_mechanisms(), "approximate": list_mechanisms(exact=False)}
+    items = [m for i in items for m in (groups[i] if isinstance(i, str) and i in groups
+                                        else [i])]
     entries = tuple(dict.fromkeys(_entry(where, i, defaults) for i in items))
     return entries
 

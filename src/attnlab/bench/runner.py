@@ -15,6 +15,7 @@ every point of that mechanism and configuration is stored ``FAILED`` without run
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import os
 import resource
@@ -163,8 +164,11 @@ def run_sweep(grid: Grid, store: Store, *, command: str = "", resume: bool = Tru
     done = {_key(r) for r in stored}
     dead: dict[tuple, str] = {}  # series -> why longer lengths are skipped
     gates: dict[tuple, dict] = {}  # gate key -> {"passed", "gate_error", "gate_tol", ...}
+    walls: dict[tuple, list] = {}  # series -> [(N, wall seconds)] of its ok points
     for r in stored:
         p = _point(r)
+        if r["status"] == "ok":
+            walls.setdefault(p.series, []).append((p.N, r["wall_s"]))
         if r["status"] in ("oom", "timeout"):
             dead.setdefault(p.series, f"after {r['status']} at N={r['N']}")
         if r.get("gate_error") is not None or r["status"] == "FAILED":
@@ -187,6 +191,9 @@ def run_sweep(grid: Grid, store: Store, *, command: str = "", resume: bool = Tru
                     res = {"status": "unsupported", "message": why}
                 elif p.series in dead:
                     res = {"status": "skipped", "message": dead[p.series]}
+                elif (t := _predicted_wall(walls.get(p.series, []), p.N)) > grid.timeout_s:
+                    res = {"status": "skipped", "message": f"predicted {t:.0f} s from the "
+                           f"shorter lengths > timeout {grid.timeout_s:g} s"}
                 elif g is not None and not g["passed"]:  # failed for this configuration
                     res = {"status": "FAILED", "message": g["message"],
                            "gate_error": g["gate_error"], "gate_tol": g["gate_tol"]}
@@ -200,6 +207,8 @@ def run_sweep(grid: Grid, store: Store, *, command: str = "", resume: bool = Tru
                     if res["status"] in ("oom", "timeout"):
                         dead[p.series] = f"after {res['status']} at N={p.N}"
                 row = _row(p, res, roof, time.perf_counter() - t0)
+                if row["status"] == "ok":
+                    walls.setdefault(p.series, []).append((p.N, row["wall_s"]))
                 store.add(run_id, p.key, row)
                 if on_row is not None:
                     on_row(row)
@@ -211,6 +220,19 @@ def run_sweep(grid: Grid, store: Store, *, command: str = "", resume: bool = Tru
     finally:
         signal.signal(signal.SIGTERM, old)
     return run_id
+
+
+def _predicted_wall(history: list, n: int) -> float:
+    """Seconds a point at length ``n`` will take, extrapolated from the series' two longest
+    ok points (local exponent, at least 1); 0 without two points. Saves running a point
+    that would only time out: it is stored as ``skipped`` with the prediction."""
+    if len(history) < 2:
+        return 0.0
+    (n1, w1), (n2, w2) = sorted(history)[-2:]
+    if n <= n2 or w1 <= 0 or w2 <= 0 or n1 == n2:
+        return 0.0
+    a = max(1.0, math.log(w2 / w1) / math.log(n2 / n1))
+    return w2 * (n / n2) ** a
 
 
 def _raise_interrupt(signum, frame):
