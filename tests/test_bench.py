@@ -271,6 +271,10 @@ def test_cli_run_show_export_compare(tmp_path, capsys):
     assert csv_path.read_text().count("\n") == 5
     assert cli(["bench", "compare", "1", "2", "--db", db]) == 0
     assert "sliding_window(window=4)" in capsys.readouterr().out
+    assert cli(["bench", "show", "1", "--markdown", "--db", db]) == 0
+    md = capsys.readouterr().out.strip().splitlines()
+    assert md[0].startswith("| mechanism | pass |") and len(md) == 2 + 2  # header + 2 rows
+    assert any(line.startswith("| `sliding_window(window=4)` | fwd |") for line in md)
 
 
 @pytest.mark.parametrize("args,pattern", [

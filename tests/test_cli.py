@@ -58,3 +58,19 @@ def test_console_script_is_installed():
     res = subprocess.run([sys.executable, "-m", "attnlab.cli.main", "list"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "reference" in res.stdout
+
+
+def test_verify_checks_every_mechanism_and_reports_failures(capsys, monkeypatch):
+    assert main(["verify"]) == 0
+    out = capsys.readouterr().out
+    for name in attnlab.list_mechanisms():
+        assert name in out
+    assert "FAILED" not in out
+    assert main(["verify", "sdpa", "linear", "--causal", "--dtype", "bfloat16"]) == 0
+    capsys.readouterr()
+    # A broken mechanism turns the command red (exit 1) and names it.
+    cls = attnlab.get("linear").cls
+    attend = cls._attend
+    monkeypatch.setattr(cls, "_attend", lambda self, *a: (attend(self, *a)[0] * 1.1, None))
+    assert main(["verify", "linear"]) == 1
+    assert "FAILED" in capsys.readouterr().out

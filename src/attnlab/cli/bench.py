@@ -76,6 +76,7 @@ def add_parser(sub) -> None:
     pl = bsub.add_parser("runs", help="list the runs in the database")
     ps = bsub.add_parser("show", help="the table of one run")
     ps.add_argument("run", nargs="?", default="latest")
+    ps.add_argument("--markdown", action="store_true", help="a Markdown table (for docs)")
     pe = bsub.add_parser("export", help="measurements as CSV, JSON or Parquet")
     pe.add_argument("run", nargs="?", default="latest")
     pe.add_argument("--format", default="csv", choices=("csv", "json", "parquet"))
@@ -142,12 +143,48 @@ def cmd_run(args, console: Console) -> int:
     return 0
 
 
-def _show(store, run_id, console: Console) -> None:
+def markdown_table(summary: list[dict]) -> str:
+    """The run's table as Markdown (for docs): time per N, peak memory at the longest
+    length, fitted exponents, crossover against sdpa, max error; statuses in words."""
+    from attnlab.bench.analysis import (
+        describe_crossover,
+        format_bytes,
+        format_length,
+        format_time,
+        status_word,
+    )
+
+    lengths = sorted({n for e in summary for n in (*dict(e["time"]), *dict(e["status"]))})
+    head = (["mechanism", "pass"] + [format_length(n) for n in lengths]
+            + [f"mem @ {format_length(lengths[-1])}", "time ~ N^a", "mem ~ N^a",
+               "crossover vs sdpa", "max error"])
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def cell(e, key, n, fmt):
+        value, status = dict(e[key]).get(n), dict(e["status"]).get(n)
+        return fmt(value) if value is not None else (status_word(status) if status else "")
+
+    for e in summary:
+        exps = [f"{x:.2f}" if x is not None else "-"
+                for x in (e["time_exponent"], e["memory_exponent"])]
+        err = "-" if e["max_error"] is None else f"{e['max_error']:.1e}"
+        cells = ([f"`{e['label']}`", e["pass_"]]
+                 + [cell(e, "time", n, format_time) for n in lengths]
+                 + [cell(e, "memory", lengths[-1], format_bytes), *exps,
+                    describe_crossover(e), err])
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def _show(store, run_id, console: Console, markdown: bool = False) -> None:
     from attnlab.bench.analysis import render_table, summarise
 
     run = store.run(run_id)
     rows = store.measurements(run_id)
     m = run["machine"]
+    if markdown:
+        print(markdown_table(summarise(rows)))
+        return
     console.print(render_table(summarise(rows)))
     console.print(f"run {run['id']} ({run['status']}): {m['cpu']}, {m['cores']} cores, roof "
                   f"{m.get('roof_gflops', float('nan')):.0f} GFLOP/s, torch "
@@ -184,7 +221,7 @@ def cmd_show(args, console: Console) -> int:
     from attnlab.bench.store import Store
 
     with Store(_db_path(args), create=False) as store:
-        _show(store, store.resolve(args.run), console)
+        _show(store, store.resolve(args.run), console, markdown=args.markdown)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""``attnlab`` command line: ``list``, ``info NAME``, ``demo``, ``bench ...``."""
+"""``attnlab`` command line: ``list``, ``info NAME``, ``verify``, ``demo``, ``bench ...``."""
 
 from __future__ import annotations
 
@@ -91,6 +91,35 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
     return 0 if all(not r.error and r.finite for r in rows) else 1
 
 
+def cmd_verify(args: argparse.Namespace, console: Console) -> int:
+    import torch
+
+    from attnlab.verify import verify
+
+    names = args.names or list_mechanisms()
+    dtype = getattr(torch, args.dtype)
+    table = Table(title=f"every mechanism in its limit case vs its reference: N={args.n} "
+                        f"D={args.head_dim} {args.dtype}{' causal' if args.causal else ''}")
+    for col in ("mechanism", "limit case", "compared with", "error", "tol", "result"):
+        table.add_column(col, overflow="fold")
+    failed = 0
+    for name in names:
+        spec = get(name)
+        if args.causal and not spec.causal:
+            table.add_row(spec.name, "-", "-", "-", "-", "no causal form")
+            continue
+        if dtype in (torch.float16, torch.bfloat16) and not spec.half_precision:
+            table.add_row(spec.name, "-", "-", "-", "-", f"no {args.dtype}")
+            continue
+        r = verify(spec.name, n=args.n, head_dim=args.head_dim, dtype=dtype, causal=args.causal)
+        failed += not r.ok
+        ref = "softmax" if spec.limit.reference is None else "own formula (float64)"
+        table.add_row(spec.name, r.note, ref, f"{r.error:.1e}", f"{r.tol:.0e}",
+                      "[green]ok[/green]" if r.ok else f"[red]FAILED[/red] {r.message}")
+    console.print(table)
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attnlab", description=__doc__)
     p.add_argument("--version", action="version", version=f"attnlab {__version__}")
@@ -101,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     pi = sub.add_parser("info", help="hyperparameters, equation and paper of one mechanism")
     pi.add_argument("name")
     pi.add_argument("--json", action="store_true")
+    pv = sub.add_parser("verify", help="check mechanisms in their limit cases (the gate)")
+    pv.add_argument("names", nargs="*", help="mechanisms (default: all)")
+    pv.add_argument("--n", type=int, default=64, help="sequence length")
+    pv.add_argument("--head-dim", type=int, default=16)
+    pv.add_argument("--dtype", default="float32",
+                    choices=("float32", "float64", "float16", "bfloat16"))
+    pv.add_argument("--causal", action="store_true")
     pd = sub.add_parser("demo", help="run every mechanism once and print a table")
     pd.add_argument("--n", type=int, default=256, help="sequence length")
     pd.add_argument("--batch", type=int, default=2)
@@ -119,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     # Piped output (CI logs, files) gets a wide table instead of rich's 80 columns.
     console = Console() if sys.stdout.isatty() else Console(width=160)
     try:
-        handlers = {"list": cmd_list, "info": cmd_info, "demo": cmd_demo, "bench": bench.run}
+        handlers = {"list": cmd_list, "info": cmd_info, "verify": cmd_verify, "demo": cmd_demo,
+                    "bench": bench.run}
         return handlers[args.command](args, console)
     except (ValueError, TypeError) as e:
         # Bad names and hyperparameters are the user's to fix: say what, no traceback.
