@@ -200,22 +200,7 @@ class MechanismSpec:
         raise KeyError(name)
 
     def validate_hparams(self, given: dict[str, Any]) -> dict[str, Any]:
-        known = {h.name: h for h in self.hparams}
-        unknown = [k for k in given if k not in known]
-        if unknown:
-            msgs = []
-            for k in unknown:
-                close = difflib.get_close_matches(k, list(known), n=3)
-                hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
-                msgs.append(f"{k!r}{hint}")
-            accepted = ", ".join(known) or "none"
-            raise TypeError(
-                f"{self.name}: unknown hyperparameter {', '.join(msgs)}; accepted: {accepted}"
-            )
-        out = {}
-        for h in self.hparams:
-            out[h.name] = h.validate(given.get(h.name, h.default), self.name)
-        return out
+        return validate_hparams(self.name, self.hparams, given)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -252,6 +237,23 @@ class MechanismSpec:
                 for h in self.hparams
             ],
         }
+
+
+def validate_hparams(owner: str, hparams: Sequence[HParam],
+                     given: dict[str, Any]) -> dict[str, Any]:
+    """Every hyperparameter of ``owner``: ``given`` validated over the defaults. Unknown
+    names raise ``TypeError`` with close matches; bad values ``TypeError``/``ValueError``."""
+    known = {h.name: h for h in hparams}
+    unknown = [k for k in given if k not in known]
+    if unknown:
+        msgs = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, list(known), n=3)
+            hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+            msgs.append(f"{k!r}{hint}")
+        accepted = ", ".join(known) or "none"
+        raise TypeError(f"{owner}: unknown hyperparameter {', '.join(msgs)}; accepted: {accepted}")
+    return {h.name: h.validate(given.get(h.name, h.default), owner) for h in hparams}
 
 
 _REGISTRY: dict[str, MechanismSpec] = {}

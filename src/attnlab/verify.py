@@ -40,8 +40,8 @@ import torch
 from attnlab import registry
 from attnlab.contract import HALF_DTYPES
 
-__all__ = ["VerifyResult", "causal_allowed", "dense_softmax_f64", "naive_attention_f64",
-           "param_f64", "tolerance", "verify", "verify_all"]
+__all__ = ["VerifyResult", "causal_allowed", "check_sizes", "dense_softmax_f64",
+           "naive_attention_f64", "param_f64", "tolerance", "verify", "verify_all"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TINY = 1e-30
@@ -111,11 +111,15 @@ def tolerance(limit: registry.Limit, dtype: torch.dtype) -> float:
     return limit.tol
 
 
-def _check_args(spec, n, head_dim, num_heads, batch, dtype, causal, hparams) -> None:
-    for arg, value in (("n", n), ("head_dim", head_dim), ("num_heads", num_heads),
-                       ("batch", batch)):
+def check_sizes(caller: str, **sizes) -> None:
+    """Each size an int >= 1 (bool is not), else ``ValueError`` naming it."""
+    for arg, value in sizes.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"verify: {arg} must be an int >= 1; got {value!r}")
+            raise ValueError(f"{caller}: {arg} must be an int >= 1; got {value!r}")
+
+
+def _check_args(spec, n, head_dim, num_heads, batch, dtype, causal, hparams) -> None:
+    check_sizes("verify", n=n, head_dim=head_dim, num_heads=num_heads, batch=batch)
     if dtype not in _DTYPES:
         raise TypeError(f"verify: dtype must be one of {[str(d) for d in _DTYPES]}; got {dtype!r}")
     if dtype in HALF_DTYPES and not spec.half_precision:

@@ -67,9 +67,11 @@ from typing import Any
 import torch
 
 from attnlab.registry import HParam, Limit
+from attnlab.registry import validate_hparams as registry_validate
 from attnlab.verify import (
     VerifyResult,
     causal_allowed,
+    check_sizes,
     dense_softmax_f64,
     judge,
     param_f64,
@@ -323,17 +325,7 @@ def validate_hparams(name: str, given: dict[str, Any]) -> dict[str, Any]:
     """All of the peer's hyperparameters: ``given`` checked (unknown names with close
     matches: ``TypeError``; bad values: ``TypeError``/``ValueError``) over the defaults."""
     spec = resolve(name)
-    known = {h.name: h for h in spec.hparams}
-    unknown = [k for k in given if k not in known]
-    if unknown:
-        msgs = []
-        for k in unknown:
-            close = difflib.get_close_matches(k, list(known), n=2)
-            msgs.append(f"{k!r}" + (f" (did you mean {' or '.join(map(repr, close))}?)"
-                                    if close else ""))
-        raise TypeError(f"{spec.label}: unknown hyperparameter {', '.join(msgs)}; accepted: "
-                        f"{', '.join(known)}")
-    return {h.name: h.validate(given.get(h.name, h.default), spec.label) for h in spec.hparams}
+    return registry_validate(spec.label, spec.hparams, given)
 
 
 def unsupported(name: str, *, n: int, hparams: dict, causal: bool, pass_: str,
@@ -378,10 +370,7 @@ def verify_peer(name: str, *, n: int = 64, head_dim: int = 16, num_heads: int = 
     """
     spec = resolve(name)
     limit = spec.limit
-    for arg, value in (("n", n), ("head_dim", head_dim), ("num_heads", num_heads),
-                       ("batch", batch)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"verify_peer: {arg} must be an int >= 1; got {value!r}")
+    check_sizes("verify_peer", n=n, head_dim=head_dim, num_heads=num_heads, batch=batch)
     names = {v: k for k, v in _DTYPES.items()}
     if dtype not in names:
         raise TypeError(f"verify_peer: dtype must be one of {list(_DTYPES)}; got {dtype!r}")
