@@ -14,7 +14,7 @@ import difflib
 import hashlib
 import itertools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +126,6 @@ class Grid:
     mem_cap_gib: float | None = None  # None: 90% of the machine's RAM
     error_max_n: int = 16384  # above this, skip the error measurement (exact costs N^2)
     profile: str | None = None
-    extra: dict = field(default_factory=dict, compare=False)
 
     def points(self) -> list[Point]:
         """Every point, shortest lengths first within each series (failures then skip
@@ -141,7 +140,6 @@ class Grid:
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
-        d.pop("extra")
         d["mechanisms"] = [{"name": m.name, **dict(m.hparams)} for m in self.mechanisms]
         return d
 
@@ -214,22 +212,19 @@ def _entry(where: str, item, defaults: dict) -> MechanismEntry:
 
 
 def _mechanisms(where: str, spec, defaults: dict) -> tuple[MechanismEntry, ...]:
-    if spec is None or spec == "all":
-        items: list = list_mechanisms()
-    elif isinstance(spec, str) and "+" in spec or spec == "approximate":
-        items = []
-        for part in spec.split("+"):
-            items += list_mechanisms(exact=False) if part == "approximate" else [part]
-    else:
-        items = [spec] if isinstance(spec, (str, dict)) else spec
+    """Entries from a name, ``"a+b"``, a table or a list of those; the groups ``all`` and
+    ``approximate`` expand wherever they stand (``["all", "peer:local_attention"]``)."""
+    if spec is None:
+        spec = "all"
+    if isinstance(spec, str):
+        spec = spec.split("+")
+    items = [spec] if isinstance(spec, dict) else spec
     if not isinstance(items, (list, tuple)) or not items:
         _fail(where, f"mechanisms must be a non-empty list; got {spec!r}")
-    # "all" and "approximate" may also stand inside a list: ["all", "peer:local_attention"]
     groups = {"all": list_mechanisms(), "approximate": list_mechanisms(exact=False)}
     items = [m for i in items for m in (groups[i] if isinstance(i, str) and i in groups
                                         else [i])]
-    entries = tuple(dict.fromkeys(_entry(where, i, defaults) for i in items))
-    return entries
+    return tuple(dict.fromkeys(_entry(where, i, defaults) for i in items))
 
 
 def make_grid(*, profile: str | None = None, where: str = "bench", **given) -> Grid:
@@ -240,7 +235,7 @@ def make_grid(*, profile: str | None = None, where: str = "bench", **given) -> G
         hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
         _fail(where, f"unknown profile {profile!r}{hint}; known: {list(PROFILES)}")
     base = dict(PROFILES[profile]) if profile else {}
-    known = {f.name for f in dataclasses.fields(Grid)} - {"extra"}
+    known = {f.name for f in dataclasses.fields(Grid)}
     given = {k: v for k, v in given.items() if v is not None}
     unknown = sorted(set(given) - known)
     if unknown:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["measure_point", "peak_rss_bytes", "reset_peak_rss", "rss_bytes"]
+__all__ = ["measure_point", "warm_up", "peak_rss_bytes", "reset_peak_rss", "rss_bytes"]
 
 GATE_MAX_N = 256
 
@@ -54,18 +54,16 @@ def _count_cpu_sdpa_flops() -> None:
 _count_cpu_sdpa_flops()
 
 
-def _warm_up() -> None:
+def warm_up() -> None:
     """Import now what the first measurement would import lazily (FlopCounterMode pulls in
-    torch._dynamo and sympy: about a second). This module is preloaded by the runner's
-    forkserver, so every child starts with it done."""
+    torch._dynamo and sympy: about a second). The runner's forkserver runs it once (module
+    :mod:`attnlab.bench.warm`), so every child it forks starts with it done."""
     from torch.utils.benchmark import Timer  # noqa: F401
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False):
         torch.ones(2, 2) @ torch.ones(2, 2)
 
-
-_warm_up()
 
 
 def rss_bytes() -> int:

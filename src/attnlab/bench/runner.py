@@ -37,7 +37,7 @@ def _context():
     global _CTX
     if _CTX is None:
         _CTX = mp.get_context("forkserver")
-        _CTX.set_forkserver_preload(["attnlab", "attnlab.bench.measure"])
+        _CTX.set_forkserver_preload(["attnlab", "attnlab.bench.warm"])
     return _CTX
 
 
@@ -161,7 +161,7 @@ def run_sweep(grid: Grid, store: Store, *, command: str = "", resume: bool = Tru
         store.set_status(run_id, "running")
     roof = store.run(run_id)["machine"].get("roof_gflops")
     stored = store.measurements(run_id)
-    done = {_key(r) for r in stored}
+    done = store.done_keys(run_id)
     dead: dict[tuple, str] = {}  # series -> why longer lengths are skipped
     gates: dict[tuple, dict] = {}  # gate key -> {"passed", "gate_error", "gate_tol", ...}
     walls: dict[tuple, list] = {}  # series -> [(N, wall seconds)] of its ok points
@@ -243,10 +243,6 @@ def _point(r: dict) -> Point:
     return Point(r["mechanism"], r["label"], tuple(sorted(r["hparams"].items())), r["N"],
                  r["batch"], r["heads"], r["head_dim"], r["dtype"], r["pass_"],
                  bool(r["causal"]), r["device"])
-
-
-def _key(r: dict) -> str:
-    return _point(r).key
 
 
 class _Bar:
