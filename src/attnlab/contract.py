@@ -36,6 +36,7 @@ __all__ = [
     "AttentionInputs",
     "causal_mask",
     "check_inputs",
+    "is_key_padding_mask",
     "format_shape",
     "masked_softmax",
     "merge_masks",
@@ -67,6 +68,12 @@ class AttentionInputs:
 def format_shape(t: torch.Tensor) -> str:
     """``(2, 8, 128, 64)``: a shape as error messages print it."""
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def is_key_padding_mask(mask) -> bool:
+    """A bool mask that depends on the key alone: 2-D to 4-D with ``Nq`` dimension 1."""
+    return (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool
+            and 2 <= mask.dim() <= 4 and mask.shape[-2] == 1)
 
 
 def check_inputs(
@@ -144,7 +151,10 @@ def check_inputs(
     if spec is not None:
         if is_causal and not spec.causal:
             raise ValueError(f"{spec.name} has no causal form; is_causal=True is not supported")
-        if attn_mask is not None and not spec.arbitrary_mask:
+        # A padding-only mechanism (spec.key_padding) takes bool masks that depend on the key
+        # alone (Nq dimension 1); every other mask needs spec.arbitrary_mask.
+        if attn_mask is not None and not spec.arbitrary_mask and not (
+                spec.key_padding and is_key_padding_mask(attn_mask)):
             raise ValueError(f"{spec.name} cannot take an arbitrary attn_mask; pass attn_mask=None")
         if Nq != Nk and not spec.cross:
             raise ValueError(

@@ -192,6 +192,19 @@ class MechanismSpec:
     tiny_hparams: dict = field(default_factory=dict)
     # The limit case the correctness gate (attnlab.verify) checks it in.
     limit: Limit | None = None
+    # Decoding with attnlab.nn.KVCache equals the full causal forward: one query attending
+    # every cached key is its own causal row (softmax over scores of q_i and k_j alone).
+    kv_cache: bool = False
+    # register_mechanism(key_padding=...) as given (None: as arbitrary_mask). ``key_padding``
+    # is derived from it, not stored, so that dataclasses.replace(spec, arbitrary_mask=False)
+    # does not keep a True that only followed from arbitrary_mask.
+    declared_key_padding: bool | None = None
+    # Takes a bool key-padding attn_mask (B, H, 1, Nk) (True = may attend), arbitrary or not.
+    key_padding: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        kp = self.declared_key_padding
+        object.__setattr__(self, "key_padding", self.arbitrary_mask if kp is None else bool(kp))
 
     def hparam(self, name: str) -> HParam:
         for h in self.hparams:
@@ -212,6 +225,8 @@ class MechanismSpec:
             "memory": self.memory,
             "causal": self.causal,
             "arbitrary_mask": self.arbitrary_mask,
+            "key_padding": self.key_padding,
+            "kv_cache": self.kv_cache,
             "cross": self.cross,
             "returns_weights": self.returns_weights,
             "differentiable": self.differentiable,
@@ -281,9 +296,25 @@ def register_mechanism(
     summary: str = "",
     tiny_hparams: dict | None = None,
     limit: Limit | None = None,
+    kv_cache: bool = False,
+    key_padding: bool | None = None,
 ) -> Callable[[type], type]:
-    """Class decorator: register a :class:`~attnlab.mechanisms.base.Mechanism` subclass."""
+    """Class decorator: register a :class:`~attnlab.mechanisms.base.Mechanism` subclass.
 
+    ``kv_cache``: incremental decoding with cached keys/values equals the full causal
+    forward (needs ``causal`` and ``cross``). ``key_padding``: takes a bool key-padding
+    mask ``(B, H, 1, Nk)`` even without ``arbitrary_mask`` (``None``: same as
+    ``arbitrary_mask``, which implies it).
+    """
+
+    if kv_cache and not (causal and cross):
+        raise ValueError(f"register_mechanism({name!r}): kv_cache=True needs causal=True and "
+                         f"cross=True (new queries attend cached keys, Nq != Nk); got "
+                         f"causal={causal}, cross={cross}")
+    if arbitrary_mask and key_padding is False:
+        raise ValueError(f"register_mechanism({name!r}): key_padding=False contradicts "
+                         f"arbitrary_mask=True (a key-padding mask is one such mask); leave "
+                         f"key_padding out")
     if limit is not None and not isinstance(limit, Limit):
         raise TypeError(f"register_mechanism({name!r}): limit must be a Limit or None; got "
                         f"{type(limit).__name__}")
@@ -295,7 +326,8 @@ def register_mechanism(
             cross=cross, returns_weights=returns_weights, differentiable=differentiable,
             half_precision=half_precision, learnable=learnable, aliases=tuple(aliases),
             hparams=tuple(hparams), summary=summary or (cls.__doc__ or "").strip().split("\n")[0],
-            tiny_hparams=dict(tiny_hparams or {}), limit=limit,
+            tiny_hparams=dict(tiny_hparams or {}), limit=limit, kv_cache=kv_cache,
+            declared_key_padding=key_padding,
         )
         for key in (name, *aliases):
             if key in _REGISTRY or key in _ALIASES:
@@ -341,11 +373,12 @@ def get(name: str) -> MechanismSpec:
 def list_mechanisms(family: str | None = None, **flags: bool) -> list[str]:
     """Sorted names of registered mechanisms, optionally filtered.
 
-    ``list_mechanisms(family="exact")``, ``list_mechanisms(causal=True, exact=False)``.
+    ``list_mechanisms(family="exact")``, ``list_mechanisms(causal=True, exact=False)``,
+    ``list_mechanisms(kv_cache=True)``.
     """
     _ensure_loaded()
-    valid = {"exact", "causal", "arbitrary_mask", "cross", "returns_weights",
-             "differentiable", "half_precision", "learnable"}
+    valid = {"exact", "causal", "arbitrary_mask", "key_padding", "kv_cache", "cross",
+             "returns_weights", "differentiable", "half_precision", "learnable"}
     bad = set(flags) - valid
     if bad:
         raise TypeError(f"list_mechanisms: unknown filter {sorted(bad)}; accepted: {sorted(valid)}")

@@ -6,6 +6,10 @@ against the contract (see :mod:`attnlab.contract`) and its own registry flags, w
 broadcast dims of size 1 added, nothing expanded). Hyperparameters are validated once,
 at construction, from the typed :class:`~attnlab.registry.HParam` list the mechanism
 registered with, and are available as ``self.hp``.
+
+A mechanism whose spec has ``key_padding`` but not ``arbitrary_mask`` receives only one
+kind of mask: a bool key-padding mask, ``(B|1, H|1, 1, Nk|1)`` once 4-D (see
+:func:`key_padding_keep`); any other mask is refused by the contract check.
 """
 
 from __future__ import annotations
@@ -16,10 +20,17 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from attnlab.contract import check_inputs
+from attnlab.contract import check_inputs, is_key_padding_mask
 from attnlab.registry import MechanismSpec
 
-__all__ = ["Mechanism"]
+__all__ = ["Mechanism", "is_key_padding_mask", "key_padding_keep"]
+
+def key_padding_keep(attn_mask: torch.Tensor | None, B: int, H: int, nk: int):
+    """``(B, H, Nk)`` bool (an expanded view), ``True`` for the keys that may be attended,
+    from the 4-D key-padding mask a padding-only mechanism receives; ``None`` if none."""
+    if attn_mask is None:
+        return None
+    return attn_mask[:, :, 0, :].expand(B, H, nk)
 
 
 class Mechanism(nn.Module):

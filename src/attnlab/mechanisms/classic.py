@@ -44,7 +44,7 @@ LUONG_2015 = Paper(
 )
 
 _FLAGS = dict(family="classic", exact=True, causal=True, arbitrary_mask=True, cross=True,
-              returns_weights=True)
+              returns_weights=True, kv_cache=True)
 _HEAD_DIM = HParam("head_dim", int, REQUIRED, "size D of each query/key head", low=1)
 
 

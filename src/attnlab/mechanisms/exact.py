@@ -49,6 +49,7 @@ def softmax_attention(q, k, v, mask, scale, dropout_p=0.0):
     memory="O(N^2)",
     equation=SDPA_EQ,
     exact=True, causal=True, arbitrary_mask=True, cross=True, returns_weights=True,
+    kv_cache=True,
     aliases=("naive", "vanilla", "softmax"),
     limit=EXACT,
     hparams=[
@@ -79,6 +80,7 @@ class ReferenceAttention(Mechanism):
     memory="O(N) (fused kernels)",
     equation=SDPA_EQ + "  [torch.nn.functional.scaled_dot_product_attention]",
     exact=True, causal=True, arbitrary_mask=True, cross=True, returns_weights=True,
+    kv_cache=True,
     aliases=("torch", "fused"),
     limit=EXACT,
     summary="PyTorch's fused scaled_dot_product_attention kernels (fastest exact path).",

@@ -211,7 +211,7 @@ def flash_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, dropou
     memory="O(N)",
     equation="softmax(Q K^T * scale + M) V, tiled with an online softmax; backward recomputes",
     exact=True, causal=True, arbitrary_mask=True, cross=True, returns_weights=False,
-    half_precision=True,
+    half_precision=True, kv_cache=True,
     aliases=("blockwise", "online_softmax"),
     # The user's tiles stay: the gate checks the tiling the benchmark runs.
     limit=Limit(hparams=lambda n: {}, note="exact: softmax attention, tiled"),

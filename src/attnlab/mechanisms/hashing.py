@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from attnlab.contract import work_dtype
-from attnlab.mechanisms.base import Mechanism
+from attnlab.mechanisms.base import Mechanism, key_padding_keep
 from attnlab.registry import HParam, Limit, Paper, register_mechanism
 from attnlab.verify import causal_allowed, dense_softmax_f64
 
@@ -111,8 +111,8 @@ def reformer_reference(q, k, v, *, mech, scale, is_causal):
     memory="O(r N (b + D))",
     equation="o_i = sum_{j in P~_i, h(q_i)=h(k_j)} exp(q_i.k_j - z(i, P_i)) v_j, "
              "h(x) = argmax([xR; -xR]); rounds: o_i = sum_r exp(z(i,P_i^(r)) - z(i,P_i)) o_i^(r)",
-    exact=False, causal=True, arbitrary_mask=False, cross=False, returns_weights=False,
-    half_precision=True, learnable=False,
+    exact=False, causal=True, arbitrary_mask=False, key_padding=True, cross=False,
+    returns_weights=False, half_precision=True, learnable=False,
     aliases=("lsh", "lsh_attention"),
     hparams=[
         HParam("bucket_size", int, 64, "chunk size b; n_buckets = N // b (N <= b: one chunk)",
@@ -156,6 +156,15 @@ class ReformerAttention(Mechanism):
       tokens' hashes change which past keys a query sees.
     * Rotations (``H x r x D x n_b/2``, one per head and round) come from a generator
       seeded by ``seed`` (``fixed_rotations``) or by ``seed`` and a call counter.
+    * Key padding (bool ``(B, H, 1, N)``, ``False`` = padded): padded keys are masked
+      inside the chunks, after the own-position score (reformer_pytorch masks its
+      ``input_mask`` there too), so no query attends them; rows left with no key give zeros.
+      A padded position is, besides, hashed to a bucket of its own, after every real one
+      (for queries too: Reformer is self-attention, and a padded position's query row is
+      padding): its content cannot move real tokens between chunks, so real rows do not
+      depend on it. Padded values are zeroed. With one chunk (``N <= bucket_size``) this
+      is exact masked (shared-QK) softmax attention; with more, the chunks are laid over
+      the real tokens' sort only, which differs from the unpadded run's hashing.
     """
 
     def __init__(self, **hparams) -> None:
@@ -173,9 +182,10 @@ class ReformerAttention(Mechanism):
         shape = (H, self.hp["n_hashes"], D, n_rot)
         return torch.randn(shape, generator=g, device=device, dtype=dtype)
 
-    def _sort(self, x: torch.Tensor, rot: torch.Tensor | None):
+    def _sort(self, x: torch.Tensor, rot: torch.Tensor | None, keep: torch.Tensor | None):
         """Buckets, sorted order (slot -> token) and its inverse (token -> slot), each
-        ``(B, H, r, N)``: tokens sorted by (bucket, position) in every round."""
+        ``(B, H, r, N)``: tokens sorted by (bucket, position) in every round; padded
+        tokens (``keep`` False) in a last bucket of their own."""
         B, H, N, _ = x.shape
         r = self.hp["n_hashes"]
         pos = torch.arange(N, device=x.device)
@@ -189,6 +199,8 @@ class ReformerAttention(Mechanism):
             hi, i_hi = xr.max(dim=-1)
             lo, i_lo = xr.min(dim=-1)
             buckets = torch.where(hi >= -lo, i_hi, i_lo + xr.shape[-1])
+            if keep is not None:  # bucket 2 * (n_b / 2): after every real one
+                buckets = buckets.masked_fill(~keep.unsqueeze(2), 2 * xr.shape[-1])
             order = (buckets * N + pos).argsort(dim=-1)
             inv = torch.empty_like(order).scatter_(-1, order, pos.expand_as(order))
         return buckets, order, inv
@@ -257,9 +269,12 @@ class ReformerAttention(Mechanism):
         q, k, v = q.to(work), k.to(work), v.to(work)
         if shared:
             k = q / q.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(work).tiny)
+        keep = key_padding_keep(attn_mask, B, H, N)
+        if keep is not None:  # finite padding content then meets only zero weights
+            v = v.masked_fill(~keep.unsqueeze(-1), 0.0)
         rot = None if nc == 1 else self.rotations(H, D, nc, q.device, work)
-        bq, order_q, inv_q = self._sort(q, rot)
-        bk, order_k, inv_k = (bq, order_q, inv_q) if shared else self._sort(k, rot)
+        bq, order_q, inv_q = self._sort(q, rot, keep)
+        bk, order_k, inv_k = (bq, order_q, inv_q) if shared else self._sort(k, rot, keep)
         # Flat row numbers of the sorted tokens: index_select on (B*H*N, E) rows. Keys and
         # values are gathered straight into the look-one-back layout (no sort, then concat).
         base = (torch.arange(B * H, device=q.device) * N).view(B, H, 1, 1)
@@ -288,13 +303,16 @@ class ReformerAttention(Mechanism):
             else:
                 self_pair = tq.unsqueeze(-1) == tk.unsqueeze(-2)
             scores = scores.masked_fill_(self_pair, SELF_SCORE)
-        if shared:  # every row holds its own (finite) score: the fused softmax is safe
+        if keep is not None:  # after the self score: a padded position is never attended
+            pad_k = ~keep.unsqueeze(2).expand(B, H, r, N).gather(-1, tk.flatten(3))
+            scores = scores.masked_fill_(pad_k.view(tk.shape).unsqueeze(-2), -_INF)
+        if shared and keep is None:  # every row holds its own finite score: fused softmax
             p = torch.softmax(scores, dim=-1)
             lse = None
             if r > 1:  # z = s_m - ln p_m at the row's max m (p_m >= 1/L): no second exp pass
                 s_max, i_max = scores.max(dim=-1, keepdim=True)
                 lse = (s_max - p.gather(-1, i_max).log()).squeeze(-1)
-        else:  # a query may find no key of its bucket: a row of -inf
+        else:  # a query may find no key of its bucket (or only padding): a row of -inf
             p, lse = _safe_softmax(scores)
         if dropout_p > 0:
             p = F.dropout(p, dropout_p)

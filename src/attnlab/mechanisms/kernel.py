@@ -10,12 +10,9 @@ With a feature map ``phi`` (``D -> F``, positive), attention becomes associative
     S = \\sum_j \\phi(K_j) V_j^\\top \\ (F \\times D_v), \\quad z = \\sum_j \\phi(K_j)
 
 so the ``(Nq, Nk)`` matrix is never formed: ``O(N F Dv)`` time. The causal form takes
-prefix sums ``S_i = sum_{j<=i} phi(K_j) V_j^T``, ``z_i = sum_{j<=i} phi(K_j)``; they are
-computed chunk by chunk (``chunk_size`` rows ``c``): inside a chunk the masked quadratic
-form ``tril(phi(Q_c) phi(K_c)^T) V_c`` (``c x c``), across chunks a running state ``S, z``.
-Nothing of size ``(N, F, Dv)`` is materialised. The backward pass of the causal form is
-three more runs of the same chunked loop (on flipped sequences for ``dK`` and ``dV``), so
-autograd keeps only ``phi(Q), phi(K), V``: ``O(N (F + Dv))`` memory.
+prefix sums ``S_i = sum_{j<=i} phi(K_j) V_j^T``, ``z_i = sum_{j<=i} phi(K_j)``, chunk by
+chunk with a hand-written backward (:mod:`attnlab.mechanisms.kernel_causal`):
+``O(N (F + Dv))`` memory.
 
 * ``linear``    -- Katharopoulos et al. 2020: ``phi(x) = elu(x) + 1``.
 * ``performer`` -- Choromanski et al. 2021 (FAVOR+): positive orthogonal random features
@@ -32,6 +29,15 @@ features and sums are computed in float32 for half-precision inputs. No mechanis
 forms attention weights, so arbitrary masks, ``need_weights`` and weight dropout are
 refused with a clear error.
 Causal with ``Nq != Nk`` is top-left aligned (key ``j`` allowed iff ``j <= i``).
+
+**Key padding** (a bool ``attn_mask`` ``(B, H, 1, Nk)``, ``False`` = padded key) is exact:
+a padded key contributes nothing, its feature row ``phi(K_j)`` is zeroed in both ``S`` and
+``z`` (as the masked sums of Katharopoulos et al.'s reference code, ``K = K * mask``
+after the feature map). Padded keys and values are zeroed first, so their content never
+reaches the output or its gradient, and the Performer's stabilising maxima are taken
+over real keys only. The output rows of the real tokens therefore equal the mechanism
+run on the unpadded sequence (same random features; causal too; cosFormer positions enter
+only as ``i - j``, so any contiguous block of real tokens, with a fixed ``max_seq_len``).
 """
 
 from __future__ import annotations
@@ -40,10 +46,10 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from attnlab.contract import work_dtype
-from attnlab.mechanisms.base import Mechanism
+from attnlab.mechanisms.base import Mechanism, key_padding_keep
+from attnlab.mechanisms.kernel_causal import kernel_attention  # re-exported
 from attnlab.registry import REQUIRED, HParam, Limit, Paper, register_mechanism
 from attnlab.verify import causal_allowed
 
@@ -72,108 +78,14 @@ QIN_2022 = Paper(
     "https://arxiv.org/abs/2202.08791",
 )
 
-_FLAGS = dict(family="kernel", exact=False, causal=True, arbitrary_mask=False, cross=True,
-              returns_weights=False, half_precision=True, learnable=False)
+_FLAGS = dict(family="kernel", exact=False, causal=True, arbitrary_mask=False, key_padding=True,
+              cross=True, returns_weights=False, half_precision=True, learnable=False)
 _CHUNK = HParam("chunk_size", int, 64, "rows per chunk of the causal prefix sums", low=1)
 
 
 def _eps(default: float) -> HParam:
     return HParam("eps", float, default, "floor of the denominator phi(q).z", low=0.0,
                   low_exclusive=True)
-
-
-# ----------------------------------------------------------------------------- causal core
-def _causal_chunks(a, b, v, m, chunk):
-    """``Y_i = sum_{j<=i} (a_i . b_j) exp(m_j - m_i) v_j`` over ``(BH, N, *)`` tensors.
-
-    ``m`` (``(BH, N)``, non-decreasing along N, or None for 0) is a log-scale the caller
-    divided out of ``b`` (``b_j = phi_j exp(-m_j)``) to keep ``exp`` finite; every factor
-    ``exp(m_j - m_i)`` with ``j <= i`` is ``<= 1``. The running state ``S`` is held in the
-    scale of the last row of the previous chunk.
-    """
-    BH, N, _ = a.shape
-    y = a.new_empty(BH, N, v.shape[-1])
-    S = a.new_zeros(BH, a.shape[-1], v.shape[-1])
-    upper = torch.ones(chunk, chunk, dtype=torch.bool, device=a.device).triu_(1)
-    for i0 in range(0, N, chunk):
-        i1 = min(i0 + chunk, N)
-        a_c, b_c, v_c, fut = a[:, i0:i1], b[:, i0:i1], v[:, i0:i1], upper[: i1 - i0, : i1 - i0]
-        W = torch.bmm(a_c, b_c.transpose(1, 2))                      # (BH, c, c)
-        if m is None:
-            W.masked_fill_(fut, 0.0)
-            y_c = torch.bmm(a_c, S)
-            S.baddbmm_(b_c.transpose(1, 2), v_c)
-        else:
-            m_c = m[:, i0:i1]
-            m_prev = m[:, i0 - 1: i0] if i0 > 0 else m_c[:, :1]      # scale S is held in
-            W.mul_((m_c.unsqueeze(1) - m_c.unsqueeze(2)).masked_fill_(fut, -math.inf).exp_())
-            y_c = torch.bmm(a_c * (m_prev - m_c).exp().unsqueeze(-1), S)
-            m_last = m_c[:, -1:]
-            S.mul_((m_prev - m_last).exp().unsqueeze(-1))
-            S.baddbmm_((b_c * (m_c - m_last).exp().unsqueeze(-1)).transpose(1, 2), v_c)
-        y[:, i0:i1] = y_c.baddbmm_(W, v_c)
-    return y
-
-
-def _flip(t):
-    return t.flip(1)
-
-
-class _CausalKernel(torch.autograd.Function):
-    """Differentiable :func:`_causal_chunks`; ``m`` is a constant (it cancels in O_i)."""
-
-    @staticmethod
-    def forward(ctx, a, b, v, m, chunk):
-        ctx.save_for_backward(a, b, v, m)
-        ctx.chunk = chunk
-        return _causal_chunks(a, b, v, m, chunk)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        a, b, v, m = ctx.saved_tensors
-        c = ctx.chunk
-        # dA_i = sum_{j<=i} g_ij (dY_i . v_j) b_j: the same causal form with (dY, V, B).
-        # dB_j and dV_j sum over i >= j: causal on the reversed sequence, where -m flipped
-        # is again non-decreasing and g_ij = exp(m_j - m_i) keeps its form.
-        mr = None if m is None else _flip(-m)
-        da = _causal_chunks(dy, v, b, m, c) if ctx.needs_input_grad[0] else None
-        db = dv = None
-        if ctx.needs_input_grad[1]:
-            db = _flip(_causal_chunks(_flip(v), _flip(dy), _flip(a), mr, c))
-        if ctx.needs_input_grad[2]:
-            dv = _flip(_causal_chunks(_flip(b), _flip(a), _flip(dy), mr, c))
-        return da, db, dv, None, None
-
-
-def kernel_attention(phi_q, phi_k, v, is_causal=False, eps=1e-6, chunk_size=64, log_scale=None):
-    """``O_i = phi(q_i)^T S / max(phi(q_i)^T z, eps)`` from precomputed features.
-
-    ``phi_q`` ``(B, H, Nq, F)``, ``phi_k`` ``(B, H, Nk, F)``, ``v`` ``(B, H, Nk, Dv)``.
-    ``log_scale`` (causal only, ``(B, H, Nk)`` non-decreasing): ``phi_k`` was divided by
-    ``exp(log_scale)`` row by row (see :func:`_causal_chunks`).
-    """
-    B, H, Nq, Fdim = phi_q.shape
-    Nk, Dv = phi_k.shape[2], v.shape[-1]
-    if not is_causal:
-        kv = phi_k.transpose(-2, -1) @ v                             # S: (B, H, F, Dv)
-        num = phi_q @ kv
-        den = phi_q @ phi_k.sum(dim=-2).unsqueeze(-1)                # phi(q).z
-        return num / den.clamp_min(eps)
-    if Nk > Nq:  # top-left aligned: keys past the last query are never attended
-        phi_k, v = phi_k[:, :, :Nq], v[:, :, :Nq]
-        log_scale = None if log_scale is None else log_scale[..., :Nq]
-    elif Nk < Nq:  # queries past the last key see every key: zero features add nothing
-        phi_k = F.pad(phi_k, (0, 0, 0, Nq - Nk))
-        v = F.pad(v, (0, 0, 0, Nq - Nk))
-        log_scale = None if log_scale is None else F.pad(log_scale, (0, Nq - Nk), "replicate")
-    # A column of ones appended to V carries the denominator through the same loop.
-    v1 = torch.cat([v, v.new_ones(B, H, Nq, 1)], dim=-1)
-    m = None if log_scale is None else log_scale.reshape(B * H, Nq).detach()
-    y = _CausalKernel.apply(phi_q.reshape(B * H, Nq, Fdim), phi_k.reshape(B * H, Nq, Fdim),
-                            v1.reshape(B * H, Nq, Dv + 1), m, chunk_size)
-    y = y.view(B, H, Nq, Dv + 1)
-    return y[..., :Dv] / y[..., Dv:].clamp_min(eps)
 
 
 # ------------------------------------------------------------------ float64 references
@@ -232,8 +144,9 @@ def performer_limit_inputs(q, k, v, gen):
 class _KernelMechanism(Mechanism):
     """Shared ``_attend``: features in float32 (or float64), then :func:`kernel_attention`."""
 
-    def _features(self, q, k, is_causal, scale):
-        """``(phi_q, phi_k, log_scale or None)`` for work-dtype ``q, k``."""
+    def _features(self, q, k, is_causal, scale, keep):
+        """``(phi_q, phi_k, log_scale or None)`` for work-dtype ``q, k``; ``keep``
+        (``(B, H, Nk)`` bool or None) marks the real keys, whose rows alone must matter."""
         raise NotImplementedError
 
     def _attend(self, q, k, v, attn_mask, is_causal, scale, dropout_p, need_weights):
@@ -241,11 +154,17 @@ class _KernelMechanism(Mechanism):
         if dropout_p > 0:
             raise ValueError(f"{name}: dropout_p={dropout_p} is not supported: kernel attention "
                              f"never forms the attention weights it would drop; pass 0")
-        work = work_dtype(q.dtype)
-        phi_q, phi_k, log_scale = self._features(q.to(work), k.to(work), is_causal, scale)
-        out = kernel_attention(phi_q, phi_k, v.to(work), is_causal, self.hp["eps"],
+        dtype, work = q.dtype, work_dtype(q.dtype)
+        q, k, v = q.to(work), k.to(work), v.to(work)
+        keep = key_padding_keep(attn_mask, *k.shape[:3])
+        if keep is not None:  # padded content must reach nothing, not even as inf * 0
+            k, v = (t.masked_fill(~keep.unsqueeze(-1), 0.0) for t in (k, v))
+        phi_q, phi_k, log_scale = self._features(q, k, is_causal, scale, keep)
+        if keep is not None:  # a padded key adds nothing to S or z
+            phi_k = phi_k * keep.unsqueeze(-1).to(phi_k.dtype)
+        out = kernel_attention(phi_q, phi_k, v, is_causal, self.hp["eps"],
                                self.hp["chunk_size"], log_scale)
-        return out.to(q.dtype), None
+        return out.to(dtype), None
 
 
 @register_mechanism(
@@ -275,7 +194,7 @@ class LinearAttention(_KernelMechanism):
     def default_scale(self, d: int) -> float:
         return 1.0
 
-    def _features(self, q, k, is_causal, scale):
+    def _features(self, q, k, is_causal, scale, keep):
         # add_ in place is safe: elu's backward reads its input, not its output.
         return F.elu(q if scale == 1.0 else q * scale).add_(1.0), F.elu(k).add_(1.0), None
 
@@ -359,7 +278,7 @@ class PerformerAttention(_KernelMechanism):
         """Replace ``projection`` by a fresh draw (same device and dtype)."""
         self.projection.copy_(self._draw())
 
-    def _features(self, q, k, is_causal, scale):
+    def _features(self, q, k, is_causal, scale, keep):
         if q.shape[-1] != self.hp["head_dim"]:
             raise ValueError(
                 f"performer: q head dim {q.shape[-1]} does not match head_dim="
@@ -376,16 +295,31 @@ class PerformerAttention(_KernelMechanism):
             return x @ w.T, (0.5 * scale) * (x * x).sum(dim=-1, keepdim=True)
 
         (wq, dq), (wk, dk) = parts(q), parts(k)
+
+        def keys(shift):  # padded rows: exp(-inf) = 0 (their exponent is relative to real keys)
+            arg = wk - (dk + shift - log_norm)
+            return arg if keep is None else arg.masked_fill(~keep.unsqueeze(-1), -math.inf)
+
         # As the reference code: shift by the max of w^T x alone (not of the whole exponent),
         # then add kernel_eps; the shift is a per-row (q) or per-head (k) constant. The row
         # constants are summed first so each (N, m) map costs one subtraction, one exp and
         # one addition.
         phi_q = (wq - (dq + wq.amax(dim=-1, keepdim=True).detach() - log_norm)).exp() + c
+        row_max = wk.detach().amax(dim=-1)                                 # (B, H, Nk)
+        if keep is not None:  # maxima over real keys only: padding must not move them
+            row_max = row_max.masked_fill(~keep, -math.inf)
         if not is_causal:
-            shift = wk.amax(dim=(-2, -1), keepdim=True).detach()
-            return phi_q, (wk - (dk + shift - log_norm)).exp() + c, None
-        run_max = wk.detach().amax(dim=-1).cummax(dim=-1).values          # (B, H, Nk)
-        return phi_q, (wk - (dk + run_max.unsqueeze(-1) - log_norm)).exp() + c, run_max
+            shift = row_max.amax(dim=-1, keepdim=True)
+            shift = shift.masked_fill(torch.isneginf(shift), 0.0).unsqueeze(-1)  # no real key
+            return phi_q, keys(shift).exp() + c, None
+        run_max = row_max.cummax(dim=-1).values
+        if keep is not None:
+            # Keys before the first real one have no running max yet: they take the first
+            # real key's (any value <= it keeps run_max non-decreasing; their rows are zeroed).
+            first = run_max.masked_fill(torch.isneginf(run_max), math.inf).amin(-1, keepdim=True)
+            run_max = torch.where(torch.isneginf(run_max), first.nan_to_num(posinf=0.0),
+                                  run_max)
+        return phi_q, keys(run_max.unsqueeze(-1)).exp() + c, run_max
 
 
 @register_mechanism(
@@ -422,7 +356,7 @@ class CosFormerAttention(_KernelMechanism):
     def default_scale(self, d: int) -> float:
         return 1.0
 
-    def _features(self, q, k, is_causal, scale):
+    def _features(self, q, k, is_causal, scale, keep):
         nq, nk = q.shape[-2], k.shape[-2]
         M = self.hp["max_seq_len"]
         if M is None:

@@ -23,6 +23,12 @@ the paper's iteration::
 Neither has a causal form (mixing along the length lets every output see every key) and
 neither can honour an arbitrary ``(Nq, Nk)`` mask (no ``(Nq, Nk)`` score exists to mask);
 :class:`~attnlab.mechanisms.base.Mechanism` rejects both with a clear error.
+
+Both take a **key-padding** mask (bool ``(B, H, 1, Nk)``, ``False`` = padded key): padded
+keys and values are zeroed before they are mixed along the length, so the content of a
+padded position never influences any output. They stay approximations with padding, and
+not the same ones as on the unpadded sequence: the length projection and the landmark
+segments are laid over all ``N`` positions, padded ones included.
 """
 
 from __future__ import annotations
@@ -33,8 +39,8 @@ import torch
 import torch.nn.functional as nnf
 from torch import nn
 
-from attnlab.contract import work_dtype
-from attnlab.mechanisms.base import Mechanism
+from attnlab.contract import masked_softmax, work_dtype
+from attnlab.mechanisms.base import Mechanism, key_padding_keep
 from attnlab.registry import REQUIRED, HParam, Limit, Paper, register_mechanism
 
 __all__ = ["Linformer", "Nystromformer", "iterative_pinv", "segment_means"]
@@ -65,8 +71,8 @@ _NUM_HEADS = HParam("num_heads", int, None, "number of heads H (for per-head par
     memory="O(N k + k L)",
     equation="head_i = softmax(Q_i (E_i K_i)^T * scale) (F_i V_i),  E_i, F_i in R^{k x n} "
              "(first n columns of k x max_seq_len projections),  scale = 1/sqrt(d_k)",
-    exact=False, causal=False, arbitrary_mask=False, cross=True, returns_weights=False,
-    learnable=True,
+    exact=False, causal=False, arbitrary_mask=False, key_padding=True, cross=True,
+    returns_weights=False, learnable=True,
     hparams=[
         HParam("max_seq_len", int, REQUIRED, "longest key length n the projections cover",
                low=1),
@@ -101,8 +107,15 @@ class Linformer(Mechanism):
     lives in the model: build the first layer with ``sharing="layerwise"`` (it creates
     ``E``) and the others with ``shared_projection=first.E``, a constructor argument that
     is not a hyperparameter. A ``(Nq, Nk)`` mask has no meaning once keys are mixed, so
-    masks are refused; dropout applies to the ``(Nq, k)`` weights ``P_bar``.
+    arbitrary masks are refused; dropout applies to the ``(Nq, k)`` weights ``P_bar``.
     Cross-attention projects the keys' length ``Nk``; ``Nq`` is free.
+
+    Key padding (the paper has none): padded keys and values are zeroed before the length
+    projection, ``E (K * m)`` and ``F (V * m)``, so padding adds nothing to any of the ``k``
+    mixed rows and its content never reaches the output. It is not masked softmax
+    attention over the real keys, even with ``E = F = I``: a zeroed key still takes weight
+    ``exp(0)`` with a zero value. A layer that folds the projection into its inputs
+    (:meth:`length_projections`) zeroes the padded columns of ``E, F`` instead: the same.
     """
 
     def __init__(self, shared_projection: nn.Parameter | None = None, **hparams) -> None:
@@ -173,6 +186,9 @@ class Linformer(Mechanism):
 
     def _attend(self, q, k, v, attn_mask, is_causal, scale, dropout_p, need_weights):
         E, F = self._projections(k.shape[-2])
+        keep = key_padding_keep(attn_mask, *k.shape[:3])
+        if keep is not None:
+            k, v = (t.masked_fill(~keep.unsqueeze(-1), 0.0) for t in (k, v))
         per_head = E.dim() == 3
         if per_head and q.shape[1] != E.shape[0]:
             raise ValueError(f"linformer: sharing='none' was built for num_heads="
@@ -230,8 +246,8 @@ def iterative_pinv(A: torch.Tensor, iterations: int) -> torch.Tensor:
     equation="softmax(Q K~^T * scale) (softmax(Q~ K~^T * scale))^+ softmax(Q~ K^T * scale) V"
              "  [+ DConv(V)],  Q~, K~ = segment means (m landmarks), ^+ = iterative "
              "Moore-Penrose (T steps),  scale = 1/sqrt(d)",
-    exact=False, causal=False, arbitrary_mask=False, cross=True, returns_weights=False,
-    aliases=("nystrom",),
+    exact=False, causal=False, arbitrary_mask=False, key_padding=True, cross=True,
+    returns_weights=False, aliases=("nystrom",),
     hparams=[
         HParam("num_landmarks", int, 32, "landmarks m (segment means of Q and K); must be "
                "<= the sequence length", low=1),
@@ -275,6 +291,14 @@ class Nystromformer(Mechanism):
     ``conv_kernel`` adds the paper's depthwise convolution of ``V`` over the sequence
     (one ``(conv_kernel, 1)`` filter per head; needs ``num_heads`` and ``Nq == Nk``). It
     is off by default; the registry's ``learnable=False`` describes that default.
+
+    Key padding, as the authors' reference code: padded keys (and, when ``Nq == Nk``, the
+    queries at the same positions: self-attention padding) are zeroed before the landmark
+    means, padded keys are masked out of ``softmax(Q~ K^T)`` (the only factor that meets
+    ``V``) and padded values are zeroed (also before the convolution). Padding content
+    never reaches the output; with ``m = N`` and the exact pinv the real rows are masked
+    softmax attention, otherwise the landmarks (segments over all ``N`` positions) differ
+    from those of the unpadded sequence.
     """
 
     def __init__(self, **hparams) -> None:
@@ -301,10 +325,17 @@ class Nystromformer(Mechanism):
         dtype = q.dtype
         work = work_dtype(dtype)  # the inverse needs >= float32
         q, k, v = q.to(work), k.to(work), v.to(work)
+        keep = key_padding_keep(attn_mask, *k.shape[:3])
+        if keep is not None:  # the reference code's Q * mask, K * mask (and V before conv)
+            pad = ~keep.unsqueeze(-1)
+            k, v = k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)
+            if nq == nk:
+                q = q.masked_fill(pad, 0.0)
         q_l, k_l = segment_means(q, m), segment_means(k, m)                   # (B, H, m, D)
         f1 = torch.softmax(torch.matmul(q, k_l.transpose(-2, -1)) * scale, -1)    # (Nq, m)
         a = torch.softmax(torch.matmul(q_l, k_l.transpose(-2, -1)) * scale, -1)   # (m, m)
-        f3 = torch.softmax(torch.matmul(q_l, k.transpose(-2, -1)) * scale, -1)    # (m, Nk)
+        f3 = torch.matmul(q_l, k.transpose(-2, -1)) * scale                       # (m, Nk)
+        f3 = torch.softmax(f3, -1) if keep is None else masked_softmax(f3, keep.unsqueeze(-2))
         if self.hp["pinv"] == "exact":
             z = torch.linalg.pinv(a)
         else:

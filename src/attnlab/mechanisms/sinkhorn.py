@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnlab.contract import work_dtype
-from attnlab.mechanisms.base import Mechanism
+from attnlab.contract import masked_softmax, work_dtype
+from attnlab.mechanisms.base import Mechanism, key_padding_keep
 from attnlab.mechanisms.hashing import group_size
 from attnlab.registry import REQUIRED, HParam, Limit, Paper, register_mechanism
 from attnlab.verify import dense_softmax_f64, param_f64
@@ -91,8 +91,8 @@ def sinkhorn_reference(q, k, v, *, mech, scale, is_causal):
     memory="O(N b + N D + (N/b)^2)",
     equation="Y_i = softmax(Q_i [K_i; psi_S(K)_i]^T) [V_i; psi_S(V)_i], "
              "psi_S(X)_i = sum_j S_ij X_j, S = Sinkhorn(R / tau), R = P(psi_P(K))",
-    exact=False, causal=False, arbitrary_mask=False, cross=False, returns_weights=False,
-    half_precision=True, learnable=True,
+    exact=False, causal=False, arbitrary_mask=False, key_padding=True, cross=False,
+    returns_weights=False, half_precision=True, learnable=True,
     aliases=("sparse_sinkhorn", "sinkhorn_attention"),
     hparams=[
         HParam("head_dim", int, REQUIRED, "size D of each query/key head", low=1),
@@ -125,7 +125,15 @@ class SinkhornAttention(Mechanism):
     weight, so any ``N`` works; pooling is the mean (the paper's sum scaled by ``1/b``);
     no Gumbel noise (deterministic); the network acts on the per-head keys with one set of
     weights shared by all heads. No causal form (the paper's causal Sinkhorn balancing is
-    not implemented), no masks, self-attention only.
+    not implemented), no arbitrary masks, self-attention only.
+
+    Key padding (bool ``(B, H, 1, N)``, ``False`` = padded; the paper has none): padded
+    keys and values are zeroed before the block pooling and the sorting, so they add
+    nothing to ``psi_P(K)`` or to the sorted blocks, and padded keys are masked out of each
+    block's local part. Padding content never reaches the output. With one block this is
+    masked softmax attention; with several, the blocks (and their means, which count the
+    zeroed padding) are laid over all ``N`` positions, so the result is not the one on the
+    unpadded sequence.
     """
 
     def __init__(self, **hparams) -> None:
@@ -165,16 +173,25 @@ class SinkhornAttention(Mechanism):
         Dv = v.shape[-1]
         dtype = q.dtype
         work = work_dtype(dtype)
-        qb = q.to(work).view(B, H, nb, b, D)
-        kb = k.to(work).view(B, H, nb, b, D)
-        vb = v.to(work).view(B, H, nb, b, Dv)
+        q, k, v = q.to(work), k.to(work), v.to(work)
+        keep = key_padding_keep(attn_mask, B, H, N)
+        if keep is not None:  # padding adds nothing to the pooled or the sorted blocks
+            k, v = (t.masked_fill(~keep.unsqueeze(-1), 0.0) for t in (k, v))
+        qb, kb, vb = q.view(B, H, nb, b, D), k.view(B, H, nb, b, D), v.view(B, H, nb, b, Dv)
         if nb > 1:
             s = self.sorting_matrix(k)  # (B, H, nb, nb): tiny
             k_sorted = torch.einsum("bhij,bhjtd->bhitd", s, kb)
             v_sorted = torch.einsum("bhij,bhjtd->bhitd", s, vb)
             kb = torch.cat([kb, k_sorted], dim=3)  # (B, H, nb, 2b, D)
             vb = torch.cat([vb, v_sorted], dim=3)
-        p = torch.softmax(torch.matmul(qb, kb.transpose(-1, -2)) * scale, dim=-1)
+        scores = torch.matmul(qb, kb.transpose(-1, -2)) * scale      # (B, H, nb, b, b or 2b)
+        if keep is None:
+            p = torch.softmax(scores, dim=-1)
+        else:  # mask the block's own padded keys; the sorted half (mixtures) stays allowed
+            local = keep.reshape(B, H, nb, 1, b)
+            if nb > 1:
+                local = torch.cat([local, torch.ones_like(local)], dim=-1)
+            p = masked_softmax(scores, local)
         if dropout_p > 0:
             p = F.dropout(p, dropout_p)
         out = torch.matmul(p, vb).reshape(B, H, N, Dv)

@@ -2,9 +2,9 @@
 
 The layer owns what every mechanism needs and none implements: input/output
 projections, the head split, grouped-query sharing of key/value heads, RoPE/ALiBi
-positions, padding masks and dropout in training mode. The score computation itself is
-whatever ``attnlab.create(mechanism, ...)`` builds, so a mechanism added to the
-registry plugs in without changes here.
+positions, padding masks, a KV cache for decoding (:mod:`attnlab.nn.cache`) and dropout
+in training mode. The score computation itself is whatever ``attnlab.create(mechanism,
+...)`` builds, so a mechanism added to the registry plugs in without changes here.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch.nn.functional as nnf
 from torch import nn
 
 from attnlab.contract import format_shape
+from attnlab.nn.cache import KVCache, check_decoding, decoding_mask
 from attnlab.nn.positional import RotaryEmbedding, alibi_bias
 from attnlab.registry import CONTEXT_HPARAMS, REQUIRED, create, get
 
@@ -110,6 +111,8 @@ class MultiheadAttention(nn.Module):
 
     * ``key_padding_mask`` ``(B, Nk)``: bool with ``True`` = padding, *ignore this key*
       (``torch.nn.MultiheadAttention``'s convention), or float, added to the scores.
+      Mechanisms that take no arbitrary mask but ``key_padding`` (kernel, low-rank,
+      hashing) get it, bool only and alone, as a ``(B, 1, 1, Nk)`` mask.
     * ``attn_mask``: attnlab's contract, bool with ``True`` = *may attend* (the opposite
       of torch's ``attn_mask``) or float additive, broadcastable to ``(B, H, Nq, Nk)``.
 
@@ -216,7 +219,8 @@ class MultiheadAttention(nn.Module):
             raise ValueError(f"{_W}mechanism {s.name!r} has no causal form; "
                              f"is_causal=True is not supported")
         for arg, given in masks.items():
-            if given and not s.arbitrary_mask:
+            padding_only = arg == "key_padding_mask" and s.key_padding  # (B, 1, 1, Nk) bool
+            if given and not s.arbitrary_mask and not padding_only:
                 raise ValueError(f"{_W}mechanism {s.name!r} cannot take arbitrary masks "
                                  f"(attn_mask); {arg} needs one")
         if cross and not s.cross:
@@ -247,8 +251,9 @@ class MultiheadAttention(nn.Module):
             raise ValueError(f"{_W}{name} batch size {x.shape[0]} does not match the "
                              f"query's {batch} (shape {format_shape(x)})")
 
-    def _mask(self, attn_mask, kpm, B: int, Nq: int, Nk: int, causal: bool, dtype, device):
-        """attn_mask, key_padding_mask and ALiBi as one contract mask (or None)."""
+    def _mask(self, attn_mask, kpm, B: int, Nq: int, Nk: int, causal: bool, dtype, device,
+              offset: int = 0):
+        """attn_mask, key_padding_mask, ALiBi (query i at offset + i) as one mask (or None)."""
         full = (B, self.num_heads, Nq, Nk)
         mask = None
         for name, m in (("attn_mask", attn_mask), ("key_padding_mask", kpm)):
@@ -273,11 +278,16 @@ class MultiheadAttention(nn.Module):
             if tuple(kpm.shape) != (B, Nk):
                 raise ValueError(f"{_W}key_padding_mask must have shape (B, Nk) = ({B}, {Nk}); "
                                  f"got {format_shape(kpm)}")
+            if kpm.dtype != torch.bool and not self.spec.arbitrary_mask:
+                raise TypeError(f"{_W}mechanism {self.spec.name!r} takes only bool key "
+                                f"padding (True = pad), not an additive float "
+                                f"key_padding_mask; got dtype {kpm.dtype}")
             # torch's True = pad becomes the contract's True = may attend.
             pad = ~kpm if kpm.dtype == torch.bool else kpm.to(dtype)
             mask = _combine(mask, pad[:, None, None, :], dtype)
         if self.positions == "alibi":
-            mask = _combine(mask, alibi_bias(self.num_heads, Nq, Nk, device, dtype, causal), dtype)
+            mask = _combine(mask, alibi_bias(self.num_heads, Nq, Nk, device, dtype, causal,
+                                             offset=offset), dtype)
         return mask
 
     def _length_fold(self, n: int):
@@ -317,11 +327,19 @@ class MultiheadAttention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         is_causal: bool | None = None,
         need_weights: bool = False,
+        kv_cache: KVCache | None = None,
     ):
         """Attend; ``key=None`` is self-attention and ``value=None`` reuses ``key``.
 
         Returns the output ``(B, Nq, E)``, or ``(output, weights)`` with per-head weights
         ``(B, H, Nq, Nk)`` when ``need_weights`` (never averaged over heads).
+
+        ``kv_cache``: causal self-attention decoding (:class:`~attnlab.nn.KVCache`). The
+        ``Nq`` new tokens sit at positions ``T .. T+Nq-1`` (``T = kv_cache.length``); their
+        keys and values are appended to the cache and the queries attend all ``T + Nq``
+        keys, query ``i`` those ``<= T + i``. RoPE and ALiBi use the absolute positions.
+        Only mechanisms with ``kv_cache`` in their spec; ``attn_mask`` (``(Nq, T + Nq)``)
+        may add to the causal constraint, ``key_padding_mask`` may not be given.
         """
         if key is None and value is not None:
             raise ValueError(f"{_W}value was given without key")
@@ -336,13 +354,17 @@ class MultiheadAttention(nn.Module):
         if self_attn and (self.kdim, self.vdim) != (self.embed_dim,) * 2:
             raise ValueError(f"{_W}key=None (self-attention) needs kdim == vdim == embed_dim; "
                              f"this layer has kdim={self.kdim}, vdim={self.vdim}: pass key")
+        T = 0  # positions already cached: the new tokens start there
+        if kv_cache is not None:
+            T = check_decoding(kv_cache, self.spec, self_attn, key_padding_mask, is_causal, B)
+            is_causal = True
         if not self_attn:
             self._check_input("key", key, self.kdim, B)
             self._check_input("value", value, self.vdim, B)
             if value.shape[1] != key.shape[1]:
                 raise ValueError(f"{_W}key and value lengths differ: key {format_shape(key)}, "
                                  f"value {format_shape(value)}")
-        Nk = key.shape[1]
+        Nk = T + key.shape[1]
         causal = self.is_causal if is_causal is None else _bool("is_causal", is_causal)
         if self.max_seq_len is not None and max(Nq, Nk) > self.max_seq_len:
             raise ValueError(f"{_W}sequence length {max(Nq, Nk)} exceeds "
@@ -355,21 +377,33 @@ class MultiheadAttention(nn.Module):
         def heads(x, h):  # (B, N, h*D) -> (B, h, N, D)
             return x.view(B, x.shape[1], h, self.head_dim).transpose(1, 2)
 
+        # Before anything is appended to a cache: a bad mask must leave it untouched.
+        mask = self._mask(attn_mask, key_padding_mask, B, Nq, Nk, causal, query.dtype,
+                          query.device, T)
+        if kv_cache is not None:  # ALiBi's causal bias (at offset T) is complete by itself
+            alibi = self.positions == "alibi"
+            allowed, causal = (None, False) if alibi else decoding_mask(T, Nq, query.device)
+            mask = _combine(mask, allowed, query.dtype)
         q = heads(self.q_proj(query), self.num_heads)
         dropout_p = self.dropout if self.training else 0.0
-        fold = self._length_fold(Nk)
+        fold = None if kv_cache is not None else self._length_fold(Nk)
         if fold is not None:  # keys/values mixed along the length first: E (X W) = (E X) W
-            k = heads(_mixed_linear(key, fold[0], self.k_proj), self.num_kv_heads)
-            v = heads(_mixed_linear(value, fold[1], self.v_proj), self.num_kv_heads)
+            E, F = fold
+            if key_padding_mask is not None:  # bool here: padded columns mix in nothing
+                keep = (~key_padding_mask).to(E.dtype)[:, None, :]          # (B, 1, Nk)
+                E, F = E * keep, F * keep
+            k = heads(_mixed_linear(key, E, self.k_proj), self.num_kv_heads)
+            v = heads(_mixed_linear(value, F, self.v_proj), self.num_kv_heads)
             k, v = self._expand_kv(k), self._expand_kv(v)
             res = self.attn.attend_projected(q, k, v, dropout_p=dropout_p)
         else:
             k = heads(self.k_proj(key), self.num_kv_heads)
             v = heads(self.v_proj(value), self.num_kv_heads)
             if self.rotary is not None:
-                q, k = self.rotary(q, k)  # before the expansion: rotate Hkv heads, not H
+                q, k = self.rotary(q, k, T)  # before the expansion: rotate Hkv heads, not H
+            if kv_cache is not None:
+                k, v = kv_cache.append(k, v)
             k, v = self._expand_kv(k), self._expand_kv(v)
-            mask = self._mask(attn_mask, key_padding_mask, B, Nq, Nk, causal, q.dtype, q.device)
             res = self.attn(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p,
                             need_weights=need_weights)
         out, weights = res if need_weights else (res, None)
