@@ -106,10 +106,27 @@ def test_a_database_from_a_newer_schema_is_refused_and_untouched(tmp_path):
     con.commit()
     con.close()
     before = db.read_bytes()
-    with pytest.raises(StoreError, match=r"newer attnlab \(schema v2; this version reads up to "
-                                         r"v1\)"):
+    with pytest.raises(StoreError, match=rf"newer attnlab \(schema v{SCHEMA_VERSION + 1}; this "
+                                         rf"version reads up to v{SCHEMA_VERSION}\)"):
         Store(db)
     assert db.read_bytes() == before
+
+
+def test_a_v1_database_gains_the_trainings_table_and_keeps_its_runs(tmp_path):
+    from attnlab.bench.store import _SCHEMA
+    db = tmp_path / "v1.db"
+    con = sqlite3.connect(db)
+    v1 = _SCHEMA.split("CREATE TABLE IF NOT EXISTS trainings")[0]  # runs + measurements
+    con.executescript(v1)
+    con.execute("INSERT INTO runs (started_at, status, grid, grid_digest, machine, fingerprint,"
+                " versions, points_total) VALUES ('t', 'done', '{}', 'd', '{}', 'f', '{}', 0)")
+    con.execute("PRAGMA user_version=1")
+    con.commit()
+    con.close()
+    with Store(db) as s:
+        assert [r["id"] for r in s.runs()] == [1]
+        assert s.trainings() == []
+        assert s.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
 
 
 @pytest.mark.parametrize("content", [b"not a database at all" * 100, None])

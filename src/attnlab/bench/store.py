@@ -19,7 +19,7 @@ from typing import Any
 
 __all__ = ["SCHEMA_VERSION", "Store", "StoreError", "MEASUREMENT_COLUMNS"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # v2 added the trainings table (one row per trained seed)
 MEASUREMENT_COLUMNS = (
     "mechanism", "label", "hparams", "N", "batch", "heads", "head_dim", "dtype", "pass_",
     "causal", "device", "status", "time_s", "time_iqr_s", "runs", "peak_mem_bytes", "flops",
@@ -56,6 +56,18 @@ CREATE TABLE IF NOT EXISTS measurements (
     message TEXT NOT NULL DEFAULT '', wall_s REAL, timed_s REAL, finished_at TEXT NOT NULL,
     UNIQUE (run_id, point_key)
 );
+""" + """
+CREATE TABLE IF NOT EXISTS trainings (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_dir TEXT NOT NULL UNIQUE,       -- a re-finished run replaces its row
+    task TEXT NOT NULL, model TEXT NOT NULL, mechanism TEXT NOT NULL, seed INTEGER NOT NULL,
+    status TEXT NOT NULL,               -- done | early_stopped | time_budget
+    steps INTEGER NOT NULL, train_time_s REAL NOT NULL, throughput REAL,
+    metric TEXT NOT NULL, mode TEXT NOT NULL, best_validation REAL, test_value REAL,
+    parameters INTEGER, summary TEXT NOT NULL,   -- JSON: the run's summary.json
+    config TEXT NOT NULL, versions TEXT NOT NULL, machine TEXT NOT NULL,
+    git_commit TEXT, finished_at TEXT NOT NULL
+);
 """
 
 
@@ -82,8 +94,8 @@ class Store:
         try:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA foreign_keys=ON")
-            if self.db.execute("PRAGMA user_version").fetchone()[0] == 0:
-                with self.db:
+            if self.db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+                with self.db:  # new database, or v1: CREATE IF NOT EXISTS adds what is new
                     self.db.executescript(_SCHEMA)
                     self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.DatabaseError as e:
@@ -192,6 +204,29 @@ class Store:
                 f"INSERT INTO measurements (run_id, point_key, finished_at, {cols}) "
                 f"VALUES (?, ?, ?, {', '.join('?' * len(values))})",
                 (run_id, point_key, _now(), *values.values()))
+
+    # ------------------------------------------------------------------- trainings
+    def add_training(self, row: dict[str, Any]) -> None:
+        cols = ("run_dir", "task", "model", "mechanism", "seed", "status", "steps",
+                "train_time_s", "throughput", "metric", "mode", "best_validation",
+                "test_value", "parameters", "summary", "config", "versions", "machine",
+                "git_commit")
+        values = [json.dumps(row[c], default=float) if c in ("summary", "config", "versions",
+                                                             "machine") else row.get(c)
+                  for c in cols]
+        with self.db:
+            self.db.execute(f"INSERT OR REPLACE INTO trainings ({', '.join(cols)}, finished_at)"
+                            f" VALUES ({', '.join('?' * len(cols))}, ?)", (*values, _now()))
+
+    def trainings(self, task: str | None = None) -> list[dict[str, Any]]:
+        q, args = "SELECT * FROM trainings", ()
+        if task is not None:
+            q, args = q + " WHERE task=?", (task,)
+        rows = [dict(r) for r in self.db.execute(q + " ORDER BY id", args)]
+        for r in rows:
+            for k in ("summary", "config", "versions", "machine"):
+                r[k] = json.loads(r[k])
+        return rows
 
     def measurements(self, run_id: int | str) -> list[dict[str, Any]]:
         rid = self.resolve(run_id)
