@@ -1,0 +1,361 @@
+"""Transformer building blocks shared by the text models: positions, embeddings, the
+pre-norm block and a stack of them.
+
+Every attention layer is :class:`attnlab.nn.MultiheadAttention` with a registered
+mechanism, so any mechanism plugs into any model by name. The block is *pre-norm*
+(Xiong et al. 2020, "On Layer Normalization in the Transformer Architecture"):
+
+.. math:: x \\leftarrow x + \\mathrm{Drop}(\\mathrm{MHA}(\\mathrm{LN}(x))), \\qquad
+    x \\leftarrow x + \\mathrm{Drop}(\\mathrm{FFN}(\\mathrm{LN}(x))), \\qquad
+    \\mathrm{FFN}(x) = W_2\\, \\mathrm{GELU}(W_1 x)
+
+with a final LayerNorm after the stack (pre-norm leaves the residual stream unnormalised).
+Dropout (Vaswani et al. 2017, §5.4) acts on the embeddings, each sublayer's output and the
+FFN's hidden layer, never on attention weights (see :class:`TransformerBlock`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+
+import torch
+from torch import nn
+
+from attnlab.contract import format_shape
+from attnlab.nn import MultiheadAttention
+from attnlab.registry import get, list_mechanisms
+
+__all__ = [
+    "POSITIONS",
+    "TokenEmbedding",
+    "TransformerBlock",
+    "TransformerStack",
+    "check_ids",
+    "check_padding_mask",
+    "padding_for",
+    "sinusoidal_table",
+]
+
+POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "none")
+# MultiheadAttention's own keywords: a mechanism hyperparameter of the same name would be
+# swallowed by the layer instead of reaching the mechanism, so the models refuse it.
+_MHA_ARGS = frozenset(inspect.signature(MultiheadAttention.__init__).parameters) - {"self",
+                                                                                    "hparams"}
+
+
+# ----------------------------------------------------------------------------- validation
+
+def check_int(who: str, name: str, value, *, low: int = 1, nullable: bool = False):
+    if value is None and nullable:
+        return None
+    # bool is an int subclass: True must not silently mean "1 layer".
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{who}: {name} must be an int; got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"{who}: {name} must be >= {low}; got {value!r}")
+    return value
+
+
+def check_float(who: str, name: str, value, *, low: float, high: float,
+                high_inclusive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{who}: {name} must be a float; got {type(value).__name__} {value!r}")
+    ok = low <= value <= high if high_inclusive else low <= value < high
+    if not ok:
+        close = "]" if high_inclusive else ")"
+        raise ValueError(f"{who}: {name} must be in [{low}, {high}{close}; got {value!r}")
+    return float(value)
+
+
+def check_choice(who: str, name: str, value, choices) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{who}: {name} must be one of {list(choices)}; got {value!r}")
+    return value
+
+
+def check_mechanism(who: str, name: str, mechanism, kwargs, **need: bool):
+    """``(canonical name, kwargs dict)``; ``need`` flags (``causal=True``, ``cross=True``)
+    the mechanism must have, refused with the list of those that do."""
+    spec = get(mechanism)  # unknown name -> ValueError with close matches
+    for flag, wanted in need.items():
+        if wanted and not getattr(spec, flag):
+            raise ValueError(f"{who}: {name}={mechanism!r} has no {flag} form (registry flag "
+                             f"{flag}=False); choose one of {list_mechanisms(**{flag: True})}")
+    kwargs = {} if kwargs is None else kwargs
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise TypeError(f"{who}: {name}_kwargs must be a dict of hyperparameters with str "
+                        f"keys or None; got {type(kwargs).__name__} {kwargs!r}")
+    clash = sorted(set(kwargs) & _MHA_ARGS)
+    if clash:
+        raise ValueError(f"{who}: {name}_kwargs may not set {clash}: the model sets them "
+                         f"(they are MultiheadAttention arguments, not mechanism hyperparameters)")
+    try:  # the config is saved as JSON and rebuilt with cls(**config)
+        json.dumps(kwargs)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{who}: {name}_kwargs must be JSON-serialisable (the model's config "
+                        f"is saved as JSON); got {kwargs!r}: {e}") from None
+    return spec.name, dict(kwargs)
+
+
+def key_padding_capable(spec) -> bool:
+    """Whether ``MultiheadAttention`` can give the mechanism a key-padding mask."""
+    return bool(spec.arbitrary_mask or getattr(spec, "key_padding", False))
+
+
+def padding_for(spec, mask: torch.Tensor | None, causal: bool) -> torch.Tensor | None:
+    """The key-padding mask to hand ``MultiheadAttention`` for mechanism ``spec``.
+
+    Passed as is when the mechanism can take it. Otherwise it is dropped where that is
+    exact for every real token: no padding at all, or causal attention with padding only
+    at the end of each row (a real query ``i`` only sees keys ``j <= i``, all real).
+    Anything else cannot be masked and is refused rather than silently leaking the pads.
+    """
+    if mask is None or key_padding_capable(spec):
+        return mask
+    if not bool(mask.any()):
+        return None
+    if causal and _right_padded(mask):
+        return None
+    able = [n for n in list_mechanisms() if key_padding_capable(get(n))]
+    raise ValueError(f"mechanism {spec.name!r} cannot mask padded keys (registry flags "
+                     f"arbitrary_mask=False, no key_padding); use a batch without padding or "
+                     f"one of {able}")
+
+
+def _right_padded(mask: torch.Tensor) -> bool:
+    """``True`` when every row is real tokens followed only by padding."""
+    # Once a row turns to padding it stays padding: the running max equals the mask.
+    return bool((mask.int().cummax(dim=1).values == mask.int()).all())
+
+
+def check_ids(who: str, name: str, ids, vocab_size: int, max_len: int | None) -> None:
+    """``ids`` must be a ``(B, N)`` LongTensor of ids in ``[0, vocab_size)``, ``N <= max_len``
+    (``None``: no limit)."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{who}: {name} must be a torch.Tensor of token ids; "
+                        f"got {type(ids).__name__}")
+    if ids.dtype != torch.long:
+        raise TypeError(f"{who}: {name} must be a LongTensor (int64) of token ids; "
+                        f"got dtype {ids.dtype}")
+    if ids.dim() != 2 or ids.shape[1] == 0 or ids.shape[0] == 0:
+        raise ValueError(f"{who}: {name} must be 2-D (B, N) with B, N >= 1; "
+                         f"got shape {format_shape(ids)}")
+    if max_len is not None and ids.shape[1] > max_len:
+        raise ValueError(f"{who}: {name} length {ids.shape[1]} exceeds max_len={max_len}")
+    lo, hi = (int(x) for x in torch.aminmax(ids))  # one device sync, not two
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"{who}: {name} must hold ids in [0, {vocab_size}) "
+                         f"(vocab_size={vocab_size}); got values in [{lo}, {hi}]")
+
+
+def check_padding_mask(who: str, name: str, mask, ids: torch.Tensor):
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        what = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"{who}: {name} must be a bool tensor (True = padding) or None; "
+                        f"got {what}")
+    if mask.shape != ids.shape:
+        raise ValueError(f"{who}: {name} must have the ids' shape {format_shape(ids)}; "
+                         f"got {format_shape(mask)}")
+    return mask
+
+
+# ------------------------------------------------------------------------------ positions
+
+def sinusoidal_table(n: int, d: int) -> torch.Tensor:
+    r"""``(n, d)`` sinusoidal positions (Vaswani et al. 2017, §3.5), float32:
+
+    .. math:: PE_{(p, 2i)} = \sin(p / 10000^{2i/d}), \qquad
+        PE_{(p, 2i+1)} = \cos(p / 10000^{2i/d})
+
+    (odd ``d``: the last sine column has no cosine partner).
+    """
+    check_int("sinusoidal_table", "n", n)
+    check_int("sinusoidal_table", "d", d)
+    pos = torch.arange(n, dtype=torch.float64)[:, None]
+    inv = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    table = torch.zeros(n, d, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos * inv)
+    table[:, 1::2] = torch.cos(pos * inv[: d // 2])
+    return table.float()
+
+
+class TokenEmbedding(nn.Module):
+    """``E[x] * sqrt(d_model)`` (Vaswani et al. 2017, §3.4) plus sinusoidal or learned
+    absolute positions, then dropout. ``rope``/``alibi``/``none`` add nothing here (the
+    first two act inside attention).
+
+    The table is initialised ``N(0, 1/d_model)`` so the scaled embedding has unit variance
+    and, when the table is tied to the output layer (Press & Wolf 2017), the logits of a
+    LayerNorm-ed state start with unit variance too.
+    """
+
+    def __init__(self, vocab_size: int, d_model: int, positions: str, max_len: int,
+                 dropout: float) -> None:
+        super().__init__()
+        self.d_model, self.positions, self.max_len = d_model, positions, max_len
+        self.weight = nn.Parameter(torch.randn(vocab_size, d_model) * d_model ** -0.5)
+        self.scale = math.sqrt(d_model)
+        self.learned = None
+        if positions == "sinusoidal":
+            self.register_buffer("table", sinusoidal_table(max_len, d_model), persistent=False)
+        elif positions == "learned":
+            self.learned = nn.Parameter(torch.randn(max_len, d_model) * 0.02)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """``ids`` ``(B, N)`` at absolute positions ``offset .. offset+N-1`` -> ``(B, N, d)``."""
+        x = nn.functional.embedding(ids, self.weight) * self.scale
+        n = ids.shape[1]
+        if offset + n > self.max_len:
+            raise ValueError(f"TokenEmbedding: positions up to {offset + n} exceed "
+                             f"max_len={self.max_len}")
+        if self.positions == "sinusoidal":
+            x = x + self.table[offset:offset + n].to(x.dtype)
+        elif self.learned is not None:
+            x = x + self.learned[offset:offset + n]
+        return self.dropout(x)
+
+
+# ------------------------------------------------------------------------------- the block
+
+class TransformerBlock(nn.Module):
+    """One pre-norm layer: self-attention, optional cross-attention (decoders), FFN.
+
+    ``attn_positions`` is ``"rope"``, ``"alibi"`` or ``None`` (the model's sinusoidal or
+    learned positions live in the embedding). Cross-attention never takes positions: the
+    memory's positions were already encoded by the encoder.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, mechanism: str = "sdpa",
+                 mechanism_kwargs: dict | None = None, *, d_ff: int | None = None,
+                 dropout: float = 0.1, max_len: int = 512, attn_positions: str | None = None,
+                 cross: bool = False, cross_mechanism: str = "sdpa",
+                 cross_mechanism_kwargs: dict | None = None) -> None:
+        super().__init__()
+        d_ff = 4 * d_model if d_ff is None else d_ff
+        self.norm1 = nn.LayerNorm(d_model)
+        # No dropout on the attention weights: the paper drops sublayer outputs and
+        # embeddings only (§5.4), and kernel mechanisms never form weights to drop, so every
+        # mechanism is regularised the same way.
+        self.self_attn = MultiheadAttention(d_model, num_heads, mechanism,
+                                            positions=attn_positions, max_seq_len=max_len,
+                                            **(mechanism_kwargs or {}))
+        self.cross_attn = None
+        if cross:
+            self.norm_cross = nn.LayerNorm(d_model)
+            self.cross_attn = MultiheadAttention(d_model, num_heads, cross_mechanism,
+                                                 max_seq_len=max_len,
+                                                 **(cross_mechanism_kwargs or {}))
+        self.norm2 = nn.LayerNorm(d_model)
+        self.ff = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Dropout(dropout),
+                                nn.Linear(d_ff, d_model))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, *, key_padding_mask: torch.Tensor | None = None,
+                is_causal: bool = False, memory: torch.Tensor | None = None,
+                memory_padding_mask: torch.Tensor | None = None, kv_cache=None,
+                need_weights: bool = False):
+        """``x`` ``(B, N, d)`` -> ``(B, N, d)``, or ``(out, weights)`` with the
+        self-attention weights ``(B, H, N, N)`` when ``need_weights``.
+
+        ``key_padding_mask`` ``(B, N)`` is ``True`` at padding (torch's convention); it is
+        handed to the layer through :func:`padding_for`. ``kv_cache`` (an
+        ``attnlab.nn.cache.KVCache``) decodes incrementally: ``x`` holds the new tokens only.
+        """
+        if (memory is None) != (self.cross_attn is None):
+            raise ValueError("TransformerBlock: memory must be given exactly when the block "
+                             f"has cross-attention (cross={self.cross_attn is not None}); "
+                             f"got memory={'None' if memory is None else 'a tensor'}")
+        kpm = padding_for(self.self_attn.spec, key_padding_mask, is_causal)
+        kw = {} if kv_cache is None else {"kv_cache": kv_cache}
+        res = self.self_attn(self.norm1(x), key_padding_mask=kpm, is_causal=is_causal,
+                             need_weights=need_weights, **kw)
+        h, weights = res if need_weights else (res, None)
+        x = x + self.dropout(h)
+        if self.cross_attn is not None:
+            mpm = padding_for(self.cross_attn.spec, memory_padding_mask, False)
+            h = self.cross_attn(self.norm_cross(x), memory, key_padding_mask=mpm)
+            x = x + self.dropout(h)
+        x = x + self.dropout(self.ff(self.norm2(x)))
+        return (x, weights) if need_weights else x
+
+
+class TransformerStack(nn.Module):
+    """``num_layers`` :class:`TransformerBlock` s and the final LayerNorm (pre-norm)."""
+
+    def __init__(self, num_layers: int, d_model: int, num_heads: int, **block_kwargs) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(TransformerBlock(d_model, num_heads, **block_kwargs)
+                                    for _ in range(num_layers))
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, x: torch.Tensor, *, kv_caches=None, need_weights: bool = False, **kw):
+        """Runs every layer with the same keyword arguments (see
+        :meth:`TransformerBlock.forward`); ``kv_caches`` holds one cache per layer.
+        Returns ``x``, or ``(x, [weights per layer])`` when ``need_weights``."""
+        if kv_caches is not None and len(kv_caches) != len(self.layers):
+            raise ValueError(f"TransformerStack: kv_caches must hold one cache per layer "
+                             f"({len(self.layers)}); got {len(kv_caches)}")
+        maps = []
+        for i, layer in enumerate(self.layers):
+            cache = None if kv_caches is None else kv_caches[i]
+            res = layer(x, kv_cache=cache, need_weights=need_weights, **kw)
+            if need_weights:
+                x, w = res
+                maps.append(w)
+            else:
+                x = res
+        x = self.norm(x)
+        return (x, maps) if need_weights else x
+
+
+class ModelBase(nn.Module):
+    """What every attnlab model has: ``config`` (its constructor arguments, JSON-ready, so
+    ``type(m)(**m.config)`` rebuilds the architecture) and :meth:`num_parameters`."""
+
+    config: dict
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Parameters counted once each (tied weights once)."""
+        return sum(p.numel() for p in self.parameters()
+                   if p.requires_grad or not trainable_only)
+
+    def extra_repr(self) -> str:
+        return f"num_parameters={self.num_parameters():,}"
+
+
+def transformer_args(who: str, *, mechanism, mechanism_kwargs, d_model, num_heads,
+                     num_layers, d_ff, dropout, max_len, positions, pad_id, causal: bool,
+                     vocab: dict[str, int]) -> dict:
+    """Validate the arguments every transformer model shares; returns them normalised
+    (the mechanism by its canonical name), in the order of the constructors."""
+    for name, v in vocab.items():
+        check_int(who, name, v, low=1)
+    mechanism, mechanism_kwargs = check_mechanism(who, "mechanism", mechanism,
+                                                  mechanism_kwargs, causal=causal)
+    check_int(who, "d_model", d_model)
+    check_int(who, "num_heads", num_heads)
+    if d_model % num_heads:
+        raise ValueError(f"{who}: d_model must be divisible by num_heads; got d_model="
+                         f"{d_model}, num_heads={num_heads}")
+    check_int(who, "num_layers", num_layers)
+    check_int(who, "d_ff", d_ff, nullable=True)
+    dropout = check_float(who, "dropout", dropout, low=0.0, high=1.0)
+    check_int(who, "max_len", max_len)
+    check_choice(who, "positions", positions, POSITIONS)
+    check_int(who, "pad_id", pad_id, low=0)
+    for name, v in vocab.items():
+        if pad_id >= v:
+            raise ValueError(f"{who}: pad_id must be < {name}={v}; got pad_id={pad_id}")
+    return dict(mechanism=mechanism, mechanism_kwargs=mechanism_kwargs, d_model=d_model,
+                num_heads=num_heads, num_layers=num_layers, d_ff=d_ff, dropout=dropout,
+                max_len=max_len, positions=positions, pad_id=pad_id)
+
+
+def attn_positions(positions: str) -> str | None:
+    """The part of ``positions`` that ``MultiheadAttention`` applies."""
+    return positions if positions in ("rope", "alibi") else None

@@ -1,0 +1,119 @@
+"""A transformer encoder for sequence classification with any attention mechanism."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from attnlab.contract import masked_softmax
+from attnlab.models.blocks import (
+    ModelBase,
+    TokenEmbedding,
+    TransformerStack,
+    attn_positions,
+    check_choice,
+    check_ids,
+    check_int,
+    check_padding_mask,
+    transformer_args,
+)
+from attnlab.registry import list_mechanisms
+
+__all__ = ["POOLING", "EncoderClassifier"]
+
+POOLING = ("cls", "mean", "attention")
+_WHO = "EncoderClassifier"
+
+
+class AttentionPooling(nn.Module):
+    r"""Self-attentive pooling (Lin et al. 2017, "A Structured Self-attentive Sentence
+    Embedding", eq. 5 with one hop, ``r = 1``): a learned scorer weighs the tokens,
+
+    .. math:: a = \mathrm{softmax}\big(w_2^\top \tanh(W_1 H^\top)\big), \qquad m = a H,
+
+    with padded tokens given weight 0.
+    """
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.W1 = nn.Linear(d_model, d_model, bias=False)
+        self.w2 = nn.Linear(d_model, 1, bias=False)
+
+    def forward(self, h: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        scores = self.w2(torch.tanh(self.W1(h))).squeeze(-1)        # (B, N)
+        a = masked_softmax(scores, real)                            # pads -> weight 0
+        return torch.einsum("bn,bnd->bd", a, h)
+
+
+class EncoderClassifier(ModelBase):
+    """Embeddings, a pre-norm transformer encoder, pooling, dropout and a linear head.
+
+    ``pooling``: ``"cls"`` takes the first token's state (the caller prepends a CLS token),
+    ``"mean"`` averages the real tokens' states, ``"attention"`` is
+    :class:`AttentionPooling`. ``forward(ids (B, N), padding_mask (B, N) True = pad | None)``
+    returns logits ``(B, num_classes)``. A sequence gives the same logits alone as in a
+    padded batch for every mechanism that can mask padded keys.
+    """
+
+    def __init__(self, vocab_size: int, num_classes: int, *, pooling: str = "cls",
+                 mechanism: str = "sdpa", mechanism_kwargs: dict | None = None,
+                 d_model: int = 128, num_heads: int = 4, num_layers: int = 2,
+                 d_ff: int | None = None, dropout: float = 0.1, max_len: int = 512,
+                 positions: str = "sinusoidal", pad_id: int = 0) -> None:
+        super().__init__()
+        args = transformer_args(
+            _WHO, mechanism=mechanism, mechanism_kwargs=mechanism_kwargs, d_model=d_model,
+            num_heads=num_heads, num_layers=num_layers, d_ff=d_ff, dropout=dropout,
+            max_len=max_len, positions=positions, pad_id=pad_id, causal=False,
+            vocab={"vocab_size": vocab_size})
+        check_int(_WHO, "num_classes", num_classes, low=2)
+        check_choice(_WHO, "pooling", pooling, POOLING)
+        self.config = {"vocab_size": vocab_size, "num_classes": num_classes,
+                       "pooling": pooling, **args}
+        self.vocab_size, self.max_len, self.pooling = vocab_size, max_len, pooling
+        self.embed = TokenEmbedding(vocab_size, d_model, positions, max_len, args["dropout"])
+        self.encoder = TransformerStack(
+            num_layers, d_model, num_heads, mechanism=args["mechanism"],
+            mechanism_kwargs=args["mechanism_kwargs"], d_ff=d_ff, dropout=args["dropout"],
+            max_len=max_len, attn_positions=attn_positions(positions))
+        self.pool = AttentionPooling(d_model) if pooling == "attention" else None
+        self.dropout = nn.Dropout(args["dropout"])
+        self.head = nn.Linear(d_model, num_classes)
+
+    def _encode(self, ids, padding_mask, need_weights=False):
+        check_ids(_WHO, "ids", ids, self.vocab_size, self.max_len)
+        padding_mask = check_padding_mask(_WHO, "padding_mask", padding_mask, ids)
+        return self.encoder(self.embed(ids), key_padding_mask=padding_mask,
+                            need_weights=need_weights), padding_mask
+
+    def forward(self, ids: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        h, padding_mask = self._encode(ids, padding_mask)
+        real = (torch.ones_like(ids, dtype=torch.bool) if padding_mask is None
+                else ~padding_mask)
+        if self.pooling == "cls":
+            pooled = h[:, 0]
+        elif self.pooling == "mean":
+            w = real.to(h.dtype)
+            # A row of padding only (no real token) pools to zeros, not NaN.
+            pooled = (h * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)
+        else:
+            pooled = self.pool(h, real)
+        return self.head(self.dropout(pooled))
+
+    def attention_maps(self, ids: torch.Tensor,
+                       padding_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Self-attention weights ``(B, H, N, N)`` of every layer, in eval mode (no
+        dropout), without gradients. Needs a mechanism that forms its weights."""
+        spec = self.encoder.layers[0].self_attn.spec
+        if not spec.returns_weights:
+            raise ValueError(f"{_WHO}.attention_maps: mechanism {spec.name!r} cannot return "
+                             f"attention weights (it never forms them); use one of "
+                             f"{list_mechanisms(returns_weights=True)}")
+        was = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                (_, maps), _ = self._encode(ids, padding_mask, need_weights=True)
+        finally:
+            self.train(was)
+        return maps
