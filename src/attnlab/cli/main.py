@@ -1,4 +1,5 @@
-"""``attnlab`` command line: ``list``, ``info NAME``, ``verify``, ``demo``, ``bench ...``."""
+"""``attnlab`` command line: ``list``, ``info NAME``, ``verify``, ``demo``, ``bench ...``,
+``tasks``, ``train``, ``generate``, ``inpaint``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from rich.table import Table
 
 from attnlab import __version__
 from attnlab.cli import bench
+from attnlab.cli import train as train_cli
 from attnlab.registry import get, list_mechanisms
+from attnlab.train.checkpoint import CheckpointError
 
 
 def _yes(flag: bool) -> str:
@@ -26,13 +29,15 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
     table = Table(title=f"attnlab {__version__}: {len(names)} mechanisms", show_lines=False)
     table.add_column("name", no_wrap=True)  # names are copied into code: never fold them
     for col in ("family", "exact", "time", "memory", "causal", "masks", "cross",
-                "weights", "paper"):
+                "weights", "kv cache", "paper"):
         table.add_column(col, overflow="fold")
     for n in names:
         s = get(n)
+        # "padding": key-padding masks only (no arbitrary (Nq, Nk) mask).
+        masks = "yes" if s.arbitrary_mask else ("padding" if s.key_padding else "-")
         table.add_row(n, s.family, "exact" if s.exact else "approx", s.time, s.memory,
-                      _yes(s.causal), _yes(s.arbitrary_mask), _yes(s.cross),
-                      _yes(s.returns_weights), s.paper.short())
+                      _yes(s.causal), masks, _yes(s.cross), _yes(s.returns_weights),
+                      _yes(s.kv_cache), s.paper.short())
     console.print(table)
     return 0
 
@@ -48,9 +53,11 @@ def cmd_info(args: argparse.Namespace, console: Console) -> int:
     console.print(s.summary)
     console.print(f"\n[bold]equation[/bold]  {s.equation}")
     console.print(f"[bold]time[/bold] {s.time}   [bold]memory[/bold] {s.memory}")
-    flags = {"causal": s.causal, "arbitrary masks": s.arbitrary_mask, "cross (Nq != Nk)": s.cross,
-             "returns weights": s.returns_weights, "differentiable": s.differentiable,
-             "float16/bfloat16": s.half_precision, "learnable parameters": s.learnable}
+    flags = {"causal": s.causal, "arbitrary masks": s.arbitrary_mask,
+             "key padding": s.key_padding, "cross (Nq != Nk)": s.cross,
+             "returns weights": s.returns_weights, "kv cache": s.kv_cache,
+             "differentiable": s.differentiable, "float16/bfloat16": s.half_precision,
+             "learnable parameters": s.learnable}
     console.print("  ".join(f"{k}: {_yes(v)}" for k, v in flags.items()))
     console.print(f"\n[bold]paper[/bold]  {s.paper.authors} ({s.paper.year}). "
                   f"{s.paper.title}. {s.paper.url}")
@@ -146,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--mechanisms", nargs="+", default=None)
     pd.add_argument("--json", action="store_true")
     bench.add_parser(sub)
+    train_cli.add_parsers(sub)
     return p
 
 
@@ -156,9 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     console = Console() if sys.stdout.isatty() else Console(width=160)
     try:
         handlers = {"list": cmd_list, "info": cmd_info, "verify": cmd_verify, "demo": cmd_demo,
-                    "bench": bench.run}
+                    "bench": bench.run, **train_cli.HANDLERS}
         return handlers[args.command](args, console)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, CheckpointError) as e:
         # Bad names and hyperparameters are the user's to fix: say what, no traceback.
         console.print(f"[red]error:[/red] {e}")
         return 2

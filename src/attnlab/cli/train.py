@@ -1,0 +1,193 @@
+"""``attnlab tasks | train | generate | inpaint``: train any mechanism on a task, use the result.
+
+Options reach three places, each validated by its owner before anything runs:
+``--set field=value`` (TrainConfig: lr, max_steps, ...), ``--task-opt key=value`` (the task:
+data_dir, max_len, tokenizer, ...), ``--model-opt key=value`` (model shape: d_model,
+num_layers, ...) and ``--mech-opt key=value`` (the mechanism's hyperparameters).
+Values are read as JSON when they parse (``3``, ``1e-3``, ``true``, ``null``), else as text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from attnlab.train.config import ConfigError, TrainConfig
+
+__all__ = ["add_parsers", "HANDLERS"]
+
+
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _pairs(items: list[str] | None, flag: str) -> dict:
+    out = {}
+    for item in items or []:
+        key, sep, val = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} expects key=value; got {item!r}")
+        out[key.strip().replace("-", "_")] = _value(val)
+    return out
+
+
+def _read_config(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config: no file {p}")
+    text = p.read_text()
+    if p.suffix == ".json":
+        return json.loads(text)
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+        return yaml.safe_load(text)
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    return tomllib.loads(text)
+
+
+def build_config(args) -> TrainConfig:
+    from attnlab.tasks import get_task
+    base = _read_config(args.config) if args.config else {}
+    task = args.task or base.get("task")
+    if not task:
+        raise ConfigError("attnlab train needs --task (see `attnlab tasks`)")
+    cls = get_task(task)
+    fields = {**base, **_pairs(args.set, "--set")}
+    for flag in ("mechanism", "model", "max_steps", "batch_size", "lr", "device"):
+        if getattr(args, flag) is not None:
+            fields[flag] = getattr(args, flag)
+    if args.time_budget is not None:
+        fields["time_budget_s"] = args.time_budget
+    for key, flag in (("task_kwargs", "task_opt"), ("model_kwargs", "model_opt"),
+                      ("mechanism_kwargs", "mech_opt")):
+        fields[key] = {**fields.get(key, {}), **_pairs(getattr(args, flag), f"--{flag}")}
+    if args.data_dir:
+        fields["task_kwargs"]["data_dir"] = args.data_dir
+    fields.pop("task", None)
+    return cls.make_config(**fields)
+
+
+def default_run_dir(cfg: TrainConfig) -> Path:
+    who = cfg.mechanism if cfg.model == "transformer" else cfg.model
+    return Path(os.environ.get("ATTNLAB_RUNS", "runs")) / cfg.task / who
+
+
+def cmd_tasks(args, console: Console) -> int:
+    from attnlab.tasks import get_task, list_tasks
+    table = Table(title="tasks (attnlab train --task NAME)")
+    for col in ("task", "kind", "metric", "models", "options (defaults)", "what"):
+        table.add_column(col, overflow="fold")
+    for name in list_tasks():
+        t = get_task(name)
+        opts = ", ".join(f"{k}={v}" for k, v in t.options.items())
+        table.add_row(name, t.kind, f"{t.metric} ({t.mode})", ", ".join(t.models), opts,
+                      t.summary)
+    console.print(table)
+    return 0
+
+
+def cmd_train(args, console: Console) -> int:
+    from attnlab.train.runs import train_seeds
+    cfg = build_config(args)
+    if args.data_dir is None and os.environ.get("ATTNLAB_DATA"):
+        console.print(f"data from ATTNLAB_DATA={os.environ['ATTNLAB_DATA']}")
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
+    console.print(f"run directory: {run_dir}")
+    agg = train_seeds(cfg, args.seeds, run_dir, resume=args.resume, db=args.db,
+                      progress=not args.no_progress, console=console)
+    if agg is None:
+        return 130
+    table = Table(title=f"{cfg.task}: {cfg.model}/{cfg.mechanism}, seeds {agg['seeds']}")
+    table.add_column("figure")
+    table.add_column("mean ± std")
+    for key, val in agg["test"].items():
+        if val is not None:
+            table.add_row(f"test {key}", f"{val['mean']:.4f} ± {val['std']:.4f}")
+    for key in ("train_time_s", "throughput", "convergence_step", "convergence_time_s"):
+        val = agg[key]
+        if val is not None:
+            table.add_row(key, f"{val['mean']:.1f} ± {val['std']:.1f}")
+    console.print(table)
+    console.print(f"summary: {run_dir / 'summary.json'}")
+    return 0
+
+
+def cmd_generate(args, console: Console) -> int:
+    import torch
+
+    from attnlab.train.loop import load_trained
+    task, model = load_trained(args.run)
+    tok = getattr(task, "tokenizer", None)
+    if task.kind != "language_model" or tok is None:
+        raise ConfigError(f"{args.run} is a {task.name!r} run; generate needs a language "
+                          f"model run (e.g. --task wikitext2)")
+    ids = tok.encode(args.prompt) or [tok.token_to_id("[BOS]") or 0]
+    g = torch.Generator().manual_seed(args.seed)
+    out = model.generate(torch.tensor([ids]), args.max_new_tokens,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         generator=g)
+    print(tok.decode(out[0].tolist()))
+    return 0
+
+
+def cmd_inpaint(args, console: Console) -> int:
+    from attnlab.train.loop import load_trained
+    task, model = load_trained(args.run)
+    if not hasattr(task, "inpaint_figure"):
+        raise ConfigError(f"{args.run} is a {task.name!r} run; inpaint needs an inpainting "
+                          f"run (e.g. --task inpaint_digits)")
+    out = Path(args.out or (Path(args.run) / "inpainting.png"))
+    metrics = task.inpaint_figure(model, out, n=args.n, split=args.split)
+    console.print(f"wrote {out} ({metrics})")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    sub.add_parser("tasks", help="the tasks attnlab can train on")
+    pt = sub.add_parser("train", help="train a model with a mechanism on a task")
+    pt.add_argument("--task", help="see `attnlab tasks`")
+    pt.add_argument("--mechanism", help="attention mechanism (default sdpa)")
+    pt.add_argument("--model", help="transformer (default) or the task's baseline (lstm, unet)")
+    pt.add_argument("--config", help="TOML / JSON / YAML file of TrainConfig fields")
+    pt.add_argument("--seeds", type=int, nargs="+", default=[0])
+    pt.add_argument("--max-steps", type=int)
+    pt.add_argument("--batch-size", type=int)
+    pt.add_argument("--lr", type=float)
+    pt.add_argument("--device")
+    pt.add_argument("--time-budget", type=float, help="seconds of training per seed")
+    pt.add_argument("--data-dir", help="dataset files (default: $ATTNLAB_DATA, else download)")
+    pt.add_argument("--run-dir", help="default runs/<task>/<mechanism or model>")
+    pt.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    pt.add_argument("--db", help="also record results in this SQLite database")
+    pt.add_argument("--set", action="append", metavar="FIELD=VALUE")
+    pt.add_argument("--task-opt", action="append", metavar="KEY=VALUE")
+    pt.add_argument("--model-opt", action="append", metavar="KEY=VALUE")
+    pt.add_argument("--mech-opt", action="append", metavar="KEY=VALUE")
+    pt.add_argument("--no-progress", action="store_true")
+    pg = sub.add_parser("generate", help="sample text from a trained language model run")
+    pg.add_argument("run", help="run directory (one seed: runs/wikitext2/sdpa/seed-0)")
+    pg.add_argument("--prompt", default="")
+    pg.add_argument("--max-new-tokens", type=int, default=50)
+    pg.add_argument("--temperature", type=float, default=1.0)
+    pg.add_argument("--top-k", type=int)
+    pg.add_argument("--top-p", type=float)
+    pg.add_argument("--seed", type=int, default=0)
+    pi = sub.add_parser("inpaint", help="before / masked / after images from an inpainting run")
+    pi.add_argument("run", help="run directory of one seed")
+    pi.add_argument("--n", type=int, default=8, help="images")
+    pi.add_argument("--split", default="test")
+    pi.add_argument("--out", help="PNG path (default RUN/inpainting.png)")
+
+
+HANDLERS = {"tasks": cmd_tasks, "train": cmd_train, "generate": cmd_generate,
+            "inpaint": cmd_inpaint}

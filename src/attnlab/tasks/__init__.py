@@ -1,0 +1,10 @@
+"""Tasks to train on: ``attnlab train --task NAME``; ``list_tasks()`` names them all.
+
+Importing this package registers every task (each module decorates its classes with
+``register_task``); nothing keeps a second list.
+"""
+
+from attnlab.tasks import language, seq2seq, text, vision  # noqa: F401  (registration)
+from attnlab.tasks.base import Task, get_task, list_tasks, register_task
+
+__all__ = ["Task", "get_task", "list_tasks", "register_task"]

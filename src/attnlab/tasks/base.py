@@ -1,0 +1,136 @@
+"""What a task is, and the registry that ``attnlab train --task NAME`` looks names up in.
+
+A task owns its data (loading, splits, tokenizer), builds its model for any mechanism, cuts
+deterministic training batches, computes the loss and evaluates. The training loop in
+``attnlab.train.loop`` knows nothing else about it, so a new task plugs in by subclassing
+:class:`Task` and decorating it with :func:`register_task` where it is defined (as mechanisms
+do with ``register_mechanism``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from attnlab.train.config import ConfigError, TrainConfig
+
+__all__ = ["Task", "register_task", "get_task", "list_tasks", "Batch"]
+
+Batch = dict[str, torch.Tensor]
+_TASKS: dict[str, type[Task]] = {}
+
+
+class Task(ABC):
+    """One trainable task. Subclasses set the class attributes and implement the methods.
+
+    ``train_batches(epoch)`` must be a pure function of ``(config.seed, epoch)``: the
+    training loop resumes an interrupted run by asking for the same epoch again and skipping
+    the batches it has already done.
+    """
+
+    name: ClassVar[str]
+    kind: ClassVar[str]               # classification | language_model | inpainting | seq2seq
+    metric: ClassVar[str]             # primary validation metric, e.g. "accuracy"
+    mode: ClassVar[str] = "max"       # "max" or "min" (perplexity)
+    summary: ClassVar[str] = ""
+    options: ClassVar[dict[str, Any]] = {}    # task_kwargs accepted, with their defaults
+    defaults: ClassVar[dict[str, Any]] = {}   # TrainConfig fields this task sets by default
+    models: ClassVar[tuple[str, ...]] = ("transformer",)  # first is the default
+    count_unit: ClassVar[str] = "tokens"      # what throughput counts
+
+    def __init__(self, config: TrainConfig, run_dir: Path | None = None) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        unknown = [k for k in config.task_kwargs if k not in self.options]
+        if unknown:
+            hints = []
+            for k in unknown:
+                close = difflib.get_close_matches(k, list(self.options), n=1, cutoff=0.6)
+                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ConfigError(f"task {self.name!r}: unknown option(s) {', '.join(hints)}; "
+                              f"known: {', '.join(self.options) or '(none)'}")
+        if config.model not in self.models:
+            raise ConfigError(f"task {self.name!r}: model must be one of {list(self.models)}; "
+                              f"got {config.model!r}")
+        self.opts = {**self.options, **config.task_kwargs}
+
+    # ---- what every task implements ----------------------------------------------------
+    @abstractmethod
+    def setup(self) -> None:
+        """Load data, build splits and tokenizer; save what the run needs into run_dir."""
+
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """The model for ``config.model`` with ``config.mechanism`` (after seeding)."""
+
+    @abstractmethod
+    def train_batches(self, epoch: int) -> Sequence[Batch]:
+        """The training batches of ``epoch``, in order; a pure function of (seed, epoch)."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+        """Mean training loss of ``batch`` and how many ``count_unit`` it holds."""
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, split: str, max_batches: int | None = None
+                 ) -> dict[str, Any]:
+        """Metrics of ``model`` on ``split`` ("validation" or "test"); includes ``metric``."""
+
+    # ---- helpers ------------------------------------------------------------------------
+    @classmethod
+    def make_config(cls, **overrides: Any) -> TrainConfig:
+        """A TrainConfig for this task: its ``defaults`` under the given ``overrides``."""
+        return TrainConfig.from_dict({**cls.defaults, **overrides, "task": cls.name})
+
+    def info(self) -> dict[str, Any]:
+        """What the data looked like (sizes, classes, notes) for the run's records."""
+        return {}
+
+    def save_json(self, name: str, data: Any) -> None:
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / name).write_text(json.dumps(data, indent=2, sort_keys=True))
+
+    def better(self, new: float, best: float | None) -> bool:
+        if best is None:
+            return True
+        return new > best if self.mode == "max" else new < best
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator: make ``cls`` available as ``attnlab train --task cls.name``."""
+    for attr in ("name", "kind", "metric"):
+        if not isinstance(getattr(cls, attr, None), str):
+            raise TypeError(f"register_task: {cls.__name__}.{attr} must be a str")
+    if cls.mode not in ("max", "min"):
+        raise TypeError(f"register_task: {cls.__name__}.mode must be 'max' or 'min'")
+    if cls.name in _TASKS and _TASKS[cls.name] is not cls:
+        raise ValueError(f"register_task: task {cls.name!r} is already registered "
+                         f"by {_TASKS[cls.name].__module__}")
+    _TASKS[cls.name] = cls
+    return cls
+
+
+def _ensure_loaded() -> None:
+    import attnlab.tasks  # noqa: F401  (importing the package registers every task)
+
+
+def get_task(name: str) -> type[Task]:
+    _ensure_loaded()
+    if name in _TASKS:
+        return _TASKS[name]
+    close = difflib.get_close_matches(name, list(_TASKS), n=3, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+    raise ConfigError(f"unknown task {name!r}{hint} (known: {', '.join(sorted(_TASKS))})")
+
+
+def list_tasks() -> list[str]:
+    _ensure_loaded()
+    return sorted(_TASKS)

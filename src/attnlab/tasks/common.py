@@ -1,0 +1,94 @@
+"""Pieces every task shares: deterministic epoch orders, lazy batch lists, model options."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from attnlab.train.config import ConfigError
+
+__all__ = ["epoch_order", "LazyBatches", "chunks", "transformer_kwargs", "classification_report",
+           "eval_mode"]
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """A permutation of ``range(n)`` that depends only on ``(seed, epoch)``."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def chunks(indices: Sequence[int] | torch.Tensor, size: int, *, drop_last: bool = False
+           ) -> list[list[int]]:
+    idx = [int(i) for i in indices]
+    out = [idx[i:i + size] for i in range(0, len(idx), size)]
+    if drop_last and out and len(out[-1]) < size:
+        out.pop()
+    return out
+
+
+class LazyBatches(Sequence):
+    """Index groups turned into batches only when the loop asks for them (a resumed run
+    skips batches without building them)."""
+
+    def __init__(self, groups: list[list[int]], make: Callable[[list[int]], dict]) -> None:
+        self.groups, self.make = groups, make
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, i):
+        return self.make(self.groups[i])
+
+
+_MODEL_KEYS = ("d_model", "num_heads", "num_layers", "d_ff", "dropout", "positions")
+
+
+def transformer_kwargs(model_kwargs: dict[str, Any], allowed: Sequence[str] = _MODEL_KEYS,
+                       *, where: str) -> dict[str, Any]:
+    """Check ``model_kwargs`` names before the model sees them (close-match hints)."""
+    import difflib
+    bad = [k for k in model_kwargs if k not in allowed]
+    if bad:
+        hints = []
+        for k in bad:
+            close = difflib.get_close_matches(k, list(allowed), n=1, cutoff=0.6)
+            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(f"{where}: unknown model option(s) {', '.join(hints)}; "
+                          f"known: {', '.join(allowed)}")
+    return dict(model_kwargs)
+
+
+def classification_report(preds: torch.Tensor, targets: torch.Tensor, classes: Sequence[str]
+                          ) -> dict[str, Any]:
+    from attnlab.train.metrics import accuracy, confusion_matrix, macro_f1, per_class_f1
+    k = len(classes)
+    return {
+        "accuracy": float(accuracy(preds, targets)),
+        "macro_f1": float(macro_f1(preds, targets, k)),
+        "per_class_f1": {c: float(f) for c, f in zip(classes, per_class_f1(preds, targets, k),
+                                                     strict=True)},
+        "confusion": [[int(x) for x in row] for row in confusion_matrix(preds, targets, k)],
+        "classes": list(classes),
+        "n": int(targets.numel()),
+    }
+
+
+class eval_mode:
+    """``with eval_mode(model):`` no dropout, no autograd; restores the previous mode."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self):
+        self.was = self.model.training
+        self.model.eval()
+        self.grad = torch.is_grad_enabled()
+        torch.set_grad_enabled(False)
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        torch.set_grad_enabled(self.grad)
+        self.model.train(self.was)

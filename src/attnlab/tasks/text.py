@@ -1,0 +1,237 @@
+"""Text classification tasks: Emotions, IMDB, byte-level IMDB (LRA "Text") and ListOps.
+
+One recipe for all: a tokenizer trained on the training split only (saved in the run
+directory, reloaded on resume), sequences truncated to ``max_len`` (head, tail or
+head+tail), batches bucketed by length so short texts do not pay for long ones, and an
+encoder classifier (any mechanism) or the LSTM baseline. Metrics: accuracy, macro-F1,
+per-class F1 and the confusion matrix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as nnf
+
+from attnlab.tasks.base import Task, register_task
+from attnlab.tasks.common import (
+    LazyBatches,
+    chunks,
+    classification_report,
+    eval_mode,
+    transformer_kwargs,
+)
+from attnlab.train.config import ConfigError
+
+__all__ = ["TextClassification", "Emotions", "IMDB", "TextBytes", "ListOps"]
+
+
+class TextClassification(Task):
+    """Base of the text classification tasks; subclasses implement :meth:`load`."""
+
+    kind = "classification"
+    metric = "accuracy"
+    models = ("transformer", "lstm")
+    count_unit = "tokens"
+    options: dict[str, Any] = {
+        "data_dir": None, "tokenizer": "word", "vocab_size": 20000, "min_frequency": 1,
+        "lowercase": True, "max_len": 128, "truncate": "head", "pooling": "mean",
+        "download": True,
+    }
+
+    tokenizer_kwargs: dict[str, Any] = {}  # fixed by the task, e.g. ListOps' pre-tokenizer
+
+    def load(self):  # -> attnlab.data.text.TextDataset
+        raise NotImplementedError
+
+    def _tokenizer(self, train_texts: list[str]):
+        from attnlab.data.tokenize import load_tokenizer, train_tokenizer
+        path = self.run_dir / "tokenizer" if self.run_dir is not None else None
+        if path is not None and path.exists():
+            return load_tokenizer(path)
+        kwargs = {k: self.opts[k] for k in ("vocab_size", "min_frequency", "lowercase")
+                  if k in self.opts}
+        kwargs.update(self.tokenizer_kwargs)
+        if self.opts["tokenizer"] == "byte":  # nothing to learn: 256 bytes + specials
+            kwargs = {"lowercase": self.opts["lowercase"]}
+        tok = train_tokenizer(self.opts["tokenizer"], train_texts, **kwargs)
+        if path is not None:
+            tok.save(path)
+        return tok
+
+    def setup(self) -> None:
+        from attnlab.data.splits import split_manifest
+        from attnlab.data.tokenize import CLS, PAD
+        max_len = self.opts["max_len"]
+        if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 2:
+            raise ConfigError(f"task {self.name!r}: max_len must be an int >= 2; got {max_len!r}")
+        if self.opts["pooling"] not in ("cls", "mean", "attention"):
+            raise ConfigError(f"task {self.name!r}: pooling must be 'cls', 'mean' or "
+                              f"'attention'; got {self.opts['pooling']!r}")
+        ds = self.load()
+        self.dataset = ds
+        self.classes = tuple(ds.classes)
+        self.tokenizer = self._tokenizer(ds.splits["train"].texts)
+        self.pad_id = PAD
+        self.prepend = CLS if (self.config.model == "transformer"
+                               and self.opts["pooling"] == "cls") else None
+        self.ids: dict[str, list[list[int]]] = {}
+        self.labels: dict[str, torch.Tensor] = {}
+        truncated = {}
+        for split, part in ds.splits.items():
+            ids = self.tokenizer.encode_batch(list(part.texts))
+            self.ids[split] = ids
+            self.labels[split] = torch.tensor(part.labels, dtype=torch.long)
+            extra = 1 if self.prepend is not None else 0
+            truncated[split] = sum(len(x) + extra > max_len for x in ids)
+        self.lengths = {s: [min(len(x) + (self.prepend is not None), max_len) for x in ids]
+                        for s, ids in self.ids.items()}
+        self._info = {
+            "dataset": ds.name, "source": ds.source, "notes": list(ds.notes),
+            "classes": list(self.classes),
+            "sizes": {s: len(v) for s, v in self.ids.items()},
+            "tokenizer": self.opts["tokenizer"], "vocab_size": self.tokenizer.vocab_size,
+            "max_len": max_len, "truncated": truncated,
+            "mean_tokens": {s: sum(map(len, v)) / max(1, len(v)) for s, v in self.ids.items()},
+            "manifest": split_manifest({s: list(p.texts) for s, p in ds.splits.items()}),
+        }
+        self.save_json("data.json", self._info)
+
+    def info(self) -> dict[str, Any]:
+        return {k: v for k, v in self._info.items() if k != "manifest"}
+
+    def build_model(self):
+        cfg = self.config
+        if cfg.model == "lstm":
+            from attnlab.models.recurrent import LSTMClassifier
+            kw = transformer_kwargs(cfg.model_kwargs, ("d_model", "hidden", "num_layers",
+                                                      "bidirectional", "dropout"),
+                                    where=f"task {self.name!r} model 'lstm'")
+            return LSTMClassifier(self.tokenizer.vocab_size, len(self.classes),
+                                  pad_id=self.pad_id, **kw)
+        from attnlab.models.classifier import EncoderClassifier
+        kw = transformer_kwargs(cfg.model_kwargs, where=f"task {self.name!r}")
+        return EncoderClassifier(self.tokenizer.vocab_size, len(self.classes),
+                                 pooling=self.opts["pooling"], mechanism=cfg.mechanism,
+                                 mechanism_kwargs=cfg.mechanism_kwargs,
+                                 max_len=self.opts["max_len"], pad_id=self.pad_id, **kw)
+
+    def _batch(self, split: str, group: list[int]) -> dict[str, torch.Tensor]:
+        from attnlab.data.batching import pad_batch
+        ids, pad = pad_batch([self.ids[split][i] for i in group], pad_id=self.pad_id,
+                             max_len=self.opts["max_len"], truncate=self.opts["truncate"],
+                             prepend=self.prepend)
+        return {"ids": ids, "padding_mask": pad, "labels": self.labels[split][group]}
+
+    def train_batches(self, epoch: int):
+        from attnlab.data.batching import BucketBatchSampler
+        sampler = BucketBatchSampler(self.lengths["train"], self.config.batch_size,
+                                     shuffle=True, seed=self.config.seed)
+        sampler.set_epoch(epoch)
+        return LazyBatches(list(sampler), lambda g: self._batch("train", g))
+
+    def loss(self, model, batch):
+        logits = model(batch["ids"], batch["padding_mask"])
+        tokens = int((~batch["padding_mask"]).sum())
+        return nnf.cross_entropy(logits.float(), batch["labels"]), tokens
+
+    def eval_groups(self, split: str, max_batches: int | None = None) -> list[list[int]]:
+        order = sorted(range(len(self.ids[split])), key=lambda i: self.lengths[split][i])
+        groups = chunks(order, 2 * self.config.batch_size)
+        return groups[:max_batches] if max_batches else groups
+
+    def predict(self, model, split: str, max_batches: int | None = None):
+        device = next(model.parameters()).device
+        preds, targets = [], []
+        with eval_mode(model):
+            for g in self.eval_groups(split, max_batches):
+                b = self._batch(split, g)
+                logits = model(b["ids"].to(device), b["padding_mask"].to(device))
+                preds.append(logits.argmax(-1).cpu())
+                targets.append(b["labels"])
+        return torch.cat(preds), torch.cat(targets)
+
+    def evaluate(self, model, split, max_batches=None):
+        preds, targets = self.predict(model, split, max_batches)
+        return classification_report(preds, targets, self.classes)
+
+
+@register_task
+class Emotions(TextClassification):
+    """Emotions in text (6 classes): dair-ai's split, Kaggle CSV rows mapped onto it."""
+
+    name = "emotions"
+    summary = "Emotion of short English texts, 6 classes (dair-ai / Kaggle 'Emotions in text')"
+    options = {**TextClassification.options, "max_len": 64, "source": "auto",
+               "extra_rows": "train"}
+    defaults = {"max_steps": 3000, "batch_size": 64, "lr": 1e-3, "eval_every": 250}
+
+    def load(self):
+        from attnlab.data.text import load_emotions
+        return load_emotions(self.opts["data_dir"], source=self.opts["source"],
+                             extra_rows=self.opts["extra_rows"], seed=self.config.seed,
+                             download=self.opts["download"])
+
+
+@register_task
+class IMDB(TextClassification):
+    """IMDB movie reviews, positive/negative, official 25k/25k split."""
+
+    name = "imdb"
+    summary = "Sentiment of IMDB movie reviews (50k, 2 classes), long texts"
+    options = {**TextClassification.options, "max_len": 256, "truncate": "head+tail",
+               "tokenizer": "wordpiece", "vocab_size": 16000, "validation_fraction": 0.1}
+    defaults = {"max_steps": 4000, "batch_size": 32, "lr": 5e-4, "eval_every": 500}
+
+    def load(self):
+        from attnlab.data.text import load_imdb
+        return load_imdb(self.opts["data_dir"], seed=0,
+                         validation_fraction=self.opts["validation_fraction"],
+                         download=self.opts["download"])
+
+
+@register_task
+class TextBytes(IMDB):
+    """LRA "Text" (Tay et al. 2021, Sec. 3.3): IMDB as bytes, long sequences, no tokenizer."""
+
+    name = "text_bytes"
+    summary = "Byte-level IMDB sentiment (Long Range Arena 'Text'), up to 1-4K bytes"
+    options = {**IMDB.options, "tokenizer": "byte", "max_len": 1024, "truncate": "head",
+               "lowercase": False}
+    defaults = {"max_steps": 2000, "batch_size": 16, "lr": 5e-4, "eval_every": 500}
+
+
+@register_task
+class ListOps(TextClassification):
+    """ListOps (Nangia & Bowman 2018) with LRA's generator grammar, generated in memory."""
+
+    name = "listops"
+    summary = "LRA ListOps: evaluate nested MAX/MIN/MED/SM lists, 10 classes"
+    options = {**{k: v for k, v in TextClassification.options.items()
+                  if k not in ("data_dir", "download", "vocab_size", "min_frequency")},
+               "tokenizer": "word", "lowercase": False, "max_len": 512, "pooling": "mean",
+               "n_train": 20000, "n_validation": 2000, "n_test": 2000, "min_length": 32,
+               "max_depth": 10, "max_args": 10, "data_seed": 0}
+    defaults = {"max_steps": 5000, "batch_size": 32, "lr": 5e-4, "eval_every": 500}
+
+    def load(self):
+        from attnlab.data.synthetic import listops
+        from attnlab.data.text import TextDataset, TextSplit
+        o = self.opts
+        sizes = {"train": o["n_train"], "validation": o["n_validation"], "test": o["n_test"]}
+        splits = {}
+        for i, (split, n) in enumerate(sizes.items()):
+            # the CLS token, when pooling uses one, must fit in max_len too: never truncate
+            longest = o["max_len"] - (o["pooling"] == "cls")
+            ex = listops(n, max_depth=o["max_depth"], max_args=o["max_args"],
+                         max_length=longest, min_length=o["min_length"],
+                         seed=o["data_seed"] * 3 + i)
+            splits[split] = TextSplit([e for e, _ in ex], [y for _, y in ex])
+        return TextDataset("listops", tuple(str(d) for d in range(10)), splits,
+                           f"generated: attnlab.data.synthetic.listops, data_seed "
+                           f"{o['data_seed']}", (f"lengths {o['min_length']}-{o['max_len']}",))
+
+    # one token per symbol: split on spaces only ("[MAX" stays whole), keep every symbol
+    tokenizer_kwargs = {"pre_tokenizer": "whitespace_split", "vocab_size": None,
+                        "min_frequency": 1}

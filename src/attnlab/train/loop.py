@@ -1,0 +1,320 @@
+"""One training loop for every task: ``train(config, run_dir)``.
+
+The run directory holds ``config.json``, the task's ``data.json`` and tokenizer,
+``checkpoint.pt`` (the latest state, every ``checkpoint_every`` steps, at each evaluation
+and on SIGINT/SIGTERM), ``best.pt`` (weights of the best validation score), ``metrics.jsonl``
+(one row per evaluation) and, at the end, ``summary.json`` with the test metrics of the best
+weights. ``train(..., resume=True)`` continues from ``checkpoint.pt`` and ends with the same
+weights as a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from attnlab.tasks.base import Task, get_task
+from attnlab.train.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from attnlab.train.config import ConfigError, TrainConfig
+from attnlab.train.progress import TrainProgress
+
+__all__ = ["train", "RunResult", "build_optimizer", "lr_factor", "load_trained"]
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    status: str                  # done | early_stopped | time_budget | interrupted
+    step: int
+    best: dict[str, Any]         # best validation metrics, with their step
+    test: dict[str, Any] | None  # test metrics of the best weights (None if interrupted)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine decay to ``min_lr_ratio``."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    # Weight decay on matrices only: decaying biases and norm gains only hurts (nanoGPT).
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": other, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.98))
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM ask the loop to checkpoint and stop at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:  # a second Ctrl-C: stop right now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard is optional: no event files without it
+        return None
+    return SummaryWriter(log_dir=str(run_dir / "tb"))
+
+
+def _prepare_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> dict[str, Any] | None:
+    ckpt = run_dir / "checkpoint.pt"
+    saved = run_dir / "config.json"
+    if resume:
+        if not ckpt.exists():
+            raise CheckpointError(f"--resume: no checkpoint.pt in {run_dir}; start the run "
+                                  f"without --resume")
+        old = json.loads(saved.read_text())
+        new = cfg.to_dict()
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if diff:
+            detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
+            raise ConfigError(f"--resume: the configuration differs from the run's "
+                              f"config.json ({detail}); a resumed run must be the same run")
+        return load_checkpoint(ckpt)
+    if ckpt.exists() or (run_dir / "summary.json").exists():
+        raise ConfigError(f"run directory {run_dir} already holds a run; pass --resume to "
+                          f"continue it or choose another --run-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved.write_text(cfg.to_json())
+    return None
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
+          progress: bool = True, console: Console | None = None,
+          stop_after: int | None = None) -> RunResult:
+    """Train ``cfg`` in ``run_dir``. ``stop_after`` (tests) behaves like a SIGTERM after
+    that many steps of this call."""
+    run_dir = Path(run_dir)
+    console = console or Console(stderr=True, quiet=not progress)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    state = _prepare_dir(cfg, run_dir, resume)
+    device = torch.device(cfg.device)
+    _seed_everything(cfg.seed)
+    task: Task = get_task(cfg.task)(cfg, run_dir)
+    task.setup()
+    model = task.build_model().to(device)
+    opt = build_optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    use_scaler = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+
+    p = {"step": 0, "epoch": 0, "batch": 0, "train_time_s": 0.0, "best": None,
+         "best_step": None, "bad_evals": 0, "units": 0, "loss_sum": 0.0, "loss_n": 0}
+    history: list[dict[str, Any]] = []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        if use_scaler:
+            scaler.load_state_dict(state["scaler"])
+        p.update(state["progress"])
+        history = list(state["history"])
+        set_rng_state(state["rng"])
+
+    def checkpoint() -> None:
+        save_checkpoint(run_dir / "checkpoint.pt", {
+            "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+            "progress": dict(p), "history": history, "rng": rng_state(),
+            "config": cfg.to_dict()})
+
+    writer = _tensorboard(run_dir)
+    model_info = {"model": cfg.model, "parameters": sum(x.numel() for x in model.parameters()),
+                  "mechanism": cfg.mechanism}
+
+    def evaluate() -> dict[str, Any]:
+        metrics = task.evaluate(model, "validation", cfg.eval_batches)
+        row = {"step": p["step"], "epoch": p["epoch"], "time_s": round(p["train_time_s"], 3),
+               "lr": sched.get_last_lr()[0],
+               "train_loss": p["loss_sum"] / max(1, p["loss_n"]),
+               "throughput": p["units"] / max(1e-9, p["train_time_s"]),
+               **{f"val_{k}": v for k, v in metrics.items() if _scalar(v)}}
+        p["loss_sum"], p["loss_n"] = 0.0, 0
+        history.append(row)
+        value = metrics[task.metric]
+        if task.better(value, p["best"]):
+            p["best"], p["best_step"], p["bad_evals"] = value, p["step"], 0
+            save_checkpoint(run_dir / "best.pt", {"model": model.state_dict(),
+                                                  "step": p["step"], "metrics": metrics})
+        else:
+            p["bad_evals"] += 1
+        with open(run_dir / "metrics.jsonl", "w") as f:  # rewritten: resumes never duplicate
+            f.writelines(json.dumps(r) + "\n" for r in history)
+        if writer is not None:
+            for k, v in row.items():
+                if k != "step":
+                    writer.add_scalar(k, v, p["step"])
+        console.print(f"step {p['step']:>6}  loss {row['train_loss']:.4f}  "
+                      f"val {task.metric} {value:.4f}  (best {p['best']:.4f} @ {p['best_step']})")
+        return metrics
+
+    status = "done"
+    steps_this_call = 0
+    bar = TrainProgress(cfg.max_steps, enabled=progress, console=console)
+    with _StopFlag() as stop, bar:
+        bar.start_steps(p["step"])
+        while p["step"] < cfg.max_steps and status == "done":
+            batches = task.train_batches(p["epoch"])
+            if len(batches) == 0:
+                raise ConfigError(f"task {cfg.task!r} produced no training batches")
+            bar.start_epoch(p["epoch"], len(batches), p["batch"])
+            while p["batch"] < len(batches):
+                t0 = time.perf_counter()
+                model.train()
+                batch = {k: v.to(device) for k, v in batches[p["batch"]].items()}
+                ctx = (torch.autocast(device.type, dtype=amp_dtype) if cfg.amp
+                       else contextlib.nullcontext())
+                with ctx:
+                    loss, units = task.loss(model, batch)
+                if not torch.isfinite(loss):
+                    checkpoint()
+                    raise FloatingPointError(f"training loss is {loss.item()} at step "
+                                             f"{p['step']} (lr {sched.get_last_lr()[0]:.2e}); "
+                                             f"try a lower lr or grad_clip")
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if cfg.grad_clip is not None:
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                p["train_time_s"] += time.perf_counter() - t0
+                p["step"] += 1
+                p["batch"] += 1
+                p["units"] += int(units)
+                p["loss_sum"] += loss.item()
+                p["loss_n"] += 1
+                steps_this_call += 1
+                bar.advance(loss.item())
+                last = p["step"] >= cfg.max_steps
+                over = cfg.time_budget_s is not None and p["train_time_s"] >= cfg.time_budget_s
+                if p["step"] % cfg.eval_every == 0 or last or over:
+                    evaluate()
+                    if cfg.patience is not None and p["bad_evals"] >= cfg.patience:
+                        status = "early_stopped"
+                    checkpoint()
+                elif p["step"] % cfg.checkpoint_every == 0:
+                    checkpoint()
+                if over and status == "done":
+                    status = "time_budget"
+                if stop.signal is not None or steps_this_call == stop_after:
+                    checkpoint()
+                    status = "interrupted"
+                if last or status != "done":
+                    break
+            if p["batch"] >= len(batches):
+                p["epoch"] += 1
+                p["batch"] = 0
+        if status in ("done", "time_budget", "early_stopped"):
+            checkpoint()  # the final state, so that a finished run can be inspected
+    if writer is not None:
+        writer.close()
+    if status == "interrupted":
+        console.print(f"interrupted at step {p['step']}: resume with --resume")
+        return RunResult(run_dir, status, p["step"], _best(history, task, p), None)
+    return _finish(task, model, run_dir, cfg, status, p, history, model_info, console)
+
+
+def _scalar(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _best(history: list[dict], task: Task, p: dict) -> dict[str, Any]:
+    rows = [r for r in history if r["step"] == p["best_step"]]
+    return rows[0] if rows else {}
+
+
+def _finish(task: Task, model, run_dir: Path, cfg: TrainConfig, status: str, p: dict,
+            history: list[dict], model_info: dict, console: Console) -> RunResult:
+    from attnlab.train.metrics import convergence
+
+    best = load_checkpoint(run_dir / "best.pt")
+    model.load_state_dict(best["model"])
+    test = task.evaluate(model, "test")
+    key = f"val_{task.metric}"
+    conv = convergence([r["step"] for r in history], [r["time_s"] for r in history],
+                       [r[key] for r in history], mode=task.mode,
+                       fraction=cfg.target_fraction)
+    conv = None if conv is None else conv._asdict()
+    summary = {
+        "task": cfg.task, "mechanism": cfg.mechanism, "model": cfg.model, "seed": cfg.seed,
+        "status": status, "steps": p["step"],
+        "train_time_s": p["train_time_s"], "throughput": p["units"] / max(1e-9,
+                                                                           p["train_time_s"]),
+        "throughput_unit": f"{task.count_unit}/s", "metric": task.metric, "mode": task.mode,
+        "best_step": p["best_step"], "best_validation": best["metrics"],
+        "test": test, "convergence": conv, "target_fraction": cfg.target_fraction,
+        **model_info, "data": task.info(),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    console.print(f"[bold]{cfg.task}[/bold] {cfg.model}/{cfg.mechanism} seed {cfg.seed}: "
+                  f"test {task.metric} {test[task.metric]:.4f} (best val "
+                  f"{p['best']:.4f} @ step {p['best_step']}), {p['train_time_s']:.0f} s")
+    return RunResult(run_dir, status, p["step"], _best(history, task, p), test, summary)
+
+
+def load_trained(run_dir: str | Path, *, which: str = "best") -> tuple[Task, torch.nn.Module]:
+    """The task (set up from the run's saved data and tokenizer) and its trained model."""
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{run_dir} is not a run directory (no config.json)")
+    cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
+    task = get_task(cfg.task)(cfg, run_dir)
+    task.setup()
+    model = task.build_model()
+    name = {"best": "best.pt", "last": "checkpoint.pt"}[which]
+    model.load_state_dict(load_checkpoint(run_dir / name)["model"])
+    return task, model.eval()

@@ -1,0 +1,105 @@
+"""Several seeds of one configuration: one run directory each, one summary for all.
+
+``run_dir/seed-<s>/`` is an ordinary run (see :mod:`attnlab.train.loop`);
+``run_dir/summary.json`` gathers the seeds: mean and sample standard deviation of the test
+metrics, best validation score, training time, throughput and convergence. Each finished
+seed is also a row of the results database's ``trainings`` table when a database is given.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from attnlab.train.config import TrainConfig
+
+__all__ = ["train_seeds", "aggregate", "record"]
+
+
+def _mean_std(values: list[float]) -> dict[str, float] | None:
+    from attnlab.train.metrics import mean_std
+    values = [float(v) for v in values if v is not None]
+    if not values:
+        return None
+    m, s = mean_std(values)
+    return {"mean": float(m), "std": float(s), "n": len(values)}
+
+
+def aggregate(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean ± std over seeds of every scalar test metric and of the run figures."""
+    first = summaries[0]
+    test_keys = [k for k, v in first["test"].items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    conv = [s.get("convergence") or {} for s in summaries]
+    return {
+        "task": first["task"], "model": first["model"], "mechanism": first["mechanism"],
+        "metric": first["metric"], "mode": first["mode"], "parameters": first["parameters"],
+        "seeds": [s["seed"] for s in summaries],
+        "test": {k: _mean_std([s["test"].get(k) for s in summaries]) for k in test_keys},
+        "best_validation": _mean_std([s["best_validation"][first["metric"]]
+                                      for s in summaries]),
+        "train_time_s": _mean_std([s["train_time_s"] for s in summaries]),
+        "throughput": _mean_std([s["throughput"] for s in summaries]),
+        "throughput_unit": first["throughput_unit"],
+        "steps": _mean_std([s["steps"] for s in summaries]),
+        "convergence_step": _mean_std([c.get("step") for c in conv]),
+        "convergence_time_s": _mean_std([c.get("time") for c in conv]),
+        "statuses": [s["status"] for s in summaries],
+    }
+
+
+def record(db: str | Path, run_dir: Path, cfg: TrainConfig, summary: dict[str, Any]) -> None:
+    """One row of the results database's ``trainings`` table for a finished seed."""
+    from attnlab.bench.machine import describe, git_commit, versions
+    from attnlab.bench.store import Store
+    with Store(db) as store:
+        store.add_training({
+            "run_dir": str(Path(run_dir).resolve()), "task": cfg.task, "model": cfg.model,
+            "mechanism": cfg.mechanism, "seed": cfg.seed, "status": summary["status"],
+            "steps": summary["steps"], "train_time_s": summary["train_time_s"],
+            "throughput": summary["throughput"], "metric": summary["metric"],
+            "mode": summary["mode"],
+            "best_validation": summary["best_validation"][summary["metric"]],
+            "test_value": summary["test"][summary["metric"]],
+            "parameters": summary["parameters"], "summary": summary, "config": cfg.to_dict(),
+            "versions": versions(), "machine": describe(cfg.device), "git_commit": git_commit(),
+        })
+
+
+def train_seeds(cfg: TrainConfig, seeds: list[int], run_dir: str | Path, *,
+                resume: bool = False, db: str | Path | None = None, progress: bool = True,
+                console: Console | None = None) -> dict[str, Any] | None:
+    """Train ``cfg`` once per seed; returns the aggregate summary (None if interrupted).
+
+    With ``resume``, finished seeds are kept, an interrupted one continues from its
+    checkpoint and missing ones start."""
+    from attnlab.train.loop import train
+    run_dir = Path(run_dir)
+    console = console or Console(stderr=True, quiet=not progress)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct and at least one; got {seeds!r}")
+    summaries = []
+    for seed in seeds:
+        one = cfg.replace(seed=seed)
+        d = run_dir / f"seed-{seed}"
+        done = d / "summary.json"
+        if resume and done.exists():
+            saved = json.loads((d / "config.json").read_text())
+            if saved != one.to_dict():
+                raise ValueError(f"--resume: {d} was trained with another configuration")
+            summaries.append(json.loads(done.read_text()))
+            console.print(f"seed {seed}: already finished, kept")
+            continue
+        result = train(one, d, resume=resume and (d / "checkpoint.pt").exists(),
+                       progress=progress, console=console)
+        if result.status == "interrupted":
+            return None
+        summaries.append(result.summary)
+        if db is not None:
+            record(db, d, one, result.summary)
+    agg = aggregate(summaries)
+    (run_dir / "summary.json").write_text(json.dumps(agg, indent=2, default=float))
+    return agg
