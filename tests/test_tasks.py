@@ -157,3 +157,21 @@ def test_inpaint_mnist_test_only_copy_is_split(tmp_path):
     r = run(tmp_path, "inpaint_mnist", steps=2, data_dir=str(SHARED), n_train=64)
     data = json.loads((r.run_dir / "data.json").read_text())
     assert data["sizes"]["validation"] + data["sizes"]["test"] == 3000
+
+
+def test_attention_maps_of_a_trained_classifier(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    import torch
+    r = run(tmp_path, "listops", steps=2, pooling="cls", **TINY_LISTOPS)
+    task, model = load_trained(r.run_dir)
+    res = task.explain(model, "[MAX 2 9 [MIN 4 7 ] 0 ]")
+    assert res["tokens"] == ["[CLS]", "[MAX", "2", "9", "[MIN", "4", "7", "]", "0", "]"]
+    assert len(res["attention"]) == SMALL["num_layers"]
+    w = res["attention"][0]
+    assert w.shape == (SMALL["num_heads"], 10, 10)
+    assert torch.allclose(w.sum(-1), torch.ones(SMALL["num_heads"], 10), atol=1e-5)
+    assert sum(res["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    out = tmp_path / "att.png"
+    assert main(["attention", str(r.run_dir), "--text", "[SM 1 2 ]", "--out", str(out)]) == 0
+    assert out.stat().st_size > 1000 and "prediction:" in capsys.readouterr().out
+    assert main(["attention", str(r.run_dir), "--text", "1", "--layer", "5"]) == 2

@@ -156,6 +156,24 @@ class TextClassification(Task):
         preds, targets = self.predict(model, split, max_batches)
         return classification_report(preds, targets, self.classes)
 
+    def explain(self, model, text: str) -> dict[str, Any]:
+        """Class probabilities and per-layer attention weights ``(H, N, N)`` for one text,
+        with its tokens as the model saw them (truncated like the training data)."""
+        from attnlab.data.batching import pad_batch
+        if not hasattr(model, "attention_maps"):
+            raise ConfigError(f"model {self.config.model!r} has no attention to show")
+        ids, pad = pad_batch([self.tokenizer.encode(text)], pad_id=self.pad_id,
+                             max_len=self.opts["max_len"], truncate=self.opts["truncate"],
+                             prepend=self.prepend)
+        device = next(model.parameters()).device
+        ids, pad = ids.to(device), pad.to(device)
+        maps = [m[0].cpu() for m in model.attention_maps(ids, pad)]
+        with eval_mode(model):
+            probs = model(ids, pad).float().softmax(-1)[0].cpu()
+        tokens = [self.tokenizer.id_to_token(i) or "?" for i in ids[0].tolist()]
+        return {"tokens": tokens, "attention": maps,
+                "probabilities": dict(zip(self.classes, probs.tolist(), strict=True))}
+
 
 @register_task
 class Emotions(TextClassification):
