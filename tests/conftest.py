@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -19,6 +20,16 @@ settings.register_profile("ci", deadline=None, max_examples=40, derandomize=True
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("ci" if os.environ.get("CI") else "default")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules that train tiny models: a second intra-op thread buys nothing there, and
+    on a busy machine its OpenMP barrier spins make training tests several times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def naive_attention_f64(q, k, v, mask=None, is_causal=False, scale=None):

@@ -27,14 +27,7 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: a second thread buys nothing, and on a busy machine its
-    # OpenMP barrier spins make the training tests several times slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _strokes(n: int, size: int) -> torch.Tensor:

@@ -14,6 +14,7 @@ from attnlab.tasks import get_task, list_tasks
 from attnlab.train.config import ConfigError
 from attnlab.train.loop import load_trained, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 SHARED = Path(os.environ.get("ATTNLAB_TEST_DATA",
                              Path(__file__).resolve().parents[1].parent / "shared" / "datasets"))
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"no datasets at {SHARED}")
@@ -175,3 +176,4 @@ def test_attention_maps_of_a_trained_classifier(tmp_path, capsys):
     assert main(["attention", str(r.run_dir), "--text", "[SM 1 2 ]", "--out", str(out)]) == 0
     assert out.stat().st_size > 1000 and "prediction:" in capsys.readouterr().out
     assert main(["attention", str(r.run_dir), "--text", "1", "--layer", "5"]) == 2
+

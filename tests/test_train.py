@@ -19,6 +19,7 @@ from attnlab.train.config import ConfigError, TrainConfig
 from attnlab.train.loop import lr_factor, train
 from attnlab.train.runs import train_seeds
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = {"n_train": 320, "n_validation": 64, "n_test": 64, "length": 6}
 MODEL = {"d_model": 32, "num_layers": 1, "num_heads": 2, "dropout": 0.1}
 
