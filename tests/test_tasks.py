@@ -142,7 +142,8 @@ def test_wikitext2_layout_trains_and_generates(tmp_path, capsys):
             " " + " ".join(words[(i + j) % len(words)] for j in range(9)) + " \n"
             for i in range(n)]
         (tmp_path / f"wiki.{split}.tokens").write_text("".join(lines))
-    r = run(tmp_path, "wikitext2", steps=20, data_dir=str(tmp_path), max_len=16, lr=1e-2)
+    r = run(tmp_path, "wikitext2", steps=20, data_dir=str(tmp_path), max_len=16, lr=1e-2,
+            tokenizer="word", vocab_size=None)
     data = json.loads((r.run_dir / "data.json").read_text())
     text = (tmp_path / "wiki.train.tokens").read_text()
     assert data["tokens"]["train"] == len(wikitext_words(text))  # words + one <eos> per line
@@ -177,3 +178,10 @@ def test_attention_maps_of_a_trained_classifier(tmp_path, capsys):
     assert out.stat().st_size > 1000 and "prediction:" in capsys.readouterr().out
     assert main(["attention", str(r.run_dir), "--text", "1", "--layer", "5"]) == 2
 
+
+
+def test_task_defaults_merge_with_overrides_and_data_dir_is_refused_where_unused(capsys):
+    cfg = get_task("emotions").make_config(model_kwargs={"num_layers": 2})
+    assert cfg.model_kwargs == {"d_model": 64, "num_layers": 2, "dropout": 0.3}
+    assert main(["train", "--task", "listops", "--data-dir", "/tmp"]) == 2
+    assert "--data-dir does not apply" in capsys.readouterr().out

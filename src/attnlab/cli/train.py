@@ -72,6 +72,9 @@ def build_config(args) -> TrainConfig:
                       ("mechanism_kwargs", "mech_opt")):
         fields[key] = {**fields.get(key, {}), **_pairs(getattr(args, flag), f"--{flag}")}
     if args.data_dir:
+        if "data_dir" not in cls.options:
+            raise ConfigError(f"task {cls.name!r} generates its data (or ships it with a "
+                              f"library): --data-dir does not apply; drop it")
         fields["task_kwargs"]["data_dir"] = args.data_dir
     fields.pop("task", None)
     return cls.make_config(**fields)

@@ -86,8 +86,13 @@ class Task(ABC):
     # ---- helpers ------------------------------------------------------------------------
     @classmethod
     def make_config(cls, **overrides: Any) -> TrainConfig:
-        """A TrainConfig for this task: its ``defaults`` under the given ``overrides``."""
-        return TrainConfig.from_dict({**cls.defaults, **overrides, "task": cls.name})
+        """A TrainConfig for this task: its ``defaults`` under the given ``overrides``
+        (dict fields such as ``model_kwargs`` are merged key by key)."""
+        merged = {**cls.defaults, **overrides, "task": cls.name}
+        for key, default in cls.defaults.items():
+            if isinstance(default, dict) and isinstance(overrides.get(key), dict):
+                merged[key] = {**default, **overrides[key]}
+        return TrainConfig.from_dict(merged)
 
     def info(self) -> dict[str, Any]:
         """What the data looked like (sizes, classes, notes) for the run's records."""

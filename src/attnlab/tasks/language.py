@@ -38,10 +38,10 @@ class WikiText2(Task):
     metric = "perplexity"
     mode = "min"
     summary = "WikiText-2 language modelling (2M training tokens), perplexity"
-    options = {"data_dir": None, "download": True, "tokenizer": "word", "vocab_size": None,
+    options = {"data_dir": None, "download": True, "tokenizer": "bpe", "vocab_size": 8000,
                "max_len": 128, "eval_batch_size": 16}
-    defaults = {"max_steps": 2000, "batch_size": 16, "lr": 1e-3, "eval_every": 250,
-                "eval_batches": 40}
+    defaults = {"max_steps": 1000, "batch_size": 16, "lr": 1e-3, "eval_every": 250,
+                "eval_batches": 20}
 
     def setup(self) -> None:
         from attnlab.data.batching import LMStream
