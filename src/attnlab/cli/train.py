@@ -174,12 +174,12 @@ def cmd_attention(args, console: Console) -> int:
     weights = maps[args.layer]                        # (H, N, N)
     heads = weights.shape[0]
     toks = res["tokens"]
-    fig, axes = plt.subplots(1, heads, figsize=(3.2 * heads, 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, heads, figsize=(3.2 * heads, 4.2), squeeze=False)
     for h in range(heads):
         ax = axes[0][h]
         ax.imshow(weights[h], cmap="viridis", vmin=0)
         ax.set_title(f"head {h}")
-        ax.set_xticks(range(len(toks)), toks, rotation=90, fontsize=7)
+        ax.set_xticks(range(len(toks)), toks, rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(len(toks)), toks if h == 0 else [""] * len(toks), fontsize=7)
     fig.suptitle(f"{task.name}: layer {args.layer % len(maps)}, predicted {probs[0][0]}")
     fig.tight_layout()
