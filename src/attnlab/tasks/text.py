@@ -203,7 +203,7 @@ class IMDB(TextClassification):
     summary = "Sentiment of IMDB movie reviews (50k, 2 classes), long texts"
     options = {**TextClassification.options, "max_len": 512, "truncate": "head+tail",
                "tokenizer": "wordpiece", "vocab_size": 16000, "validation_fraction": 0.1}
-    defaults = {"max_steps": 3000, "batch_size": 32, "lr": 1e-3, "eval_every": 500,
+    defaults = {"max_steps": 3000, "batch_size": 32, "lr": 5e-4, "eval_every": 500,
                 "eval_batches": 20, "model_kwargs": {"d_model": 64, "num_layers": 1}}
 
     def load(self):
@@ -236,7 +236,7 @@ class ListOps(TextClassification):
                "tokenizer": "word", "lowercase": False, "max_len": 256, "pooling": "mean",
                "n_train": 20000, "n_validation": 2000, "n_test": 2000, "min_length": 16,
                "max_depth": 10, "max_args": 10, "data_seed": 0}
-    defaults = {"max_steps": 3000, "batch_size": 32, "lr": 1e-3, "eval_every": 500,
+    defaults = {"max_steps": 3000, "batch_size": 32, "lr": 5e-4, "eval_every": 500,
                 "model_kwargs": {"d_model": 64, "num_layers": 2}}
 
     def load(self):
