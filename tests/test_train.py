@@ -191,3 +191,27 @@ def test_loss_falls_on_the_copy_task(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     assert r.summary["throughput"] > 0 and r.summary["parameters"] > 0
+
+
+def test_mixed_precision_trains_on_cpu_in_bfloat16(tmp_path):
+    r = train(copy_cfg(max_steps=8, eval_every=4, amp=True), tmp_path, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(row["train_loss"]) for row in rows)
+    assert r.status == "done" and math.isfinite(r.test["accuracy"])
+
+
+def test_tensorboard_scalars_when_available(tmp_path, monkeypatch):
+    import attnlab.train.loop as loop
+    written = []
+
+    class Writer:
+        def add_scalar(self, tag, value, step):
+            written.append((tag, step))
+
+        def close(self):
+            written.append(("closed", None))
+
+    monkeypatch.setattr(loop, "_tensorboard", lambda run_dir: Writer())
+    train(copy_cfg(max_steps=4, eval_every=2), tmp_path, progress=False)
+    assert ("val_accuracy", 2) in written and ("train_loss", 4) in written
+    assert written[-1] == ("closed", None)
