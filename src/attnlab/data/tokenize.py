@@ -60,8 +60,6 @@ _PRE_TOKENIZERS = {  # allowed values per kind; the first is the default
     "byte": (None,),
     "char": (None,),
 }
-_WORDPIECE_MAX_ALPHABET = 1000  # BERT's limit_alphabet: rarer characters become UNK
-_PRIVATE_USE = 0xF0000  # Supplementary Private Use Area-A: 65,534 code points
 
 
 def _tokenizers():
@@ -318,56 +316,15 @@ def _pre_tokenizer(name: str):
 
 
 def _train_wordpiece(texts, vocab_size, min_frequency, lowercase, pre_tokenizer):
-    """WordPiece vocabulary by BPE over "units" (a word's first character, then "##" + each
-    later character), as the library's WordPieceTrainer does, but deterministic.
-
-    The library gives the "##" units ids in hash-map order, and its merges break count ties
-    by id, so two runs on the same texts can differ (huggingface/tokenizers issue #1794).
-    Here each unit becomes one private-use character, so every unit is in the start
-    alphabet, which the BPE trainer numbers in sorted order; the vocabulary is mapped back
-    to WordPiece strings afterwards. The alphabet is the ``min(1000, vocab_size - 5)`` most
-    frequent units (BERT's limit_alphabet); a word with a unit outside it is left out of
-    training, as it will be UNK at encoding.
-    """
+    """WordPiece, trained deterministically (see :mod:`attnlab.data.wordpiece`)."""
+    from attnlab.data.wordpiece import wordpiece_vocab
     tk = _tokenizers()
     normalizer, pre = tk.normalizers.BertNormalizer(lowercase=lowercase), _pre_tokenizer(
         pre_tokenizer)
     words = Counter()
     for t in texts:
         words.update(w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(t)))
-    units = Counter()
-    for w, n in words.items():
-        units[w[0]] += n
-        for c in w[1:]:
-            units["##" + c] += n
-    keep = sorted(units, key=lambda u: (-units[u], u))[
-        : min(_WORDPIECE_MAX_ALPHABET, vocab_size - NUM_SPECIALS)]
-    code = {u: chr(_PRIVATE_USE + i)
-            for i, u in enumerate(sorted(keep, key=lambda u: (u.startswith("##"), u)))}
-
-    def corpus():
-        for w in sorted(words):
-            try:
-                mapped = code[w[0]] + "".join(code["##" + c] for c in w[1:])
-            except KeyError:  # a unit outside the alphabet
-                continue
-            yield " ".join([mapped] * words[w])
-
-    bpe = tk.Tokenizer(tk.models.BPE())
-    bpe.pre_tokenizer = tk.pre_tokenizers.WhitespaceSplit()
-    bpe.train_from_iterator(corpus(), tk.trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=list(code.values()), show_progress=False))
-    unit_of = {c: u for u, c in code.items()}
-    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
-    for tok, _ in sorted(bpe.get_vocab().items(), key=lambda kv: kv[1]):
-        if tok in SPECIAL_TOKENS:
-            continue
-        us = [unit_of[c] for c in tok]
-        piece = us[0] + "".join(u[2:] for u in us[1:])
-        # A piece spelled like a special or like another piece (a word starting with "##",
-        # possible with whitespace_split) keeps the first id; ids stay contiguous.
-        vocab.setdefault(piece, len(vocab))
+    vocab = wordpiece_vocab(words, vocab_size, min_frequency, SPECIAL_TOKENS)
     backend = tk.Tokenizer(tk.models.WordPiece(vocab=vocab, unk_token=SPECIAL_TOKENS[UNK],
                                                continuing_subword_prefix="##"))
     backend.add_special_tokens(list(SPECIAL_TOKENS))
