@@ -1,0 +1,1 @@
+"""attnlab report: comparisons of mechanisms built from benchmark and training results."""
