@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from attnlab.train.config import ConfigError, TrainConfig
+from attnlab.train.config import ConfigError, TrainConfig, check_names
 
 __all__ = ["Task", "register_task", "get_task", "list_tasks", "Batch"]
 
@@ -48,14 +48,8 @@ class Task(ABC):
     def __init__(self, config: TrainConfig, run_dir: Path | None = None) -> None:
         self.config = config
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        unknown = [k for k in config.task_kwargs if k not in self.options]
-        if unknown:
-            hints = []
-            for k in unknown:
-                close = difflib.get_close_matches(k, list(self.options), n=1, cutoff=0.6)
-                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise ConfigError(f"task {self.name!r}: unknown option(s) {', '.join(hints)}; "
-                              f"known: {', '.join(self.options) or '(none)'}")
+        check_names(config.task_kwargs, self.options,
+                    what=f"task {self.name!r}: unknown option(s)")
         if config.model not in self.models:
             raise ConfigError(f"task {self.name!r}: model must be one of {list(self.models)}; "
                               f"got {config.model!r}")

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from attnlab.train.config import ConfigError
+from attnlab.train.config import check_names
 
 __all__ = ["epoch_order", "LazyBatches", "chunks", "transformer_kwargs", "classification_report",
            "eval_mode"]
@@ -49,15 +49,7 @@ _MODEL_KEYS = ("d_model", "num_heads", "num_layers", "d_ff", "dropout", "positio
 def transformer_kwargs(model_kwargs: dict[str, Any], allowed: Sequence[str] = _MODEL_KEYS,
                        *, where: str) -> dict[str, Any]:
     """Check ``model_kwargs`` names before the model sees them (close-match hints)."""
-    import difflib
-    bad = [k for k in model_kwargs if k not in allowed]
-    if bad:
-        hints = []
-        for k in bad:
-            close = difflib.get_close_matches(k, list(allowed), n=1, cutoff=0.6)
-            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ConfigError(f"{where}: unknown model option(s) {', '.join(hints)}; "
-                          f"known: {', '.join(allowed)}")
+    check_names(model_kwargs, allowed, what=f"{where}: unknown model option(s)")
     return dict(model_kwargs)
 
 

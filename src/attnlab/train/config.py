@@ -14,11 +14,25 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["TrainConfig", "ConfigError"]
+__all__ = ["TrainConfig", "ConfigError", "check_names"]
 
 
 class ConfigError(ValueError):
     """A training configuration that cannot run: names the field, expected and given."""
+
+
+def check_names(given, known, *, what: str) -> None:
+    """Refuse names of ``given`` that are not in ``known``, each with its closest match:
+    ``ConfigError("<what> 'lenght' (did you mean 'length'?); known: ...")``."""
+    known = list(known)
+    unknown = [k for k in given if k not in known]
+    if not unknown:
+        return
+    hints = []
+    for k in unknown:
+        close = difflib.get_close_matches(k, known, n=1, cutoff=0.6)
+        hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise ConfigError(f"{what} {', '.join(hints)}; known: {', '.join(known) or '(none)'}")
 
 
 @dataclass
@@ -116,15 +130,8 @@ class TrainConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"a training configuration must be a mapping; "
                               f"got {type(data).__name__}")
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in data if k not in known]
-        if unknown:
-            hints = []
-            for k in unknown:
-                close = difflib.get_close_matches(k, known, n=1, cutoff=0.6)
-                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise ConfigError(f"unknown training option(s) {', '.join(hints)}; "
-                              f"known: {', '.join(known)}")
+        check_names(data, [f.name for f in dataclasses.fields(cls)],
+                    what="unknown training option(s)")
         if "task" not in data:
             raise ConfigError("a training configuration needs 'task'")
         return cls(**data)
