@@ -41,6 +41,7 @@ import torch
 from attnlab import registry
 from attnlab.mechanisms.blocksparse import allows
 from attnlab.mechanisms.sparse_flex import SparseMechanism
+from attnlab.report.figures import mpl, plain, save
 
 __all__ = ["METHODS", "empirical_pattern", "plot_attention", "plot_patterns",
            "predicate_pattern", "sparsity_pattern", "structured_mechanisms"]
@@ -115,38 +116,6 @@ def sparsity_pattern(name: str, n: int, *, causal: bool = False, method: str = "
 
 
 # ------------------------------------------------------------------------------ figures
-def _mpl():
-    try:
-        import matplotlib
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as e:
-        raise ImportError('attnlab.report.patterns needs matplotlib: '
-                          'pip install "attnlab[viz]"') from e
-    return matplotlib, Figure, FigureCanvasAgg
-
-
-def _outputs(path) -> list[Path]:
-    """``fig.png`` and ``fig.svg`` from ``fig``, ``fig.png`` or ``fig.svg``."""
-    p = Path(path)
-    stem = p.with_suffix("") if p.suffix.lower() in (".png", ".svg") else p
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    return [stem.with_name(stem.name + ext) for ext in (".png", ".svg")]
-
-
-def _save(fig, path) -> list[Path]:
-    outs = _outputs(path)
-    for out in outs:
-        # "tight" grows the canvas to every artist: rotated tick labels are never clipped.
-        fig.savefig(out, dpi=150, bbox_inches="tight")
-    return outs
-
-
-def _plain(text: str) -> str:
-    # A token such as "$5" would otherwise start mathtext (and fail on an odd count).
-    return str(text).replace("$", r"\$")
-
-
 def _grid(k: int, max_cols: int = 4) -> tuple[int, int]:
     cols = min(k, max_cols)
     return math.ceil(k / cols), cols
@@ -166,7 +135,7 @@ def plot_patterns(patterns: Mapping[str, torch.Tensor], path) -> list[Path]:
             raise ValueError(f"plot_patterns: pattern {name!r} must be 2-D (Nq, Nk); got shape "
                              f"{tuple(m.shape)}")
         masks[name] = m != 0
-    matplotlib, Figure, Canvas = _mpl()
+    matplotlib, Figure, Canvas = mpl("attnlab.report.patterns")
     rows, cols = _grid(len(masks))
     with matplotlib.rc_context(_RC):
         fig = Figure(figsize=(2.6 * cols, 2.9 * rows), layout="constrained")
@@ -175,10 +144,10 @@ def plot_patterns(patterns: Mapping[str, torch.Tensor], path) -> list[Path]:
             ax = fig.add_subplot(rows, cols, idx + 1)
             ax.imshow(m.numpy(), cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
             density = m.float().mean().item() if m.numel() else 0.0
-            ax.set_title(f"{_plain(name)}\ndensity {density:.1%}")
+            ax.set_title(f"{plain(name)}\ndensity {density:.1%}")
             ax.set_xlabel("key j")
             ax.set_ylabel("query i")
-        return _save(fig, path)
+        return save(fig, path)
 
 
 def plot_attention(tokens: Sequence[str], weights, path, *, title: str) -> list[Path]:
@@ -195,9 +164,9 @@ def plot_attention(tokens: Sequence[str], weights, path, *, title: str) -> list[
                          f"{tuple(w.shape)}); got {len(tokens)}")
     if H < 1 or N < 1:
         raise ValueError(f"plot_attention: weights must not be empty; got shape {tuple(w.shape)}")
-    labels = [_plain(t) for t in tokens]
+    labels = [plain(t) for t in tokens]
     panels = [(f"head {h}", w[h]) for h in range(H)] + [("mean of heads", w.mean(0))]
-    matplotlib, Figure, Canvas = _mpl()
+    matplotlib, Figure, Canvas = mpl("attnlab.report.patterns")
     rows, cols = _grid(len(panels))
     side = max(2.8, 0.16 * N)  # room for N labels at a readable size
     fs = max(4.0, min(8.0, 220.0 / N))
@@ -216,4 +185,4 @@ def plot_attention(tokens: Sequence[str], weights, path, *, title: str) -> list[
             ax.tick_params(length=2)
         fig.suptitle(title)
         fig.colorbar(im, ax=fig.axes, shrink=0.6, label="attention weight")
-        return _save(fig, path)
+        return save(fig, path)

@@ -29,6 +29,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from attnlab.report.figures import mpl, plain, save
+
 __all__ = ["pareto_front", "plot_loss_curves", "plot_pareto", "read_curves"]
 
 _RC = {"svg.fonttype": "none", "font.size": 9, "axes.titlesize": 9}
@@ -138,38 +140,6 @@ def _val_key(runs: Sequence[Mapping[str, Any]]) -> str | None:
 
 
 # ------------------------------------------------------------------------------ figures
-def _mpl():
-    try:
-        import matplotlib
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as e:
-        raise ImportError('attnlab.report.training_plots needs matplotlib: '
-                          'pip install "attnlab[viz]"') from e
-    return matplotlib, Figure, FigureCanvasAgg
-
-
-def _outputs(path, suffix: str = "") -> list[Path]:
-    """``fig<suffix>.png`` and ``.svg`` from ``fig``, ``fig.png`` or ``fig.svg``."""
-    p = Path(path)
-    stem = p.with_suffix("") if p.suffix.lower() in (".png", ".svg") else p
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    return [stem.with_name(stem.name + suffix + ext) for ext in (".png", ".svg")]
-
-
-def _save(fig, path, suffix: str = "") -> list[Path]:
-    outs = _outputs(path, suffix)
-    for out in outs:
-        # No date in the SVG: the same data gives the same file.
-        fig.savefig(out, dpi=150, bbox_inches="tight",
-                    metadata={"Date": None} if out.suffix == ".svg" else None)
-    return outs
-
-
-def _plain(text: str) -> str:
-    return str(text).replace("$", r"\$")  # "$" would start mathtext
-
-
 def _draw(ax, runs, key: str, color, label: str | None) -> bool:
     steps, mean, lo, hi = _band(runs, key)
     if not steps:
@@ -198,7 +168,7 @@ def plot_loss_curves(curves: Mapping[str, Sequence[Mapping[str, Sequence[float]]
             if "step" not in r or key not in r:
                 raise KeyError(f"curves: every curve needs 'step' and {key!r} columns; "
                                f"one of {name!r} has {sorted(r)}")
-    matplotlib, Figure, Canvas = _mpl()
+    matplotlib, Figure, Canvas = mpl("attnlab.report.training_plots")
     names = list(curves)
     outs: list[Path] = []
     with matplotlib.rc_context(_RC):
@@ -209,13 +179,13 @@ def plot_loss_curves(curves: Mapping[str, Sequence[Mapping[str, Sequence[float]]
         Canvas(fig)
         ax = fig.add_subplot()
         for n in names:
-            _draw(ax, curves[n], key, color[n], _plain(n))
+            _draw(ax, curves[n], key, color[n], plain(n))
         ax.set_xlabel("step")
-        ax.set_ylabel(_plain(key))
-        ax.set_title(f"{_plain(key)}: mean over seeds, min-max band")
+        ax.set_ylabel(plain(key))
+        ax.set_title(f"{plain(key)}: mean over seeds, min-max band")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-        outs += _save(fig, path)
+        outs += save(fig, path)
 
         cols = min(len(names), 3)
         rows = math.ceil(len(names) / cols)
@@ -223,17 +193,17 @@ def plot_loss_curves(curves: Mapping[str, Sequence[Mapping[str, Sequence[float]]
         Canvas(fig)
         for i, n in enumerate(names):
             ax = fig.add_subplot(rows, cols, i + 1)
-            _draw(ax, curves[n], key, "C0", _plain(key))
-            ax.set_title(_plain(n))
+            _draw(ax, curves[n], key, "C0", plain(key))
+            ax.set_title(plain(n))
             ax.set_xlabel("step")
-            ax.set_ylabel(_plain(key), color="C0")
+            ax.set_ylabel(plain(key), color="C0")
             vk = val_key or _val_key(curves[n])
             if vk is not None and vk != key:
                 ax2 = ax.twinx()
-                if _draw(ax2, curves[n], vk, "C1", _plain(vk)):
-                    ax2.set_ylabel(_plain(vk), color="C1")
+                if _draw(ax2, curves[n], vk, "C1", plain(vk)):
+                    ax2.set_ylabel(plain(vk), color="C1")
             ax.grid(alpha=0.3)
-        outs += _save(fig, path, "-panels")
+        outs += save(fig, path, "-panels")
     return outs
 
 
@@ -244,7 +214,7 @@ def plot_pareto(points: Sequence[Mapping[str, Any]], path, *, x: str = "throughp
     PNG and SVG paths."""
     pts = _checked(points, x, y, mode)
     front = set(pareto_front(points, x, y, mode))
-    matplotlib, Figure, Canvas = _mpl()
+    matplotlib, Figure, Canvas = mpl("attnlab.report.training_plots")
     with matplotlib.rc_context(_RC):
         fig = Figure(figsize=(6.4, 4.4), layout="constrained")
         Canvas(fig)
@@ -257,15 +227,15 @@ def plot_pareto(points: Sequence[Mapping[str, Any]], path, *, x: str = "throughp
                    label="Pareto-optimal")
         ax.plot([p[1] for p in on], [p[2] for p in on], color="C3", lw=1.2, zorder=2)
         for n, px, py in pts:
-            ax.annotate(_plain(n), (px, py), xytext=(4, 4), textcoords="offset points",
+            ax.annotate(plain(n), (px, py), xytext=(4, 4), textcoords="offset points",
                         fontsize=8, color="C3" if n in front else "0.35",
                         fontweight="bold" if n in front else "normal")
         if all(p[1] > 0 for p in pts):
             ax.set_xscale("log")
         better = "higher" if mode == "max" else "lower"
-        ax.set_xlabel(f"{_plain(x)} (higher is better)")
-        ax.set_ylabel(f"{_plain(y)} ({better} is better)")
+        ax.set_xlabel(f"{plain(x)} (higher is better)")
+        ax.set_ylabel(f"{plain(y)} ({better} is better)")
         ax.set_title("quality vs throughput: Pareto front")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3, which="both")
-        return _save(fig, path)
+        return save(fig, path)

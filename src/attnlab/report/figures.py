@@ -1,0 +1,41 @@
+"""What every report figure shares: lazy matplotlib, PNG + SVG output, plain-text labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["mpl", "save", "plain"]
+
+
+def mpl(who: str):
+    """``(matplotlib, Figure, FigureCanvasAgg)``; figures never go through pyplot's state."""
+    try:
+        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ImportError(f'{who} needs matplotlib: pip install "attnlab[viz]"') from e
+    return matplotlib, Figure, FigureCanvasAgg
+
+
+def outputs(path, suffix: str = "") -> list[Path]:
+    """``fig<suffix>.png`` and ``.svg`` from ``fig``, ``fig.png`` or ``fig.svg``."""
+    p = Path(path)
+    stem = p.with_suffix("") if p.suffix.lower() in (".png", ".svg") else p
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    return [stem.with_name(stem.name + suffix + ext) for ext in (".png", ".svg")]
+
+
+def save(fig, path, suffix: str = "") -> list[Path]:
+    outs = outputs(path, suffix)
+    for out in outs:
+        # "tight" grows the canvas to every artist: rotated tick labels are never clipped.
+        # No date in the SVG: the same data gives the same file.
+        fig.savefig(out, dpi=150, bbox_inches="tight",
+                    metadata={"Date": None} if out.suffix == ".svg" else None)
+    return outs
+
+
+def plain(text: str) -> str:
+    # A token such as "$5" would otherwise start mathtext (and fail on an odd count).
+    return str(text).replace("$", r"\$")
