@@ -54,17 +54,6 @@ def can_pad(mech: str) -> bool:
     return key_padding_capable(attnlab.get(mech))
 
 
-def need_padding(mech: str) -> None:
-    if not can_pad(mech):
-        pytest.skip(f"{mech} cannot take a key-padding mask yet (registry flag key_padding)")
-
-
-def need_cache() -> None:
-    pytest.importorskip("attnlab.nn.cache")
-    if not DecoderLM(V, **SMALL).can_cache():
-        pytest.skip("MultiheadAttention has no kv_cache yet")
-
-
 def clf(mech="sdpa", pooling="cls", **kw):
     return EncoderClassifier(V, 3, pooling=pooling, mechanism=mech,
                              mechanism_kwargs=TINY.get(mech), **{**SMALL, **kw})
@@ -132,7 +121,7 @@ def _alone_vs_batch(model, call, lengths):
 @pytest.mark.parametrize("mech", ["sdpa", "sliding_window", "linear", "performer"])
 @pytest.mark.parametrize("pooling", ["cls", "mean", "attention"])
 def test_classifier_padding_invariance(mech, pooling):
-    need_padding(mech)
+    assert can_pad(mech)
     m = clf(mech, pooling).double().eval()
     for b, alone, _ in _alone_vs_batch(m, m, [5, 8, 3]):
         torch.testing.assert_close(b, alone, rtol=1e-9, atol=1e-9)
@@ -163,7 +152,7 @@ def test_lm_right_padding_needs_no_mask_for_real_tokens(mech):
 
 @pytest.mark.parametrize("mech", ["sdpa", "linear"])
 def test_seq2seq_padding_invariance(mech):
-    need_padding(mech)
+    assert can_pad(mech)
     m = s2s(mech).double().eval()
     src, src_mask = padded_batch([6, 3], n=7)
     tgt, tgt_mask = padded_batch([5, 2], n=5, seed=1)
@@ -353,7 +342,7 @@ def test_sampling_only_draws_from_the_kept_set():
 
 @pytest.mark.parametrize("positions", ["sinusoidal", "rope", "alibi"])
 def test_cached_and_uncached_generation_give_the_same_tokens(positions):
-    need_cache()
+    assert DecoderLM(V, **SMALL).can_cache()
     m = lm("sdpa", positions=positions, max_len=10).double()
     prompt = torch.randint(1, V, (2, 4))
     # 14 new tokens: the context passes max_len=10, so the cache is refilled from the crop.
@@ -378,7 +367,7 @@ def test_cached_and_uncached_generation_give_the_same_tokens(positions):
 
 @pytest.mark.parametrize("positions", ["sinusoidal", "rope"])
 def test_seq2seq_cached_greedy_decode_equals_uncached(positions):
-    need_cache()
+    assert DecoderLM(V, **SMALL).can_cache()
     m = s2s(positions=positions, max_len=12).double()
     src, mask = padded_batch([5, 3])
     states = {True: [], False: []}

@@ -101,7 +101,7 @@ def check_mechanism(who: str, name: str, mechanism, kwargs, **need: bool):
 
 def key_padding_capable(spec) -> bool:
     """Whether ``MultiheadAttention`` can give the mechanism a key-padding mask."""
-    return bool(spec.arbitrary_mask or getattr(spec, "key_padding", False))
+    return bool(spec.arbitrary_mask or spec.key_padding)
 
 
 def padding_for(spec, mask: torch.Tensor | None, causal: bool) -> torch.Tensor | None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 import torch.nn.functional as F
 
@@ -115,14 +113,7 @@ class DecoderLM(ModelBase):
 
     def can_cache(self) -> bool:
         """Whether :meth:`generate` can decode with a KV cache for this mechanism."""
-        try:
-            import attnlab.nn.cache  # noqa: F401
-        except ImportError:
-            return False
-        layer = self.decoder.layers[0].self_attn
-        # Until every piece of the cache API is in place, the layer's signature says.
-        takes = "kv_cache" in inspect.signature(layer.forward).parameters
-        return takes and bool(getattr(self.spec, "kv_cache", False))
+        return self.spec.kv_cache
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,

@@ -9,8 +9,6 @@ fit it directly.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 import torch.nn.functional as F
 
@@ -103,9 +101,7 @@ class Seq2SeqTransformer(ModelBase):
     def can_cache(self) -> bool:
         """Whether :meth:`greedy_decode` can keep the decoder's self-attention keys/values
         (registry flag ``kv_cache``; cross-attention always reads the whole memory)."""
-        layer = self.decoder.layers[0].self_attn
-        takes = "kv_cache" in inspect.signature(layer.forward).parameters
-        return takes and bool(getattr(layer.spec, "kv_cache", False))
+        return self.decoder.layers[0].self_attn.spec.kv_cache
 
     @torch.no_grad()
     def greedy_decode(self, src: torch.Tensor, max_len: int, bos_id: int, eos_id: int,
