@@ -185,3 +185,18 @@ def test_task_defaults_merge_with_overrides_and_data_dir_is_refused_where_unused
     assert cfg.model_kwargs == {"d_model": 64, "num_layers": 2, "dropout": 0.3}
     assert main(["train", "--task", "listops", "--data-dir", "/tmp"]) == 2
     assert "--data-dir does not apply" in capsys.readouterr().out
+
+
+def test_cli_train_reads_a_config_file(tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('task = "copy"\nmax_steps = 2\neval_every = 2\n'
+                   '[task_kwargs]\nn_train = 32\nlength = 3\n'
+                   '[model_kwargs]\nd_model = 16\nnum_heads = 2\n')
+    assert main(["train", "--config", str(cfg), "--run-dir", str(tmp_path / "r"),
+                 "--no-progress"]) == 0
+    saved = json.loads((tmp_path / "r" / "seed-0" / "config.json").read_text())
+    assert saved["max_steps"] == 2 and saved["task_kwargs"]["length"] == 3
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "malformed JSON" in capsys.readouterr().out

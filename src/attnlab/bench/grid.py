@@ -277,14 +277,11 @@ def _positive(where: str, name: str, v) -> float:
     return float(v)
 
 
-def grid_from_file(path: str | Path, **overrides) -> Grid:
-    """A grid from a TOML (``.toml``) or YAML (``.yaml``/``.yml``, needs PyYAML) sweep file.
-
-    Keys are :class:`Grid`'s fields plus ``profile``; ``mechanisms`` is a list of names
-    or tables ``{name = "sliding_window", window = 128}``. ``overrides`` (from flags) win.
-    """
+def read_settings(path: str | Path, where: str, *, allow_json: bool = False) -> dict:
+    """The non-empty table of settings in a TOML (``.toml``), YAML (``.yaml``/``.yml``,
+    needs PyYAML) or, with ``allow_json``, JSON file; every problem is a ValueError that
+    starts with ``where``."""
     path = Path(path)
-    where = f"sweep file {path}"
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
@@ -305,10 +302,28 @@ def grid_from_file(path: str | Path, **overrides) -> Grid:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
             _fail(where, f"malformed YAML: {e}")
+    elif path.suffix == ".json" and allow_json:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            _fail(where, f"malformed JSON: {e}")
     else:
-        _fail(where, f"expected a .toml, .yaml or .yml file; got suffix {path.suffix!r}")
+        kinds = ".toml, .yaml, .yml or .json" if allow_json else ".toml, .yaml or .yml"
+        _fail(where, f"expected a {kinds} file; got suffix {path.suffix!r}")
     if not isinstance(data, dict) or not data:
         _fail(where, f"expected a table of settings; got {type(data).__name__} {data!r}")
+    return data
+
+
+def grid_from_file(path: str | Path, **overrides) -> Grid:
+    """A grid from a TOML (``.toml``) or YAML (``.yaml``/``.yml``, needs PyYAML) sweep file.
+
+    Keys are :class:`Grid`'s fields plus ``profile``; ``mechanisms`` is a list of names
+    or tables ``{name = "sliding_window", window = 128}``. ``overrides`` (from flags) win.
+    """
+    path = Path(path)
+    where = f"sweep file {path}"
+    data = read_settings(path, where)
     profile = overrides.pop("profile", None) or data.pop("profile", None)
     data.pop("profile", None)
     data.update({k: v for k, v in overrides.items() if v is not None})

@@ -39,20 +39,8 @@ def _pairs(items: list[str] | None, flag: str) -> dict:
 
 
 def _read_config(path: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--config: no file {p}")
-    text = p.read_text()
-    if p.suffix == ".json":
-        return json.loads(text)
-    if p.suffix in (".yaml", ".yml"):
-        import yaml
-        return yaml.safe_load(text)
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-    return tomllib.loads(text)
+    from attnlab.bench.grid import read_settings
+    return read_settings(path, f"--config {path}", allow_json=True)
 
 
 def build_config(args) -> TrainConfig:
