@@ -30,17 +30,19 @@ def chunks(indices: Sequence[int] | torch.Tensor, size: int, *, drop_last: bool 
 
 
 class LazyBatches(Sequence):
-    """Index groups turned into batches only when the loop asks for them (a resumed run
-    skips batches without building them)."""
+    """``n`` batches built by ``make(i)`` only when the loop asks for batch ``i`` (a resumed
+    run skips batches without building them)."""
 
-    def __init__(self, groups: list[list[int]], make: Callable[[list[int]], dict]) -> None:
-        self.groups, self.make = groups, make
+    def __init__(self, n: int, make: Callable[[int], dict]) -> None:
+        self.n, self.make = n, make
 
     def __len__(self) -> int:
-        return len(self.groups)
+        return self.n
 
     def __getitem__(self, i):
-        return self.make(self.groups[i])
+        if not 0 <= i < self.n:
+            raise IndexError(f"batch {i} of {self.n}")
+        return self.make(i)
 
 
 _MODEL_KEYS = ("d_model", "num_heads", "num_layers", "d_ff", "dropout", "positions")

@@ -86,8 +86,8 @@ class WikiText2(Task):
 
     def train_batches(self, epoch: int):
         stream = self.train_stream
-        return LazyBatches([[i] for i in range(len(stream))],
-                           lambda g: dict(zip(("x", "y"), stream.batch(g[0]), strict=True)))
+        return LazyBatches(len(stream),
+                           lambda i: dict(zip(("x", "y"), stream.batch(i), strict=True)))
 
     def loss(self, model, batch):
         logits = model(batch["x"])
@@ -155,7 +155,7 @@ class CausalTokenTask(Task):
     def train_batches(self, epoch: int):
         n = self.data["train"][0].shape[0]
         groups = chunks(epoch_order(n, self.config.seed, epoch), self.config.batch_size)
-        return LazyBatches(groups, lambda g: self._batch("train", g))
+        return LazyBatches(len(groups), lambda i: self._batch("train", groups[i]))
 
     def _answer_logits(self, model, x: torch.Tensor, answers: int) -> torch.Tensor:
         return model(x)[:, -answers:].float()

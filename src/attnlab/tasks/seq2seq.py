@@ -61,7 +61,7 @@ class Seq2Seq(Task):
     def train_batches(self, epoch: int):
         n = len(self.pairs["train"][0])
         groups = chunks(epoch_order(n, self.config.seed, epoch), self.config.batch_size)
-        return LazyBatches(groups, lambda g: self._batch("train", g))
+        return LazyBatches(len(groups), lambda i: self._batch("train", groups[i]))
 
     def loss(self, model, batch):
         from attnlab.data.seq2seq import PAD

@@ -129,7 +129,8 @@ class TextClassification(Task):
         sampler = BucketBatchSampler(self.lengths["train"], self.config.batch_size,
                                      shuffle=True, seed=self.config.seed)
         sampler.set_epoch(epoch)
-        return LazyBatches(list(sampler), lambda g: self._batch("train", g))
+        groups = list(sampler)
+        return LazyBatches(len(groups), lambda i: self._batch("train", groups[i]))
 
     def loss(self, model, batch):
         logits = model(batch["ids"], batch["padding_mask"])

@@ -94,7 +94,7 @@ class Inpainting(Task):
             mask = self._masks(len(g), 10_000_019 * (self.config.seed + 1) + 7919 * epoch + i)
             return {"images": x[g], "mask": mask}
 
-        return LazyBatches([[i] for i in range(len(groups))], lambda gi: make(gi[0]))
+        return LazyBatches(len(groups), make)
 
     def loss(self, model, batch):
         from attnlab.data.inpaint import apply_mask

@@ -257,8 +257,6 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
             if p["batch"] >= len(batches):
                 p["epoch"] += 1
                 p["batch"] = 0
-        if status in ("done", "time_budget", "early_stopped"):
-            checkpoint()  # the final state, so that a finished run can be inspected
     if writer is not None:
         writer.close()
     if status == "interrupted":
