@@ -470,9 +470,16 @@ def test_attention_maps_rows_are_distributions_over_real_keys():
     torch.testing.assert_close(maps[0], s.softmax(-1))
 
 
-def test_attention_maps_need_a_mechanism_with_weights():
-    with pytest.raises(ValueError, match="'flash' cannot return attention weights.*'sdpa'"):
-        clf("flash").attention_maps(torch.ones(1, 4, dtype=torch.long))
+def test_attention_maps_of_a_mechanism_without_weights_are_its_effective_weights():
+    """flash is exact but never forms its weights: its maps must be sdpa's."""
+    torch.manual_seed(0)
+    flash = clf("flash", num_layers=2)
+    sdpa = clf("sdpa", num_layers=2)
+    sdpa.load_state_dict(flash.state_dict())
+    ids, mask = padded_batch([6, 3])
+    for a, b in zip(flash.attention_maps(ids, mask), sdpa.attention_maps(ids, mask),
+                    strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_block_need_weights_and_memory_rule():

@@ -431,8 +431,8 @@ def test_mechanism_flags_are_enforced(monkeypatch):
         m(x, attn_mask=torch.ones(N, N, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"cross-attention; got Nq=6 != Nk=3"):
         m(x, x[:, :3])
-    with pytest.raises(ValueError, match="cannot return attention weights"):
-        m(x, need_weights=True)
+    _, w = m(x, need_weights=True)  # no weights of its own: the effective ones
+    assert w.shape == (B, H, N, N)
 
 
 def test_rope_and_alibi_argument_errors():
@@ -496,3 +496,50 @@ def test_linformer_layer_does_not_fold_per_head_projections_or_rope():
                               positions="rope", dtype=DT)
     assert rope._length_fold(24) is None
     torch.testing.assert_close(per_head(x), unfolded(per_head, x, x))
+
+
+# ------------------------------------------- effective weights of mechanisms without them
+def _values(layer: MultiheadAttention, x):
+    v = layer.v_proj(x).view(x.shape[0], x.shape[1], layer.num_kv_heads, layer.head_dim)
+    return layer._expand_kv(v.transpose(1, 2))
+
+
+@pytest.mark.parametrize("name", attnlab.list_mechanisms(returns_weights=False))
+def test_effective_weights_reproduce_the_output(name):
+    """out = out_proj(A v) for the A returned with need_weights, padded keys get 0 weight."""
+    n = 64  # >= nystromformer's 32 landmarks
+    layer = MultiheadAttention(E, H, mechanism=name, max_seq_len=n, dtype=DT).eval()
+    x = torch.randn(B, n, E, dtype=DT)
+    pad = torch.zeros(B, n, dtype=torch.bool)
+    pad[1, 40:] = True
+    out, w = layer(x, key_padding_mask=pad, need_weights=True)
+    assert w.shape == (B, H, n, n)
+    mixed = (w @ _values(layer, x)).transpose(1, 2).reshape(B, n, E)
+    torch.testing.assert_close(out, layer.out_proj(mixed), atol=1e-10, rtol=1e-8)
+    assert (w[1, :, :, 40:] == 0).all()
+    torch.testing.assert_close(layer(x, key_padding_mask=pad), out)  # same output either way
+
+
+def test_effective_weights_of_an_exact_mechanism_are_the_softmax():
+    """flash never forms its weights; its effective ones must be sdpa's softmax weights."""
+    flash = MultiheadAttention(E, H, mechanism="flash", is_causal=True, dtype=DT).eval()
+    ref = MultiheadAttention(E, H, mechanism="reference", is_causal=True, dtype=DT).eval()
+    ref.load_state_dict(flash.state_dict())
+    x = torch.randn(B, N, E, dtype=DT)
+    torch.testing.assert_close(flash(x, need_weights=True)[1], ref(x, need_weights=True)[1])
+
+
+def test_effective_weights_through_linformers_length_fold(monkeypatch):
+    """With the fold (E, F mixed into the inputs) A = P_bar F, still out = A v."""
+    layer = MultiheadAttention(E, H, mechanism="linformer", k=4, max_seq_len=32, dtype=DT)
+    calls = []
+    real = mh_module._mixed_linear
+    monkeypatch.setattr(mh_module, "_mixed_linear", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(B, 24, E, dtype=DT)
+    pad = torch.zeros(B, 24, dtype=torch.bool)
+    pad[0, 20:] = True
+    out, w = layer(x, key_padding_mask=pad, need_weights=True)
+    assert calls  # the fold was taken
+    mixed = (w @ _values(layer, x)).transpose(1, 2).reshape(B, 24, E)
+    torch.testing.assert_close(out, layer.out_proj(mixed), atol=1e-10, rtol=1e-8)
+    assert (w[0, :, :, 20:] == 0).all()

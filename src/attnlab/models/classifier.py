@@ -17,7 +17,6 @@ from attnlab.models.blocks import (
     check_padding_mask,
     transformer_args,
 )
-from attnlab.registry import list_mechanisms
 
 __all__ = ["POOLING", "EncoderClassifier"]
 
@@ -103,12 +102,8 @@ class EncoderClassifier(ModelBase):
     def attention_maps(self, ids: torch.Tensor,
                        padding_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Self-attention weights ``(B, H, N, N)`` of every layer, in eval mode (no
-        dropout), without gradients. Needs a mechanism that forms its weights."""
-        spec = self.encoder.layers[0].self_attn.spec
-        if not spec.returns_weights:
-            raise ValueError(f"{_WHO}.attention_maps: mechanism {spec.name!r} cannot return "
-                             f"attention weights (it never forms them); use one of "
-                             f"{list_mechanisms(returns_weights=True)}")
+        dropout), without gradients; the effective weights ``A`` (``out = A v``) for a
+        mechanism that never forms them (see :class:`~attnlab.nn.MultiheadAttention`)."""
         was = self.training
         self.eval()
         try:

@@ -257,13 +257,8 @@ class ViTInpainter(nn.Module):
     def attention_maps(self, masked_images: torch.Tensor, mask: torch.Tensor) -> list:
         """Per-layer attention weights, a list of ``num_layers`` tensors ``(B, H, N, N)``
         over the ``N`` patches (raster order), computed in eval mode (no dropout) and without
-        gradients. Needs a mechanism that forms its weights (``returns_weights``: e.g.
-        ``sdpa``, ``reference``); others raise ``ValueError``."""
-        if not self.spec.returns_weights:
-            raise ValueError(f"ViTInpainter.attention_maps: mechanism {self.spec.name!r} "
-                             f"cannot return attention weights (it never forms them); build "
-                             f"the model with a mechanism that does, e.g. sdpa, reference or "
-                             f"scaled_dot")
+        gradients; the effective weights ``A`` (``out = A v``) for a mechanism that never forms
+        them (see :class:`~attnlab.nn.MultiheadAttention`)."""
         was = self.training
         self.eval()  # no dropout: deterministic maps, deeper layers included
         try:

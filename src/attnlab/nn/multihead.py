@@ -166,8 +166,7 @@ class MultiheadAttention(nn.Module):
         self.spec = get(mechanism)  # unknown name -> ValueError with close matches
         cross = self.kdim != E or self.vdim != E
         self._check_spec(self.is_causal, {"positions='alibi'": self.positions == "alibi"},
-                         f"kdim={self.kdim}, vdim={self.vdim} != embed_dim={E}" if cross else "",
-                         False)
+                         f"kdim={self.kdim}, vdim={self.vdim} != embed_dim={E}" if cross else "")
         self.attn = create(self.spec.name, **self._mechanism_hparams(hparams))
         if device is not None or dtype is not None:
             self.attn.to(device=device, dtype=dtype)
@@ -212,7 +211,7 @@ class MultiheadAttention(nn.Module):
                                  f"MultiheadAttention(..., {name}=...)")
         return out
 
-    def _check_spec(self, causal: bool, masks: dict, cross: str, need_weights: bool) -> None:
+    def _check_spec(self, causal: bool, masks: dict, cross: str) -> None:
         """Refuse early what the mechanism's registry flags say it cannot do."""
         s = self.spec
         if causal and not s.causal:
@@ -226,9 +225,6 @@ class MultiheadAttention(nn.Module):
         if cross and not s.cross:
             raise ValueError(f"{_W}mechanism {s.name!r} does not support cross-attention; "
                              f"got {cross}")
-        if need_weights and not s.returns_weights:
-            raise ValueError(f"{_W}mechanism {s.name!r} cannot return attention weights; "
-                             f"use need_weights=False or mechanism='reference'")
 
     def extra_repr(self) -> str:
         extra = {"num_kv_heads": self.num_kv_heads, "positions": self.positions,
@@ -332,7 +328,11 @@ class MultiheadAttention(nn.Module):
         """Attend; ``key=None`` is self-attention and ``value=None`` reuses ``key``.
 
         Returns the output ``(B, Nq, E)``, or ``(output, weights)`` with per-head weights
-        ``(B, H, Nq, Nk)`` when ``need_weights`` (never averaged over heads).
+        ``(B, H, Nq, Nk)`` when ``need_weights`` (never averaged over heads). A mechanism
+        that never forms its weights (``returns_weights`` False: kernel, low-rank, sparse,
+        flash ...) gives its *effective* weights ``A`` with ``attend(q, k, v) = A v``, found
+        by attending to ``v = I``: every registered mechanism is linear in ``v`` for fixed
+        ``q, k``. That costs an extra ``(Nq, Nk)`` pass, without dropout: for inspection.
 
         ``kv_cache``: causal self-attention decoding (:class:`~attnlab.nn.KVCache`). The
         ``Nq`` new tokens sit at positions ``T .. T+Nq-1`` (``T = kv_cache.length``); their
@@ -371,8 +371,10 @@ class MultiheadAttention(nn.Module):
                              f"max_seq_len={self.max_seq_len}")
         self._check_spec(causal, {"key_padding_mask": key_padding_mask is not None,
                                   "attn_mask": attn_mask is not None},
-                         f"Nq={Nq} != Nk={Nk}" if Nq != Nk else "",
-                         _bool("need_weights", need_weights))
+                         f"Nq={Nq} != Nk={Nk}" if Nq != Nk else "")
+        need_weights = _bool("need_weights", need_weights)
+        # A mechanism that never forms its weights is asked for its *effective* weights.
+        effective = need_weights and not self.spec.returns_weights
 
         def heads(x, h):  # (B, N, h*D) -> (B, h, N, D)
             return x.view(B, x.shape[1], h, self.head_dim).transpose(1, 2)
@@ -396,6 +398,9 @@ class MultiheadAttention(nn.Module):
             v = heads(_mixed_linear(value, F, self.v_proj), self.num_kv_heads)
             k, v = self._expand_kv(k), self._expand_kv(v)
             res = self.attn.attend_projected(q, k, v, dropout_p=dropout_p)
+            if effective:  # the values' length mixing F, itself: A = P_bar F
+                res = res, self.attn.attend_projected(q, k, F.expand(B, *F.shape[-2:])[:, None]
+                                                      .expand(B, q.shape[1], *F.shape[-2:]))
         else:
             k = heads(self.k_proj(key), self.num_kv_heads)
             v = heads(self.v_proj(value), self.num_kv_heads)
@@ -405,7 +410,10 @@ class MultiheadAttention(nn.Module):
                 k, v = kv_cache.append(k, v)
             k, v = self._expand_kv(k), self._expand_kv(v)
             res = self.attn(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p,
-                            need_weights=need_weights)
+                            need_weights=need_weights and not effective)
+            if effective:  # every mechanism here is linear in v: A = attend(q, k, I)
+                eye = torch.eye(Nk, dtype=v.dtype, device=v.device).expand(*v.shape[:2], Nk, Nk)
+                res = res, self.attn(q, k, eye, attn_mask=mask, is_causal=causal)
         out, weights = res if need_weights else (res, None)
         out = self.out_proj(out.transpose(1, 2).reshape(B, Nq, self.embed_dim))
         if not self.batch_first:
