@@ -9,6 +9,7 @@ Skipped where no Chromium is installed (CI installs Debian's ``chromium``, see .
 from __future__ import annotations
 
 import struct
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -63,7 +64,8 @@ def test_report_renders_cleanly_in_a_browser(tmp_path):
     report.figure(*_plot(tmp_path / "heat", "heat"), caption="a heatmap")
     html = report.write(tmp_path / "out")["html"]
 
-    check = open_in_browser(html, screenshot=tmp_path / "shot.png", timeout=60)
+    # A short viewport: the screenshot must still hold the whole page.
+    check = open_in_browser(html, screenshot=tmp_path / "shot.png", height=500, timeout=60)
 
     assert check.problems == []
     assert check.dialogs == [] and check.requests == []
@@ -76,7 +78,7 @@ def test_report_renders_cleanly_in_a_browser(tmp_path):
     data = check.screenshot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", data[16:24])  # the IHDR chunk
-    assert width == 1280 and height > 600  # full page: two figures and a table
+    assert width == 1280 and height > 900  # two figures and a table: about 1080 px
     assert len(data) > 10_000
 
 
@@ -96,7 +98,7 @@ def test_console_error_is_recorded(tmp_path):
 def test_dialog_is_recorded_and_dismissed(tmp_path):
     # Without dismissal the alert would block the load event and the call would time out.
     check = open_in_browser(_page(tmp_path, "<script>alert(3)</script><p>after</p>"),
-                            timeout=30)
+                            timeout=10)
     assert check.dialogs == ["alert: 3"]
     assert "after" in check.text
 
@@ -107,6 +109,15 @@ def test_empty_figure_is_a_problem(tmp_path):
                               "loaded": None}]
     assert any("zero size" in p for p in check.problems)
     assert any("draws nothing" in p for p in check.problems)
+
+
+def test_hung_page_times_out_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the profile goes
+    with pytest.raises(TimeoutError, match="no answer to .* in time"):
+        open_in_browser(_page(tmp_path, "<script>while (true) {}</script>"), timeout=3)
+    assert list(scratch.iterdir()) == []
 
 
 def test_missing_browser_is_named(tmp_path):

@@ -4,16 +4,14 @@ Static checks (escaping, no ``http://`` substrings) cannot prove that a browser 
 plots or runs nothing; this module asks one. It speaks the Chrome DevTools Protocol (CDP)
 over ``--remote-debugging-pipe``: the browser reads commands from its fd 3 and writes
 replies and events to its fd 4, each a JSON object ended by a NUL byte, so the standard
-library is enough (no websocket client, no Selenium, no Playwright).
-
->>> check = open_in_browser("report.html", screenshot="report.png")  # doctest: +SKIP
->>> check.problems                                                    # doctest: +SKIP
-[]
+library is enough (no websocket client, no Selenium, no Playwright). Typical use:
+``assert open_in_browser("report.html", screenshot="report.png").problems == []``.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import json
 import os
@@ -99,40 +97,49 @@ class BrowserCheck:
 def find_browser(browser: str | None = None) -> str:
     """``browser``, else ``$ATTNLAB_CHROMIUM``, else the first of chromium,
     chromium-browser, google-chrome on PATH; raises :class:`BrowserNotFound`."""
-    wanted = [browser] if browser else (
-        [os.environ["ATTNLAB_CHROMIUM"]] if os.environ.get("ATTNLAB_CHROMIUM") else _CANDIDATES)
+    env = os.environ.get("ATTNLAB_CHROMIUM")
+    where, wanted = (("the browser argument", [browser]) if browser else
+                     ("$ATTNLAB_CHROMIUM", [env]) if env else ("PATH", list(_CANDIDATES)))
     for name in wanted:
         path = shutil.which(name)
         if path:
             return path
     raise BrowserNotFound(
-        f"browser: expected one of {', '.join(wanted)} (an executable path or a name on PATH; "
-        "set ATTNLAB_CHROMIUM or apt-get install chromium), found none")
+        f"browser: expected {where} to give an executable Chromium ({', '.join(wanted)}), "
+        "found none; apt-get install chromium, or set ATTNLAB_CHROMIUM to its path")
 
 
 class _Cdp:
-    """CDP client over the pipe; events go to ``on_event`` while we wait for replies."""
+    """CDP client over the pipe. ``call`` waits for its reply and hands every page event
+    that arrives meanwhile to ``on_event(cdp, method, params)``; after ``attach``, commands
+    go to the page's session."""
 
     def __init__(self, write_fd: int, read_fd: int, deadline: float, on_event, log: Path):
         self.w, self.r, self.deadline, self.on_event, self.log = (
             write_fd, read_fd, deadline, on_event, log)
-        self.buf, self.next_id, self.replies = b"", 0, {}
+        self.buf, self.next_id, self.replies, self.session = b"", 0, {}, None
 
-    def send(self, method: str, params: dict | None = None, session: str | None = None) -> int:
+    def send(self, method: str, params: dict | None = None) -> int:
         self.next_id += 1
         msg = {"id": self.next_id, "method": method, "params": params or {}}
-        if session:
-            msg["sessionId"] = session
+        if self.session:
+            msg["sessionId"] = self.session
         os.write(self.w, json.dumps(msg).encode() + b"\0")
         return self.next_id
 
-    def call(self, method: str, params: dict | None = None, session: str | None = None) -> dict:
-        i = self.send(method, params, session)
+    def call(self, method: str, params: dict | None = None) -> dict:
+        i = self.send(method, params)
         self.pump(lambda: i in self.replies, method)
         reply = self.replies.pop(i)
         if "error" in reply:
             raise RuntimeError(f"browser: {method} failed: {reply['error']}")
         return reply.get("result", {})
+
+    def attach(self) -> None:
+        """Open a page target and talk to it through a flattened session from now on."""
+        target = self.call("Target.createTarget", {"url": "about:blank"})["targetId"]
+        self.session = self.call("Target.attachToTarget",
+                                 {"targetId": target, "flatten": True})["sessionId"]
 
     def pump(self, done, what: str, until: float | None = None) -> None:
         """Read messages until ``done()``; or, with ``until``, until that time passes."""
@@ -148,18 +155,41 @@ class _Cdp:
             chunk = os.read(self.r, 1 << 16)
             if not chunk:
                 raise RuntimeError(f"browser: exited while waiting for {what}{self._tail()}")
-            self.buf += chunk
-            *msgs, self.buf = self.buf.split(b"\0")
-            for raw in msgs:
-                msg = json.loads(raw)
+            *msgs, self.buf = (self.buf + chunk).split(b"\0")
+            for msg in map(json.loads, msgs):
                 if "id" in msg:
                     self.replies[msg["id"]] = msg
-                else:
-                    self.on_event(msg)
+                elif self.session and msg.get("sessionId") == self.session:
+                    self.on_event(self, msg["method"], msg.get("params", {}))
 
     def _tail(self) -> str:
         text = self.log.read_text(errors="replace").strip() if self.log.exists() else ""
         return f"; browser stderr ends:\n{text[-1500:]}" if text else ""
+
+
+def _recorder(check: BrowserCheck, url: str, loaded: list):
+    """The event handler: fills ``check``; ``loaded`` gets an item at the load event."""
+    def on_event(cdp: _Cdp, method: str, p: dict) -> None:
+        if method == "Page.loadEventFired":
+            loaded.append(True)
+        elif method == "Page.javascriptDialogOpening":
+            # A dialog blocks the page (and its load event) until it is answered.
+            check.dialogs.append(f"{p.get('type')}: {p.get('message')}")
+            cdp.send("Page.handleJavaScriptDialog", {"accept": False})
+        elif method == "Runtime.consoleAPICalled" and p["type"] in ("error", "warning", "assert"):
+            args = [str(a.get("value", a.get("description", ""))) for a in p.get("args", [])]
+            check.console_errors.append(f"console.{p['type']}: {' '.join(args)}")
+        elif method == "Runtime.exceptionThrown":
+            d = p["exceptionDetails"]
+            check.exceptions.append(d.get("exception", {}).get("description", d.get("text")))
+        elif method == "Log.entryAdded" and p["entry"].get("level") == "error":
+            e = p["entry"]  # e.g. "Failed to load resource", CSP and security errors
+            check.console_errors.append(f"log ({e.get('source')}): {e.get('text')}")
+        elif method == "Network.requestWillBeSent":
+            req = p["request"]["url"]
+            if req.split("#")[0] != url and not req.startswith(("data:", "blob:")):
+                check.requests.append(req)
+    return on_event
 
 
 def _fds_to_3_and_4(cmd_r: int, res_w: int):
@@ -191,6 +221,8 @@ def open_in_browser(html_path, *, screenshot=None, width: int = 1280, height: in
     flags = [*_FLAGS, f"--user-data-dir={tmp / 'profile'}", f"--window-size={width},{height}"]
     if os.geteuid() == 0:  # Chromium refuses to start its sandbox as root
         flags.append("--no-sandbox")
+    # Crash reports and caches go to ~/.config, ~/.cache: here into the throwaway folder too.
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp), "XDG_CACHE_HOME": str(tmp)}
     cmd_r, cmd_w = os.pipe()
     res_r, res_w = os.pipe()
     proc = None
@@ -199,71 +231,59 @@ def open_in_browser(html_path, *, screenshot=None, width: int = 1280, height: in
             # A new session: on cleanup one killpg also reaches the renderer/GPU children.
             proc = subprocess.Popen(
                 [exe, *flags, "about:blank"], stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=err, pass_fds=(3, 4),
+                stdout=subprocess.DEVNULL, stderr=err, pass_fds=(3, 4), env=env,
                 preexec_fn=_fds_to_3_and_4(cmd_r, res_w), start_new_session=True)
-        os.close(cmd_r)
-        os.close(res_w)
+        for fd in (cmd_r, res_w):  # the child's ends: closed here, EOF reaches us if it dies
+            os.close(fd)
         cmd_r = res_w = -1
-        session: list[str] = []
         loaded: list[bool] = []
-
-        def on_event(msg: dict) -> None:
-            if session and msg.get("sessionId") != session[0]:
-                return
-            method, p = msg.get("method"), msg.get("params", {})
-            if method == "Page.loadEventFired":
-                loaded.append(True)
-            elif method == "Page.javascriptDialogOpening":
-                # A dialog blocks the page (and its load event) until it is answered.
-                check.dialogs.append(f"{p.get('type')}: {p.get('message')}")
-                cdp.send("Page.handleJavaScriptDialog", {"accept": False}, session[0])
-            elif method == "Runtime.consoleAPICalled" and p.get("type") in (
-                    "error", "warning", "assert"):
-                args = [str(a.get("value", a.get("description", ""))) for a in p.get("args", [])]
-                check.console_errors.append(f"console.{p['type']}: {' '.join(args)}")
-            elif method == "Runtime.exceptionThrown":
-                d = p.get("exceptionDetails", {})
-                check.exceptions.append(d.get("exception", {}).get("description", d.get("text")))
-            elif method == "Log.entryAdded" and p["entry"].get("level") == "error":
-                e = p["entry"]
-                check.console_errors.append(f"log ({e.get('source')}): {e.get('text')}")
-            elif method == "Network.requestWillBeSent":
-                req = p["request"]["url"]
-                if req.split("#")[0] != url and not req.startswith(("data:", "blob:")):
-                    check.requests.append(req)
-
-        cdp = _Cdp(cmd_w, res_r, time.monotonic() + timeout, on_event, log)
-        target = cdp.call("Target.createTarget", {"url": "about:blank"})["targetId"]
-        session.append(cdp.call("Target.attachToTarget",
-                                {"targetId": target, "flatten": True})["sessionId"])
+        cdp = _Cdp(cmd_w, res_r, time.monotonic() + timeout, _recorder(check, url, loaded), log)
+        cdp.attach()
         for domain in ("Page", "Runtime", "Log", "Network"):
-            cdp.call(f"{domain}.enable", session=session[0])
-        nav = cdp.call("Page.navigate", {"url": url}, session[0])
+            cdp.call(f"{domain}.enable")
+        # The viewport itself is width x height (--window-size also counts the window frame).
+        cdp.call("Emulation.setDeviceMetricsOverride",
+                 {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+        nav = cdp.call("Page.navigate", {"url": url})
         if nav.get("errorText"):
             raise RuntimeError(f"browser: could not open {url}: {nav['errorText']}")
         cdp.pump(lambda: bool(loaded), "Page.loadEventFired")
-        cdp.call("Runtime.evaluate", {"expression": _SETTLE_JS, "awaitPromise": True}, session[0])
+        cdp.call("Runtime.evaluate", {"expression": _SETTLE_JS, "awaitPromise": True})
         cdp.pump(lambda: False, "late events", until=time.monotonic() + 0.2)
-        page = cdp.call("Runtime.evaluate", {"expression": _PAGE_JS, "returnByValue": True},
-                        session[0])["result"]["value"]
+        page = cdp.call("Runtime.evaluate",
+                        {"expression": _PAGE_JS, "returnByValue": True})["result"]["value"]
         check.figures, check.text, check.scripts = page["figures"], page["text"], page["scripts"]
         if screenshot is not None:
-            size = cdp.call("Page.getLayoutMetrics", session=session[0])["cssContentSize"]
+            # Clip to the whole content: the PNG holds the full page, not just the viewport.
+            size = cdp.call("Page.getLayoutMetrics")["cssContentSize"]
             clip = {"x": 0, "y": 0, "width": max(width, size["width"]),
                     "height": size["height"], "scale": 1}
-            shot = cdp.call("Page.captureScreenshot", {"format": "png", "clip": clip,
-                                                       "captureBeyondViewport": True}, session[0])
+            shot = cdp.call("Page.captureScreenshot",
+                            {"format": "png", "clip": clip, "captureBeyondViewport": True})
             check.screenshot = Path(screenshot)
             check.screenshot.write_bytes(base64.b64decode(shot["data"]))
         return check
     finally:
+        _close(proc, cmd_w)
         for fd in (cmd_r, cmd_w, res_r, res_w):
             if fd >= 0:
-                os.close(fd)  # closing fd 3's writer also tells the browser to exit
-        if proc is not None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=10)
-        shutil.rmtree(tmp, ignore_errors=True)
+                os.close(fd)
+        for _ in range(10):  # the crash handler, out of our process group, exits just after
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not tmp.exists():
+                break
+            time.sleep(0.1)
+
+
+def _close(proc: subprocess.Popen | None, cmd_w: int) -> None:
+    """Ask the browser to quit (it then reaps its renderer and GPU processes), then kill
+    its whole process group whatever happened, so nothing outlives the call."""
+    if proc is None:
+        return
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        os.set_blocking(cmd_w, False)  # a hung browser with a full pipe must not block us
+        os.write(cmd_w, json.dumps({"id": 0, "method": "Browser.close"}).encode() + b"\0")
+        proc.wait(timeout=3)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
