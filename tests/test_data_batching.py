@@ -94,11 +94,25 @@ def test_pad_batch_worked_examples():
     ({"seqs": [[1]], "max_len": 0}, "max_len: expected an int or None >= 1, got 0"),
     ({"seqs": [[1]], "max_len": 1, "prepend": CLS}, "max_len: .*>= 2, got 1"),
     ({"seqs": [[1]], "pad_id": -1}, "pad_id: .*got -1"),
+    ({"seqs": [[1]], "multiple": 0}, "multiple: .*got 0"),
+    ({"seqs": [[1]], "multiple": 3, "max_len": 8}, "multiple: expected a divisor of max_len=8"),
 ])
 def test_pad_batch_errors_name_the_argument(kwargs, match):
     seqs = kwargs.pop("seqs")
     with pytest.raises(ValueError, match=match):
         pad_batch(seqs, **kwargs)
+
+
+@given(lengths=st.lists(st.integers(1, 30), min_size=1, max_size=6),
+       multiple=st.sampled_from([1, 2, 4, 8, 16, 32]))
+def test_pad_batch_multiple_pads_up_and_masks_the_extra_slots(lengths, multiple):
+    seqs = [list(range(1, n + 1)) for n in lengths]
+    ids, mask = pad_batch(seqs, multiple=multiple, max_len=32)
+    plain_ids, plain_mask = pad_batch(seqs, max_len=32)
+    n = plain_ids.shape[1]
+    assert ids.shape[1] % multiple == 0 and n <= ids.shape[1] < n + multiple
+    assert torch.equal(ids[:, :n], plain_ids) and torch.equal(mask[:, :n], plain_mask)
+    assert mask[:, n:].all() and (ids[:, n:] == PAD).all()
 
 
 # ---------------------------------------------------------------- BucketBatchSampler

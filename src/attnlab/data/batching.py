@@ -58,7 +58,7 @@ def _truncate(seq, budget: int, mode: str) -> list[int]:
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], *, pad_id: int = PAD, max_len: int | None = None,
-              truncate: str = "head", prepend: int | None = None
+              truncate: str = "head", prepend: int | None = None, multiple: int = 1
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ids (B, N) long, padding_mask (B, N) bool, True = pad)``, right-padded.
 
@@ -66,10 +66,17 @@ def pad_batch(seqs: Sequence[Sequence[int]], *, pad_id: int = PAD, max_len: int 
     ``"head"`` keeps the first tokens, ``"tail"`` the last, ``"head+tail"`` the first
     ``budget // 4`` and the last ``budget - budget // 4`` (Sun et al. 2019, "How to Fine-Tune
     BERT for Text Classification?"), where ``budget = max_len - (prepend is not None)``.
-    ``N`` is the longest row after truncation. The mask comes from the lengths, never from
-    the values, so an id equal to ``pad_id`` inside a sequence is still a token.
+    ``N`` is the longest row after truncation, rounded up to a ``multiple`` (for mechanisms
+    that cut the sequence into equal chunks: Reformer's buckets, Sinkhorn's blocks; like
+    Hugging Face's ``pad_to_multiple_of``), which must then divide ``max_len``. The mask
+    comes from the lengths, never from the values, so an id equal to ``pad_id`` inside a
+    sequence is still a token.
     """
     _check_pad_args(pad_id, max_len, truncate, prepend)
+    _check_int("multiple", multiple, low=1)
+    if max_len is not None and max_len % multiple:
+        raise ValueError(f"multiple: expected a divisor of max_len={max_len} (a padded batch "
+                         f"must still fit), got {multiple}")
     if len(seqs) == 0:
         raise ValueError("seqs: expected at least one sequence, got an empty batch")
     budget = None if max_len is None else max_len - (prepend is not None)
@@ -83,7 +90,7 @@ def pad_batch(seqs: Sequence[Sequence[int]], *, pad_id: int = PAD, max_len: int 
     if prepend is not None:
         rows = [[prepend, *r] for r in rows]
     lengths = torch.tensor([len(r) for r in rows])
-    n = int(lengths.max())
+    n = -(-int(lengths.max()) // multiple) * multiple
     ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)

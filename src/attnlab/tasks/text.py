@@ -37,7 +37,7 @@ class TextClassification(Task):
     options: dict[str, Any] = {
         "data_dir": None, "tokenizer": "word", "vocab_size": 20000, "min_frequency": 1,
         "lowercase": True, "max_len": 128, "truncate": "head", "pooling": "mean",
-        "download": True,
+        "download": True, "pad_multiple": 1,
     }
 
     tokenizer_kwargs: dict[str, Any] = {}  # fixed by the task, e.g. ListOps' pre-tokenizer
@@ -66,6 +66,10 @@ class TextClassification(Task):
         max_len = self.opts["max_len"]
         if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 2:
             raise ConfigError(f"task {self.name!r}: max_len must be an int >= 2; got {max_len!r}")
+        pm = self.opts["pad_multiple"]
+        if not isinstance(pm, int) or isinstance(pm, bool) or pm < 1 or max_len % pm:
+            raise ConfigError(f"task {self.name!r}: pad_multiple must be an int >= 1 that "
+                              f"divides max_len={max_len}; got {pm!r}")
         if self.opts["pooling"] not in ("cls", "mean", "attention"):
             raise ConfigError(f"task {self.name!r}: pooling must be 'cls', 'mean' or "
                               f"'attention'; got {self.opts['pooling']!r}")
@@ -121,7 +125,7 @@ class TextClassification(Task):
         from attnlab.data.batching import pad_batch
         ids, pad = pad_batch([self.ids[split][i] for i in group], pad_id=self.pad_id,
                              max_len=self.opts["max_len"], truncate=self.opts["truncate"],
-                             prepend=self.prepend)
+                             prepend=self.prepend, multiple=self.opts["pad_multiple"])
         return {"ids": ids, "padding_mask": pad, "labels": self.labels[split][group]}
 
     def train_batches(self, epoch: int):
@@ -165,13 +169,14 @@ class TextClassification(Task):
             raise ConfigError(f"model {self.config.model!r} has no attention to show")
         ids, pad = pad_batch([self.tokenizer.encode(text)], pad_id=self.pad_id,
                              max_len=self.opts["max_len"], truncate=self.opts["truncate"],
-                             prepend=self.prepend)
+                             prepend=self.prepend, multiple=self.opts["pad_multiple"])
         device = next(model.parameters()).device
         ids, pad = ids.to(device), pad.to(device)
-        maps = [m[0].cpu() for m in model.attention_maps(ids, pad)]
+        n = int((~pad[0]).sum())  # the real tokens (pad_multiple may add padding)
+        maps = [m[0, :, :n, :n].cpu() for m in model.attention_maps(ids, pad)]
         with eval_mode(model):
             probs = model(ids, pad).float().softmax(-1)[0].cpu()
-        tokens = [self.tokenizer.id_to_token(i) or "?" for i in ids[0].tolist()]
+        tokens = [self.tokenizer.id_to_token(i) or "?" for i in ids[0, :n].tolist()]
         return {"tokens": tokens, "attention": maps,
                 "probabilities": dict(zip(self.classes, probs.tolist(), strict=True))}
 
