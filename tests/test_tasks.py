@@ -174,9 +174,9 @@ def test_attention_maps_of_a_trained_classifier(tmp_path, capsys):
     assert torch.allclose(w.sum(-1), torch.ones(SMALL["num_heads"], 10), atol=1e-5)
     assert sum(res["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     out = tmp_path / "att.png"
-    assert main(["attention", str(r.run_dir), "--text", "[SM 1 2 ]", "--out", str(out)]) == 0
+    assert main(["show-attention", "--checkpoint", str(r.run_dir), "--text", "[SM 1 2 ]", "--out", str(out)]) == 0
     assert out.stat().st_size > 1000 and "prediction:" in capsys.readouterr().out
-    assert main(["attention", str(r.run_dir), "--text", "1", "--layer", "5"]) == 2
+    assert main(["show-attention", "--checkpoint", str(r.run_dir), "--text", "1", "--layer", "5"]) == 2
 
 
 

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from attnlab import __version__
 from attnlab.cli import bench
+from attnlab.cli import compare as compare_cli
 from attnlab.cli import train as train_cli
 from attnlab.registry import get, list_mechanisms
 from attnlab.train.checkpoint import CheckpointError
@@ -154,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--json", action="store_true")
     bench.add_parser(sub)
     train_cli.add_parsers(sub)
+    compare_cli.add_parsers(sub)
     return p
 
 
@@ -164,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console() if sys.stdout.isatty() else Console(width=160)
     try:
         handlers = {"list": cmd_list, "info": cmd_info, "verify": cmd_verify, "demo": cmd_demo,
-                    "bench": bench.run, **train_cli.HANDLERS}
+                    "bench": bench.run, **train_cli.HANDLERS,
+                    **compare_cli.HANDLERS}
         return handlers[args.command](args, console)
     except (ValueError, TypeError, CheckpointError) as e:
         # Bad names and hyperparameters are the user's to fix: say what, no traceback.

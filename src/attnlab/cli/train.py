@@ -143,41 +143,6 @@ def cmd_inpaint(args, console: Console) -> int:
     return 0
 
 
-def cmd_attention(args, console: Console) -> int:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from attnlab.train.loop import load_trained
-    task, model = load_trained(args.run)
-    if not hasattr(task, "explain"):
-        raise ConfigError(f"{args.run} is a {task.name!r} run; attention maps are drawn for "
-                          f"text classification runs")
-    res = task.explain(model, args.text)
-    probs = sorted(res["probabilities"].items(), key=lambda kv: -kv[1])
-    console.print("prediction: " + ", ".join(f"{c} {p:.3f}" for c, p in probs[:3]))
-    maps = res["attention"]
-    if not -len(maps) <= args.layer < len(maps):
-        raise ConfigError(f"--layer must be in [{-len(maps)}, {len(maps) - 1}]; got {args.layer}")
-    weights = maps[args.layer]                        # (H, N, N)
-    heads = weights.shape[0]
-    toks = res["tokens"]
-    fig, axes = plt.subplots(1, heads, figsize=(3.2 * heads, 4.2), squeeze=False)
-    for h in range(heads):
-        ax = axes[0][h]
-        ax.imshow(weights[h], cmap="viridis", vmin=0)
-        ax.set_title(f"head {h}")
-        ax.set_xticks(range(len(toks)), toks, rotation=60, ha="right", fontsize=7)
-        ax.set_yticks(range(len(toks)), toks if h == 0 else [""] * len(toks), fontsize=7)
-    fig.suptitle(f"{task.name}: layer {args.layer % len(maps)}, predicted {probs[0][0]}")
-    fig.tight_layout()
-    out = Path(args.out or (Path(args.run) / "attention.png"))
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    console.print(f"wrote {out}")
-    return 0
-
-
 def add_parsers(sub) -> None:
     sub.add_parser("tasks", help="the tasks attnlab can train on")
     pt = sub.add_parser("train", help="train a model with a mechanism on a task")
@@ -213,12 +178,7 @@ def add_parsers(sub) -> None:
     pi.add_argument("--n", type=int, default=8, help="images")
     pi.add_argument("--split", default="test")
     pi.add_argument("--out", help="PNG path (default RUN/inpainting.png)")
-    pa = sub.add_parser("attention", help="attention maps of a trained text classifier")
-    pa.add_argument("run", help="run directory of one seed")
-    pa.add_argument("--text", required=True)
-    pa.add_argument("--layer", type=int, default=-1)
-    pa.add_argument("--out", help="PNG path (default RUN/attention.png)")
 
 
 HANDLERS = {"tasks": cmd_tasks, "train": cmd_train, "generate": cmd_generate,
-            "inpaint": cmd_inpaint, "attention": cmd_attention}
+            "inpaint": cmd_inpaint}

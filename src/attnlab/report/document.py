@@ -47,16 +47,20 @@ _URL_REF_RE = re.compile(r"url\(\s*#([^)\s]+)\s*\)")
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
        color: #1f2328; background: #ffffff; line-height: 1.55;
-       max-width: 60rem; margin: 2rem auto; padding: 0 1.25rem; }
+       max-width: 72rem; margin: 2rem auto; padding: 0 1.25rem; }
 h1 { border-bottom: 2px solid #d0d7de; padding-bottom: .3rem; }
 h2 { border-bottom: 1px solid #d0d7de; padding-bottom: .2rem; margin-top: 2.2rem; }
 nav.toc { background: #f6f8fa; border: 1px solid #d0d7de; border-radius: 6px;
           padding: .6rem 1.2rem; }
 nav.toc ol { margin: .3rem 0; }
 a { color: #0969da; }
-table { border-collapse: collapse; margin: 1rem 0; font-variant-numeric: tabular-nums; }
-caption { caption-side: bottom; color: #57606a; font-size: .9rem; padding-top: .3rem; }
-th, td { border: 1px solid #d0d7de; padding: .3rem .7rem; text-align: left; }
+div.table { overflow-x: auto; margin: 1rem 0; }
+table { border-collapse: collapse; font-variant-numeric: tabular-nums; font-size: .85rem; }
+caption { caption-side: bottom; color: #57606a; font-size: .9rem; padding-top: .3rem;
+          text-align: left; }
+th, td { border: 1px solid #d0d7de; padding: .25rem .55rem; text-align: left;
+         white-space: nowrap; }
+td:last-child { white-space: normal; min-width: 12rem; }
 th { background: #f6f8fa; }
 tr:nth-child(even) td { background: #fbfcfd; }
 figure { margin: 1.5rem 0; }
@@ -212,14 +216,14 @@ class Report:
                 out.append(f"<p>{_esc(block[1])}</p>")
             elif kind == "table":
                 _, columns, rows, caption = block
-                out.append("<table>")
+                out.append('<div class="table"><table>')
                 if caption:
                     out.append(f"<caption>{_esc(caption)}</caption>")
                 out.append("<thead><tr>" + "".join(f"<th>{_esc(c)}</th>" for c in columns))
                 out.append("</tr></thead><tbody>")
                 for row in rows:
                     out.append("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in row) + "</tr>")
-                out.append("</tbody></table>")
+                out.append("</tbody></table></div>")
             elif kind == "figure":
                 out.append(f"<figure>{block[1]}<figcaption>{_esc(block[3])}</figcaption></figure>")
             elif kind == "code":

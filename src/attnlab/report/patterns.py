@@ -43,7 +43,7 @@ from attnlab.mechanisms.blocksparse import allows
 from attnlab.mechanisms.sparse_flex import SparseMechanism
 from attnlab.report.figures import mpl, plain, save
 
-__all__ = ["METHODS", "empirical_pattern", "plot_attention", "plot_patterns",
+__all__ = ["METHODS", "empirical_pattern", "plot_attention", "plot_attention_grid", "plot_patterns",
            "predicate_pattern", "sparsity_pattern", "structured_mechanisms"]
 
 METHODS = ("auto", "predicate", "empirical")
@@ -185,4 +185,39 @@ def plot_attention(tokens: Sequence[str], weights, path, *, title: str) -> list[
             ax.tick_params(length=2)
         fig.suptitle(title)
         fig.colorbar(im, ax=fig.axes, shrink=0.6, label="attention weight")
+        return save(fig, path)
+
+
+def plot_attention_grid(tokens: Sequence[str], maps: Mapping[str, torch.Tensor], path, *,
+                        title: str) -> list[Path]:
+    """Small multiples: one ``(N, N)`` heat map per name (e.g. each mechanism's mean over
+    heads for the same input), ``tokens`` as labels on the outer panels, each panel on its
+    own colour scale (their ranges differ: a sparse map is peaked, a kernel map is flat)."""
+    if not isinstance(maps, Mapping) or not maps:
+        raise ValueError("plot_attention_grid: maps must be a non-empty dict name -> (N, N)")
+    N = len(tokens)
+    ws = {}
+    for name, m in maps.items():
+        w = torch.as_tensor(m).detach().cpu().float()
+        if tuple(w.shape) != (N, N):
+            raise ValueError(f"plot_attention_grid: map {name!r} must be (N, N) = ({N}, {N}) "
+                             f"for {N} tokens; got {tuple(w.shape)}")
+        ws[name] = w
+    labels = [plain(t) for t in tokens]
+    matplotlib, Figure, Canvas = mpl("attnlab.report.patterns")
+    rows, cols = _grid(len(ws), max_cols=5)
+    side = max(2.4, 0.11 * N)
+    fs = max(3.5, min(7.0, 160.0 / N))
+    with matplotlib.rc_context(_RC):
+        fig = Figure(figsize=(side * cols, (side + 0.3) * rows), layout="constrained")
+        Canvas(fig)
+        for idx, (name, w) in enumerate(ws.items()):
+            ax = fig.add_subplot(rows, cols, idx + 1)
+            ax.imshow(w.numpy(), cmap="viridis", vmin=0.0, interpolation="nearest")
+            ax.set_title(plain(name))
+            last_row = idx >= len(ws) - cols
+            ax.set_xticks(range(N), labels if last_row else [""] * N, rotation=90, fontsize=fs)
+            ax.set_yticks(range(N), labels if idx % cols == 0 else [""] * N, fontsize=fs)
+            ax.tick_params(length=1.5)
+        fig.suptitle(title)
         return save(fig, path)

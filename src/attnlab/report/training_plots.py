@@ -140,11 +140,11 @@ def _val_key(runs: Sequence[Mapping[str, Any]]) -> str | None:
 
 
 # ------------------------------------------------------------------------------ figures
-def _draw(ax, runs, key: str, color, label: str | None) -> bool:
+def _draw(ax, runs, key: str, color, label: str | None, ls: str = "-") -> bool:
     steps, mean, lo, hi = _band(runs, key)
     if not steps:
         return False
-    ax.plot(steps, mean, color=color, label=label, lw=1.4)
+    ax.plot(steps, mean, color=color, label=label, lw=1.4, ls=ls)
     if len(runs) > 1:
         ax.fill_between(steps, lo, hi, color=color, alpha=0.2, lw=0)
     return True
@@ -175,15 +175,21 @@ def plot_loss_curves(curves: Mapping[str, Sequence[Mapping[str, Sequence[float]]
         colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
         color = {n: colors[i % len(colors)] for i, n in enumerate(names)}
 
-        fig = Figure(figsize=(6.4, 4.0), layout="constrained")
+        many = len(names) > 8  # a legend that big goes beside the axes, not over the lines
+        fig = Figure(figsize=(8.4 if many else 6.4, 4.4), layout="constrained")
         Canvas(fig)
         ax = fig.add_subplot()
-        for n in names:
-            _draw(ax, curves[n], key, color[n], plain(n))
+        styles = ["-", "--", ":", "-."]  # colours repeat after 10: the dash tells them apart
+        for i, n in enumerate(names):
+            _draw(ax, curves[n], key, color[n], plain(n), styles[(i // len(colors)) % 4])
         ax.set_xlabel("step")
         ax.set_ylabel(plain(key))
         ax.set_title(f"{plain(key)}: mean over seeds, min-max band")
-        ax.legend(fontsize=8)
+        if many:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
+                      ncols=1 if len(names) <= 18 else 2)
+        else:
+            ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         outs += save(fig, path)
 

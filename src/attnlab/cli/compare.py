@@ -1,0 +1,140 @@
+"""``attnlab compare | report | show-attention``: the whole comparison, its report, one map.
+
+    attnlab compare                                   # every mechanism, ListOps, quick
+    attnlab compare --mechanisms sdpa linear performer --profile standard --out runs/cmp
+    attnlab report results/compare/listops-quick      # rebuild the report from the results
+    attnlab show-attention --checkpoint runs/emotions/sdpa/seed-0 --text "i feel calm"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from attnlab.train.config import ConfigError
+
+__all__ = ["add_parsers", "HANDLERS", "parse_question"]
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20,
+          "mib": 2**20, "g": 2**30, "gb": 2**30, "gib": 2**30}
+
+
+def parse_question(text: str) -> tuple[int, int | None]:
+    """``N`` or ``N:BUDGET`` (``4096:512MiB``, ``16384:2GiB``; K/M/G are binary)."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?::\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*)?", text)
+    if not m or (m.group(3) or "").lower() not in _UNITS:
+        raise ConfigError(f"--advise: expected N or N:BUDGET such as 4096:512MiB; got {text!r}")
+    n = int(m.group(1))
+    if n < 1:
+        raise ConfigError(f"--advise: N must be >= 1; got {text!r}")
+    if m.group(2) is None:
+        return n, None
+    return n, int(float(m.group(2)) * _UNITS[(m.group(3) or "").lower()])
+
+
+def _command() -> str:
+    return "attnlab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def cmd_compare(args, console: Console) -> int:
+    from attnlab.compare.plan import make_plan
+    from attnlab.compare.run import CompareInterrupted, run_compare
+    task_kwargs = {}
+    if args.data_dir:
+        task_kwargs["data_dir"] = args.data_dir
+    plan = make_plan(task=args.task, profile=args.profile, mechanisms=args.mechanisms,
+                     seeds=args.seeds, max_steps=args.max_steps, task_kwargs=task_kwargs)
+    questions = [parse_question(q) for q in args.advise or []]
+    out = Path(args.out or f"results/compare/{plan.task}-{plan.profile}")
+    console.print(f"[bold]attnlab compare[/bold]: {len(plan.mechanisms)} mechanisms on "
+                  f"{plan.task} (profile {plan.profile}) -> {out}")
+    try:
+        state = run_compare(plan, out, jobs=args.jobs, progress=not args.no_progress,
+                            console=console, command=_command(), report=False)
+    except (CompareInterrupted, KeyboardInterrupt):
+        console.print(f"[yellow]interrupted[/yellow]: what finished is stored in {out}; run "
+                      f"the same command again to resume")
+        return 130
+    from attnlab.report.build import build_report
+    paths = build_report(out, console=console, advise=questions or None)
+    console.print(f"done in {state.get('bench_s', 0) + state.get('train_s', 0):.0f} s of "
+                  f"benchmark and training; open {paths['html']}")
+    return 0
+
+
+def cmd_report(args, console: Console) -> int:
+    from attnlab.report.build import build_report
+    questions = [parse_question(q) for q in args.advise or []]
+    try:
+        build_report(args.run_dir, out=args.out, console=console, advise=questions or None)
+    except FileNotFoundError as e:
+        console.print(f"[red]error:[/red] {e}")
+        return 2
+    return 0
+
+
+def _run_dir(checkpoint: str) -> Path:
+    p = Path(checkpoint)
+    if p.is_file() and p.suffix == ".pt":
+        p = p.parent
+    if not (p / "config.json").is_file() or not (p / "best.pt").is_file():
+        raise ConfigError(f"--checkpoint: expected a training run directory (config.json and "
+                          f"best.pt) or its best.pt; got {checkpoint!r}")
+    return p
+
+
+def cmd_show_attention(args, console: Console) -> int:
+    from attnlab.report.patterns import plot_attention
+    from attnlab.report.samples import attention_sample
+    run = _run_dir(args.checkpoint)
+    cfg = json.loads((run / "config.json").read_text())
+    s = attention_sample(run, text=args.text)
+    layers = s["layers"]
+    if not -len(layers) <= args.layer < len(layers):
+        raise ConfigError(f"--layer must be in [{-len(layers)}, {len(layers) - 1}]; "
+                          f"got {args.layer}")
+    if s["prediction"] is not None:
+        console.print(f"prediction: {s['prediction']}")
+    out = Path(args.out or (run / "attention.png"))
+    title = f"{cfg['task']} / {cfg['mechanism']}: layer {args.layer % len(layers)}"
+    if s["prediction"] is not None:
+        title += f", predicted {s['prediction']}"
+    paths = plot_attention(s["tokens"], layers[args.layer], out, title=title)
+    console.print("wrote " + ", ".join(map(str, paths)))
+    return 0
+
+
+def add_parsers(sub) -> None:
+    from attnlab.compare.plan import PROFILES
+    pc = sub.add_parser("compare", help="benchmark + train every mechanism, write the report",
+                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pc.add_argument("--mechanisms", nargs="+", help="names (default: every registered one)")
+    pc.add_argument("--task", help="a task of `attnlab tasks` (default listops, generated)")
+    pc.add_argument("--profile", default="quick", help=" | ".join(PROFILES))
+    pc.add_argument("--out", help="run directory (default results/compare/TASK-PROFILE); "
+                                  "an unfinished one is resumed")
+    pc.add_argument("--seeds", type=int, nargs="+", help="training seeds (profile's default)")
+    pc.add_argument("--max-steps", type=int, help="training steps per run (profile's default)")
+    pc.add_argument("--jobs", type=int, help="training runs at a time (default: cores)")
+    pc.add_argument("--data-dir", help="dataset files for tasks that need them")
+    pc.add_argument("--advise", action="append", metavar="N[:BUDGET]",
+                    help="an advisor question, e.g. 8192:512MiB (repeatable)")
+    pc.add_argument("--no-progress", action="store_true")
+    pr = sub.add_parser("report", help="rebuild a compare run's report from its results")
+    pr.add_argument("run_dir")
+    pr.add_argument("--out", help="directory (default RUN_DIR/report)")
+    pr.add_argument("--advise", action="append", metavar="N[:BUDGET]")
+    ps = sub.add_parser("show-attention", help="attention map PNG of a trained model")
+    ps.add_argument("--checkpoint", required=True, help="a run directory or its best.pt")
+    ps.add_argument("--text", help="the input (text tasks; image tasks use a test image)")
+    ps.add_argument("--layer", type=int, default=-1)
+    ps.add_argument("--out", help="PNG path (default RUN/attention.png; an SVG too)")
+
+
+HANDLERS = {"compare": cmd_compare, "report": cmd_report, "show-attention": cmd_show_attention}

@@ -1,0 +1,209 @@
+"""Run a :class:`~attnlab.compare.plan.Plan` into one directory, resumably.
+
+``RUN_DIR/`` holds ``plan.json`` (what runs), ``state.json`` (the command, the benchmark
+run's id, timings), ``results.db`` (the benchmark lab's SQLite store: the sweep's
+measurements and one ``trainings`` row per finished seed), ``train/<mechanism>/seed-<s>/``
+(ordinary training runs: metrics, checkpoints, summary) and ``report/``.
+
+Order: the benchmark sweep first, alone on the machine (timings measured next to training
+processes would be slowed by them); then the training runs, ``jobs`` at a time in separate
+processes of one thread each (small models do not use two threads well, two runs do);
+then the report. Interrupting (Ctrl-C / SIGTERM) stops the sweep at a point boundary and
+each training run at a step boundary with a checkpoint; the same command resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from attnlab.compare.plan import Plan, load_or_save
+
+__all__ = ["run_compare", "run_dir_of", "CompareInterrupted"]
+
+
+class CompareInterrupted(KeyboardInterrupt):
+    """The compare stopped early; what finished is stored and the same command resumes."""
+
+
+def run_dir_of(run_dir: Path, mechanism: str, seed: int) -> Path:
+    return Path(run_dir) / "train" / mechanism / f"seed-{seed}"
+
+
+def _state(run_dir: Path) -> dict[str, Any]:
+    p = run_dir / "state.json"
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def _save_state(run_dir: Path, state: dict[str, Any]) -> None:
+    tmp = run_dir / "state.json.tmp"
+    tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
+    tmp.replace(run_dir / "state.json")  # atomic: an interrupt never leaves half a file
+
+
+def _train_one(cfg: dict, run_dir: str) -> dict[str, Any]:
+    """One seed of one mechanism (in a worker process, or in-process with jobs=1)."""
+    from attnlab.train.config import TrainConfig
+    from attnlab.train.loop import train
+    d = Path(run_dir)
+    res = train(TrainConfig.from_dict(cfg), d, resume=(d / "checkpoint.pt").exists(),
+                progress=False)
+    return {"status": res.status, "summary": res.summary}
+
+
+def _bench(plan: Plan, run_dir: Path, state: dict, command: str, progress: bool,
+           console: Console) -> None:
+    from attnlab.bench.grid import make_grid
+    from attnlab.bench.runner import run_sweep
+    from attnlab.bench.store import Store
+
+    settings = dict(plan.bench)
+    grid = make_grid(profile=settings.pop("profile", None), where="compare", **settings)
+    with Store(run_dir / "results.db") as store:
+        # A finished sweep of this very grid is kept; an unfinished one is resumed by
+        # run_sweep itself (same grid digest, same machine).
+        done = [r["id"] for r in store.runs()
+                if r["grid_digest"] == grid.digest() and r["status"] == "done"]
+        if done:
+            state["bench_run"] = done[-1]
+            _save_state(run_dir, state)
+            console.print(f"benchmark: run {done[-1]} already finished, kept")
+            return
+        console.print(f"[bold]benchmark[/bold]: {len(grid.points())} points "
+                      f"({len(plan.mechanisms)} mechanisms x N={list(grid.lengths)})")
+        t0 = time.perf_counter()
+        try:
+            state["bench_run"] = run_sweep(grid, store, command=command, resume=True,
+                                           progress=progress, console=console)
+        finally:
+            state["bench_s"] = state.get("bench_s", 0.0) + time.perf_counter() - t0
+            _save_state(run_dir, state)
+
+
+def _record_missing(plan: Plan, run_dir: Path, db: Path) -> None:
+    """Every finished seed is one ``trainings`` row (also after an interrupt that fell
+    between a run's end and its row)."""
+    from attnlab.bench.store import Store
+    from attnlab.train.config import TrainConfig
+    from attnlab.train.runs import record
+
+    with Store(db) as store:
+        have = {r["run_dir"] for r in store.trainings(plan.task)}
+    for m in plan.trained():
+        for s in plan.seeds:
+            d = run_dir_of(run_dir, m, s)
+            if (d / "summary.json").exists() and str(d.resolve()) not in have:
+                cfg = TrainConfig.from_dict(json.loads((d / "config.json").read_text()))
+                record(db, d, cfg, json.loads((d / "summary.json").read_text()))
+
+
+def _training(plan: Plan, run_dir: Path, jobs: int, progress: bool,
+              console: Console) -> None:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    db = run_dir / "results.db"
+    _record_missing(plan, run_dir, db)
+    todo = [(m, s) for m in plan.trained() for s in plan.seeds
+            if not (run_dir_of(run_dir, m, s) / "summary.json").exists()]
+    total = len(plan.trained()) * len(plan.seeds)
+    for m, why in plan.skipped.items():
+        console.print(f"[yellow]not trained[/yellow]: {m}: {why}")
+    if not todo:
+        console.print(f"training: all {total} runs already finished, kept")
+        return
+    jobs = max(1, min(jobs, len(todo)))
+    console.print(f"[bold]training[/bold]: {len(todo)} of {total} runs on {plan.task} "
+                  f"({plan.train.get('max_steps')} steps), {jobs} at a time")
+    columns = [TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.description}")]
+    with Progress(*columns, console=console, disable=not progress) as bar:
+        tid = bar.add_task("", total=total, completed=total - len(todo))
+
+        def finished(m: str, s: int, res: dict) -> None:
+            if res["status"] == "interrupted":
+                raise CompareInterrupted(f"{m} seed {s} interrupted")
+            from attnlab.train.runs import record
+            record(db, run_dir_of(run_dir, m, s), plan.config(m, s), res["summary"])
+            test = res["summary"]["test"][res["summary"]["metric"]]
+            bar.console.print(f"  {m} seed {s}: test {res['summary']['metric']} {test:.4f}, "
+                              f"{res['summary']['train_time_s']:.0f} s")
+            bar.advance(tid)
+
+        if jobs == 1:
+            for m, s in todo:
+                bar.update(tid, description=f"{m} seed {s}")
+                finished(m, s, _train_one(plan.config(m, s).to_dict(),
+                                          str(run_dir_of(run_dir, m, s))))
+            return
+        _pool(plan, run_dir, todo, jobs, bar, tid, finished)
+
+
+def _pool(plan, run_dir, todo, jobs, bar, tid, finished) -> None:
+    # spawn, not fork: a forked child would inherit torch's thread pools and locks.
+    ctx = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx)
+    running: dict = {}
+    queue = list(todo)
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                m, s = queue.pop(0)
+                fut = pool.submit(_train_one, plan.config(m, s).to_dict(),
+                                  str(run_dir_of(run_dir, m, s)))
+                running[fut] = (m, s)
+            bar.update(tid, description=", ".join(f"{m} s{s}" for m, s in running.values()))
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                m, s = running.pop(fut)
+                finished(m, s, fut.result())
+    except (KeyboardInterrupt, BrokenProcessPool) as e:
+        # The workers got the same SIGINT: each checkpoints and returns "interrupted".
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise CompareInterrupted(str(e) or "interrupted") from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def run_compare(plan: Plan, run_dir: str | Path, *, jobs: int | None = None,
+                progress: bool = True, console: Console | None = None, command: str = "",
+                report: bool = True) -> dict[str, Any]:
+    """Run (or resume) ``plan`` in ``run_dir``; returns the state with the report's paths.
+    Raises :class:`CompareInterrupted` when stopped early (rerun to resume)."""
+    run_dir = Path(run_dir)
+    console = console or Console(stderr=True, quiet=not progress)
+    resumed = load_or_save(plan, run_dir)
+    state = _state(run_dir)
+    if not resumed or "command" not in state:
+        state.update(command=command, started_at=time.strftime("%Y-%m-%d %H:%M:%S"))
+    state["resumed"] = state.get("resumed", 0) + int(resumed)
+    _save_state(run_dir, state)
+    if resumed:
+        console.print(f"resuming the comparison in {run_dir}")
+    _bench(plan, run_dir, state, command, progress, console)
+    t0 = time.perf_counter()
+    try:
+        _training(plan, run_dir, jobs or os.cpu_count() or 1, progress, console)
+    finally:
+        state["train_s"] = state.get("train_s", 0.0) + time.perf_counter() - t0
+        _save_state(run_dir, state)
+    state["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    _save_state(run_dir, state)
+    if report:
+        from attnlab.report.build import build_report
+        state["report"] = {k: str(v) for k, v in build_report(run_dir, console=console).items()}
+    return state

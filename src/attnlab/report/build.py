@@ -1,0 +1,189 @@
+"""The report of a compare run, rebuilt from what it stored: ``attnlab report RUN_DIR``.
+
+Inputs, all under ``RUN_DIR`` (see :mod:`attnlab.compare.run`): ``plan.json``,
+``state.json``, ``results.db`` (benchmark measurements and training rows) and the training
+runs' ``metrics.jsonl`` and ``best.pt``. Nothing is recomputed from memory, so a report
+rebuilt later shows the same numbers. Output: ``RUN_DIR/report/report.html`` (one
+self-contained file: inline SVG figures, no script, no URL), ``report.md`` and
+``figures/*.png`` (+ ``.svg``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from attnlab.report.document import Report
+
+__all__ = ["build_report", "DEFAULT_BUDGET"]
+
+DEFAULT_BUDGET = 2**30  # the advisor's second question: what fits in 1 GiB at 4x the data
+
+
+def _load(run_dir: Path) -> tuple[Any, dict, dict, list[dict], list[dict]]:
+    from attnlab.bench.store import Store
+    from attnlab.compare.plan import Plan
+    for name in ("plan.json", "state.json", "results.db"):
+        if not (run_dir / name).exists():
+            raise FileNotFoundError(f"RUN_DIR: {run_dir} is not a compare run directory "
+                                    f"({name} is missing); create one with `attnlab compare`")
+    plan = Plan.from_json(json.loads((run_dir / "plan.json").read_text()))
+    state = json.loads((run_dir / "state.json").read_text())
+    with Store(run_dir / "results.db", create=False) as store:
+        if state.get("bench_run") is None:
+            raise FileNotFoundError(f"RUN_DIR: {run_dir} has no finished benchmark yet; "
+                                    f"run the compare command again to resume it")
+        bench = store.run(state["bench_run"])
+        rows = store.measurements(state["bench_run"])
+        mine = (run_dir / "train").resolve()
+        trainings = [t for t in store.trainings(plan.task)
+                     if Path(t["run_dir"]).is_relative_to(mine)]
+    return plan, state, bench, rows, trainings
+
+
+def _seed_dirs(run_dir: Path, plan, trainings: list[dict]) -> dict[str, list[Path]]:
+    out: dict[str, list[Path]] = {}
+    for m in plan.trained():
+        ds = sorted(Path(t["run_dir"]) for t in trainings if t["mechanism"] == m)
+        if ds:
+            out[m] = ds
+    return out
+
+
+def _fmt_q(r: dict) -> str:
+    if r.get("test_mean") is None:
+        return "-"
+    sd = f" ± {r['test_std']:.3f}" if r.get("test_std") is not None else ""
+    return f"{r['test_mean']:.3f}{sd}"
+
+
+def _summary(rep: Report, plan, state, bench, rows, lb, advice, pass_) -> None:
+    from attnlab.bench.analysis import format_length, format_time
+    from attnlab.tasks.base import get_task
+    cls = get_task(plan.task)
+    rep.section("Summary", "summary")
+    ns = sorted({r["N"] for r in rows})
+    trained = [r for r in lb if r.get("test_mean") is not None]
+    rep.paragraph(
+        f"{len(plan.mechanisms)} attention mechanisms compared on {plan.task} ({cls.summary}): "
+        f"a benchmark sweep at N = {', '.join(format_length(n) for n in ns)} "
+        f"({', '.join(sorted({r['pass_'] for r in rows}))}), then "
+        f"{plan.train.get('max_steps', cls.defaults.get('max_steps'))} training steps x "
+        f"{len(plan.seeds)} seeds per mechanism. Benchmark {state.get('bench_s', 0):.0f} s, "
+        f"training {state.get('train_s', 0):.0f} s (profile {plan.profile}).")
+    if trained:
+        best = trained[0]
+        rep.paragraph(f"Best test {best['metric']}: {best['name']} at {_fmt_q(best)} (mean ± "
+                      f"sample std over {best['n_seeds']} seeds). Ranking below.")
+    n_max = max(ns)
+    timed = [(r["time"][n_max], r["name"]) for r in lb
+             if isinstance(r["time"].get(n_max), float)]
+    if timed:
+        t, name = min(timed)
+        rep.paragraph(f"Fastest at N={format_length(n_max)} ({pass_}): {name}, "
+                      f"{format_time(t)} per call.")
+    if advice:
+        a = advice[-1]
+        rep.paragraph(f"The advisor's pick at N={format_length(a.n)} within "
+                      f"{a.memory_budget_bytes / 2**20:.0f} MiB: {a.recommended or 'none fits'}"
+                      f" (see the Advisor section for the reasoning).")
+    bad = sorted({(r["label"], r["status"]) for r in rows if r["status"] != "ok"})
+    if bad:
+        rep.paragraph("Benchmark points that did not run: " + "; ".join(
+            f"{lab} {st}" for lab, st in bad) + ".")
+    for m, why in plan.skipped.items():
+        rep.paragraph(f"Not trained: {m} ({why}).")
+
+
+def _leaderboard(rep: Report, lb, rows, pass_, bench) -> None:
+    from attnlab.report.leaderboard import BASELINE, render_leaderboard
+    rep.section("Leaderboard", "leaderboard")
+    cols, cells = render_leaderboard(lb, sorted({r["N"] for r in rows}))
+    r0 = next(iter(rows), {})
+    rep.table(cols, cells, caption=(
+        f"test metric: mean ± sample standard deviation over seeds, best validation weights; "
+        f"conv. step/time: first evaluation within 95% of the run's best validation score; "
+        f"throughput: training {lb[0].get('metric') and 'tokens'}/s; time and memory: one "
+        f"{pass_} call at batch {r0.get('batch')}, {r0.get('heads')} heads, head dim "
+        f"{r0.get('head_dim')}, {r0.get('dtype')} (peak memory above the inputs); roof: "
+        f"achieved fraction of this machine's matmul peak "
+        f"({bench['machine'].get('roof_gflops', float('nan')):.0f} GFLOP/s) at the largest "
+        f"length; crossover: the length above which the mechanism is faster than {BASELINE}."))
+
+
+def _training(rep: Report, figs: Path, plan, dirs, lb) -> None:
+    from attnlab.report.training_plots import plot_loss_curves, plot_pareto, read_curves
+    rep.section("Training curves", "training")
+    if not dirs:
+        rep.paragraph("No finished training runs.")
+        return
+    curves = {m: [read_curves(d) for d in ds] for m, ds in dirs.items()}
+    png, svg, ppng, psvg = plot_loss_curves(curves, figs / "loss_curves")
+    rep.figure(svg, png, caption="Training loss of every mechanism: mean over seeds, "
+                                 "min-max band over seeds.")
+    rep.figure(psvg, ppng, caption="Per mechanism: training loss (left axis) and the "
+                                   "validation metric (right axis).")
+    pts = [{"name": r["name"], "throughput": r["throughput"], "test_mean": r["test_mean"]}
+           for r in lb if r.get("test_mean") is not None and r.get("throughput")]
+    if len(pts) >= 2:
+        png, svg = plot_pareto(pts, figs / "pareto_quality_throughput",
+                               mode=lb[0].get("mode") or "max")
+        rep.figure(svg, png, caption=f"Test {lb[0]['metric']} against training throughput "
+                                     f"({plan.task}); the red line joins the mechanisms no "
+                                     f"other beats on both.")
+
+
+def _scaling(rep: Report, figs: Path, rows, bench, pass_) -> None:
+    from attnlab.bench.plots import plot_run
+    from attnlab.report.leaderboard import BASELINE
+    rep.section("Time and memory vs sequence length", "scaling")
+    paths = plot_run(rows, bench, figs / "bench")
+    for kind, what in (("time_vs_n", "Time per call"), ("memory_vs_n", "Peak memory"),
+                       ("speedup_vs_n", f"Speed-up over {BASELINE}")):
+        for svg in sorted(p for p in paths if p.suffix == ".svg"
+                          and p.name.startswith(f"{kind}-{pass_}-")):
+            rep.figure(svg, svg.with_suffix(".png"), caption=(
+                f"{what} against N (log-log), {pass_} pass; the legend gives each fitted "
+                f"exponent a in N^a."))
+    rep.paragraph(f"Exponents and crossover lengths against {BASELINE} are columns of the "
+                  f"leaderboard; a point that did not run shows its status there.")
+
+
+def build_report(run_dir: str | Path, *, out: str | Path | None = None,
+                 console: Console | None = None,
+                 advise: list[tuple[int, int | None]] | None = None) -> dict[str, Path]:
+    """Write the report of the compare in ``run_dir``; returns its paths (html, markdown,
+    figures). ``advise``: the advisor's questions ``(N, memory budget bytes or None)``;
+    default: the longest measured N without a budget, and 4x it within 1 GiB."""
+    from attnlab.report import sections
+    from attnlab.report.leaderboard import leaderboard
+    run_dir = Path(run_dir)
+    console = console or Console(stderr=True)
+    plan, state, bench, rows, trainings = _load(run_dir)
+    out = Path(out) if out is not None else run_dir / "report"
+    figs = out / "figures"
+    passes = {r["pass_"] for r in rows if r["status"] == "ok"}
+    pass_ = "fwd+bwd" if "fwd+bwd" in passes else "fwd"
+    lb = leaderboard(rows, trainings, pass_=pass_)
+    dirs = _seed_dirs(run_dir, plan, trainings)
+    n_max = max((r["N"] for r in rows), default=1024)
+    questions = advise or [(n_max, None), (4 * n_max, DEFAULT_BUDGET)]
+    advice = sections.advice(rows, lb, questions, pass_)
+
+    rep = Report(f"attnlab compare: {len(plan.mechanisms)} mechanisms on {plan.task}")
+    console.print(f"report: {len(rows)} measurements, {len(trainings)} training runs")
+    _summary(rep, plan, state, bench, rows, lb, advice, pass_)
+    _leaderboard(rep, lb, rows, pass_, bench)
+    _training(rep, figs, plan, dirs, lb)
+    _scaling(rep, figs, rows, bench, pass_)
+    sections.attention(rep, figs, plan, dirs, console)
+    sections.patterns(rep, figs, plan)
+    sections.inpainting(rep, figs, plan, dirs)
+    sections.render_advice(rep, advice)
+    sections.reproduce(rep, run_dir, plan, state, bench, trainings)
+    paths = rep.write(out)
+    console.print(f"report: {paths['html']}")
+    return {**paths, "figures": figs}

@@ -1,0 +1,228 @@
+"""attnlab compare: the plan, a tiny end-to-end run, resume, and a report from stored numbers."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import sqlite3
+
+import pytest
+
+from attnlab.bench.analysis import format_time
+from attnlab.cli.compare import parse_question
+from attnlab.cli.main import main
+from attnlab.compare import make_plan, run_compare
+from attnlab.compare import run as run_module
+from attnlab.compare.plan import PROFILES, load_or_save
+from attnlab.registry import list_mechanisms
+from attnlab.report.build import build_report
+from attnlab.train.config import ConfigError
+
+pytest.importorskip("matplotlib")
+
+SECTIONS = ("summary", "leaderboard", "training", "scaling", "attention", "patterns",
+            "advisor", "reproduce")
+XSS = "<script>alert(1)</script>"
+
+
+def tiny_plan(mechanisms=("sdpa", "sliding_window"), seeds=(0, 1)):
+    plan = make_plan(mechanisms=list(mechanisms), seeds=list(seeds), max_steps=6)
+    train = {**plan.train, "eval_every": 3, "checkpoint_every": 3, "warmup_steps": 1,
+             "batch_size": 16, "model_kwargs": {"d_model": 16, "num_layers": 1,
+                                                "num_heads": 2},
+             "task_kwargs": {**plan.train["task_kwargs"], "n_train": 200, "n_validation": 40,
+                             "n_test": 40}}
+    bench = {**plan.bench, "lengths": [64, 128], "min_run_time": 0.01, "heads": [2],
+             "head_dim": [16], "threads": 1}
+    return dataclasses.replace(plan, train=train, bench=bench)
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    """One tiny compare (2 mechanisms x 2 seeds), its sample text holding a script tag."""
+    out = tmp_path_factory.mktemp("compare") / "run"
+    mp = pytest.MonkeyPatch()
+    from attnlab.report import samples
+    real = samples.pick_text
+    mp.setattr(samples, "pick_text", lambda task, n: (f"{XSS} " + real(task, n)[0], "x"))
+    try:
+        state = run_compare(tiny_plan(), out, jobs=1, progress=False, command="attnlab test")
+    finally:
+        mp.undo()
+    return out, state
+
+
+# ------------------------------------------------------------------------------- the plan
+def test_default_plan_is_every_mechanism_on_the_embedded_task_quick():
+    plan = make_plan()
+    assert plan.task == "listops" and plan.profile == "quick"
+    assert list(plan.mechanisms) == list_mechanisms() and not plan.skipped
+    assert plan.seeds == tuple(PROFILES["quick"]["seeds"])
+    cfg = plan.config("reformer", 1)
+    assert cfg.seed == 1 and cfg.mechanism == "reformer" and cfg.threads == 1
+    assert cfg.mechanism_kwargs == {"bucket_size": 8}
+    assert cfg.task_kwargs["max_len"] % cfg.task_kwargs["pad_multiple"] == 0
+    assert plan.digest() == make_plan().digest()
+    assert plan.digest() != make_plan(seeds=[0]).digest()
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"mechanisms": ["sdpa", "perfomer"]}, r"--mechanisms: .*'perfomer'.*did you mean 'performer'"),
+    ({"mechanisms": ["sdpa", "sdpa"]}, "given twice"),
+    ({"profile": "quik"}, r"unknown profile 'quik' \(did you mean 'quick'\?\)"),
+    ({"task": "listop"}, r"unknown task 'listop'.*did you mean 'listops'"),
+    ({"seeds": [1, 1]}, "--seeds: expected distinct"),
+    ({"max_steps": 0}, "max_steps must be an int >= 1"),
+])
+def test_bad_plans_are_refused_with_the_argument_named(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        make_plan(**kwargs)
+
+
+def test_a_causal_task_skips_the_mechanisms_without_a_causal_form():
+    plan = make_plan(task="copy", mechanisms=["sdpa", "nystromformer", "linear"])
+    assert plan.trained() == ["sdpa", "linear"]
+    assert "no causal form" in plan.skipped["nystromformer"]
+
+
+def test_another_plan_in_the_same_directory_is_refused(tmp_path):
+    assert load_or_save(tiny_plan(), tmp_path) is False
+    assert load_or_save(tiny_plan(), tmp_path) is True  # same plan: resume
+    with pytest.raises(ConfigError, match=r"another comparison \(it differs in .*mechanisms\)"):
+        load_or_save(tiny_plan(mechanisms=("sdpa",)), tmp_path)
+
+
+@pytest.mark.parametrize(("text", "want"), [
+    ("4096", (4096, None)), ("4096:512MiB", (4096, 512 * 2**20)),
+    ("16384:2g", (16384, 2 * 2**30)), ("100:1000", (100, 1000)), ("8 : 1.5 KiB", (8, 1536)),
+])
+def test_advisor_questions_parse(text, want):
+    assert parse_question(text) == want
+
+
+@pytest.mark.parametrize("text", ["", "x", "4096:", "4096:5parsecs", "0", "-5:1G"])
+def test_bad_advisor_questions_are_refused(text):
+    with pytest.raises(ConfigError, match="--advise"):
+        parse_question(text)
+
+
+# ---------------------------------------------------------------------------- a tiny run
+def test_compare_writes_html_markdown_and_pngs_with_every_section(compared):
+    out, state = compared
+    html = (out / "report" / "report.html").read_text()
+    md = (out / "report" / "report.md").read_text()
+    for anchor in SECTIONS:
+        assert f'id="{anchor}"' in html and f'href="#{anchor}"' in html
+    for title in ("## Leaderboard", "## Advisor", "## Attention maps", "## Reproduce"):
+        assert title in md
+    pngs = sorted(p.name for p in (out / "report" / "figures").rglob("*.png"))
+    for stem in ("loss_curves", "loss_curves-panels", "pareto_quality_throughput",
+                 "attention_overview", "attention-sdpa", "attention-sliding_window",
+                 "sparsity_patterns"):
+        assert f"{stem}.png" in pngs
+    assert any(p.startswith("time_vs_n-fwd") for p in pngs)
+    assert any(p.startswith("memory_vs_n-fwd") for p in pngs)
+    for link in re.findall(r"\]\(<([^>]+)>\)", md):  # every Markdown figure link resolves
+        assert (out / "report" / link).is_file(), link
+    assert html.count("<svg") >= 9 and "<script" not in html
+    assert "http://" not in html.replace("http://www.w3.org/", "")
+    assert "attnlab test" in html  # the exact command, for reproduction
+
+
+def test_dataset_text_is_escaped(compared):
+    out, _ = compared
+    html = (out / "report" / "report.html").read_text()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and XSS not in html
+
+
+def test_report_numbers_come_from_the_results_database(compared, tmp_path):
+    out, _ = compared
+    db = sqlite3.connect(out / "results.db")
+    vals = [v for (v,) in db.execute(
+        "SELECT test_value FROM trainings WHERE mechanism='sdpa' ORDER BY seed")]
+    assert len(vals) == 2
+    t = db.execute("SELECT time_s FROM measurements WHERE label='sdpa' AND N=128").fetchone()[0]
+    md = (out / "report" / "report.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| sdpa |"))
+    assert f"{sum(vals) / 2:.4g}" in row and format_time(t) in row
+    # Change the stored numbers: the rebuilt report follows them, nothing else.
+    db.execute("UPDATE trainings SET test_value=0.123 WHERE mechanism='sdpa'")
+    db.execute("UPDATE trainings SET summary=json_set(summary, '$.test.accuracy', 0.123) "
+               "WHERE mechanism='sdpa'")
+    db.execute("UPDATE measurements SET time_s=9.87 WHERE label='sdpa' AND N=128")
+    db.commit()
+    db.close()
+    build_report(out, out=tmp_path / "rebuilt")
+    row = next(line for line in (tmp_path / "rebuilt" / "report.md").read_text().splitlines()
+               if line.startswith("| sdpa |"))
+    assert "0.123 ± 0" in row and "9.87 s" in row
+
+
+def test_rerun_resumes_and_trains_nothing_again(compared, monkeypatch):
+    out, _ = compared
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "train").rglob("summary.json")}
+    assert len(stamps) == 4
+    monkeypatch.setattr(run_module, "_train_one",
+                        lambda *a: pytest.fail("a finished run was trained again"))
+    run_compare(tiny_plan(), out, jobs=1, progress=False, report=False)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    n = sqlite3.connect(out / "results.db").execute("SELECT COUNT(*) FROM trainings")
+    assert n.fetchone()[0] == 4
+    state = json.loads((out / "state.json").read_text())
+    assert state["resumed"] == 1 and state["command"] == "attnlab test"
+
+
+def test_an_interrupted_compare_resumes_where_it_stopped(tmp_path, monkeypatch):
+    plan = tiny_plan(mechanisms=("sdpa",))
+    real, calls = run_module._train_one, []
+
+    def once_then_stop(cfg, d):
+        calls.append(cfg["seed"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(cfg, d)
+
+    monkeypatch.setattr(run_module, "_train_one", once_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(plan, tmp_path, jobs=1, progress=False, report=False)
+    monkeypatch.setattr(run_module, "_train_one", lambda cfg, d: calls.append(cfg["seed"])
+                        or real(cfg, d))
+    run_compare(plan, tmp_path, jobs=1, progress=False, report=False)
+    assert calls == [0, 1, 1]  # seed 0 kept, seed 1 trained after the interrupt
+    rows = sqlite3.connect(tmp_path / "results.db").execute(
+        "SELECT seed FROM trainings ORDER BY seed").fetchall()
+    assert rows == [(0,), (1,)]
+
+
+def test_cli_report_and_show_attention(compared, tmp_path, capsys):
+    out, _ = compared
+    assert main(["report", str(out), "--out", str(tmp_path / "r"), "--advise",
+                 "100000:1MiB"]) == 0
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "N=100000 (memory budget 1 MiB)" in md
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert "not a compare run directory" in capsys.readouterr().out
+    seed = out / "train" / "sdpa" / "seed-0"
+    png = tmp_path / "map.png"
+    assert main(["show-attention", "--checkpoint", str(seed / "best.pt"), "--text",
+                 "[MAX 1 [MIN 3 4 ] 2 ]", "--out", str(png)]) == 0
+    assert png.stat().st_size > 1000 and png.with_suffix(".svg").is_file()
+    assert main(["show-attention", "--checkpoint", str(tmp_path), "--text", "1"]) == 2
+
+
+def test_the_report_opens_in_a_real_browser(compared, tmp_path):
+    """Headless chromium: no console errors, no network, every figure drawn, the dataset's
+    script tag shown as text (never run), and a screenshot."""
+    from attnlab.report.browser import BrowserNotFound, open_in_browser
+    out, _ = compared
+    try:
+        check = open_in_browser(out / "report" / "report.html", screenshot=tmp_path / "r.png")
+    except BrowserNotFound as e:
+        pytest.skip(str(e))
+    assert check.problems == [] and not check.dialogs and check.scripts == 0
+    html = (out / "report" / "report.html").read_text()
+    assert len(check.figures) == html.count("<figure>") >= 9
+    assert all(f["width"] > 50 and f["height"] > 50 and f["drawn"] > 0 for f in check.figures)
+    assert XSS in check.text
+    assert check.screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
