@@ -226,3 +226,16 @@ def test_the_report_opens_in_a_real_browser(compared, tmp_path):
     assert all(f["width"] > 50 and f["height"] > 50 and f["drawn"] > 0 for f in check.figures)
     assert XSS in check.text
     assert check.screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_inpainting_compare_shows_the_images(tmp_path):
+    plan = make_plan(task="inpaint_digits", mechanisms=["performer"], seeds=[0], max_steps=4)
+    plan = dataclasses.replace(
+        plan, train={**plan.train, "batch_size": 16, "eval_every": 2, "eval_batches": 1,
+                     "model_kwargs": {"d_model": 16, "num_layers": 1, "num_heads": 2}},
+        bench={**tiny_plan().bench, "mechanisms": ["performer"]})
+    run_compare(plan, tmp_path, jobs=1, progress=False)
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert 'id="inpainting"' in html and "performer (" in html  # row titled with its PSNR
+    assert (tmp_path / "report" / "figures" / "inpainting.png").stat().st_size > 1000
+    assert "r0c0" in html  # the attention map's axis labels are the image patches
