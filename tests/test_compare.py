@@ -146,6 +146,12 @@ def test_report_numbers_come_from_the_results_database(compared, tmp_path):
     md = (out / "report" / "report.md").read_text()
     row = next(line for line in md.splitlines() if line.startswith("| sdpa |"))
     assert f"{sum(vals) / 2:.4g}" in row and format_time(t) in row
+    f1 = [json.loads(v)["test"]["macro_f1"] for (v,) in db.execute(
+        "SELECT summary FROM trainings WHERE mechanism='sdpa' ORDER BY seed")]
+    lines = md.splitlines()
+    h = lines.index("| mechanism | accuracy | macro_f1 |")  # the every-test-metric table
+    f1_row = next(line for line in lines[h:] if line.startswith("| sdpa |"))
+    assert f1_row.split(" | ")[2].startswith(f"{sum(f1) / 2:.4g} ± ")
     # Change the stored numbers: the rebuilt report follows them, nothing else.
     db.execute("UPDATE trainings SET test_value=0.123 WHERE mechanism='sdpa'")
     db.execute("UPDATE trainings SET summary=json_set(summary, '$.test.accuracy', 0.123) "
@@ -239,3 +245,60 @@ def test_an_inpainting_compare_shows_the_images(tmp_path):
     assert 'id="inpainting"' in html and "performer (" in html  # row titled with its PSNR
     assert (tmp_path / "report" / "figures" / "inpainting.png").stat().st_size > 1000
     assert "r0c0" in html  # the attention map's axis labels are the image patches
+
+
+def test_sigterm_stops_parallel_training_at_a_checkpoint_and_the_rerun_finishes(tmp_path,
+                                                                              monkeypatch):
+    """Two training processes; SIGTERM to the compare: both seeds checkpoint and stop; the
+    same plan run again continues them (it does not start over) and finishes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    plan = tiny_plan(mechanisms=("sdpa",))
+    plan = dataclasses.replace(plan, train={**plan.train, "max_steps": 600,
+                                            "eval_every": 300, "checkpoint_every": 10})
+    (tmp_path / "plan.in.json").write_text(json.dumps(plan.to_json()))
+    code = ("import json, sys; from attnlab.compare.plan import Plan; "
+            "from attnlab.compare.run import run_compare; "
+            "p = Plan.from_json(json.load(open(sys.argv[1]))); "
+            "run_compare(p, sys.argv[2], jobs=2, progress=False, report=False)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "plan.in.json"),
+                             str(tmp_path / "run")], stderr=subprocess.PIPE, text=True)
+    ckpts = [tmp_path / "run" / "train" / "sdpa" / f"seed-{s}" / "checkpoint.pt" for s in (0, 1)]
+    deadline = time.monotonic() + 240
+    while not all(c.exists() for c in ckpts) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "CompareInterrupted" in err
+    steps = {}
+    import torch
+    for c in ckpts:
+        assert c.exists() and not (c.parent / "summary.json").exists()
+        steps[c] = torch.load(c, weights_only=True)["progress"]["step"]
+        assert 0 < steps[c] < 600
+    import attnlab.train.loop as loop
+    real, resumed = loop.train, []
+    monkeypatch.setattr(loop, "train", lambda cfg, d, **kw: resumed.append(kw["resume"])
+                        or real(cfg, d, **kw))
+    run_compare(plan, tmp_path / "run", jobs=1, progress=False, report=False)
+    assert resumed == [True, True]  # both seeds continued from their checkpoints
+    for c in ckpts:
+        assert json.loads((c.parent / "summary.json").read_text())["steps"] == 600
+        evals = [json.loads(line)["step"]
+                 for line in (c.parent / "metrics.jsonl").read_text().splitlines()]
+        assert evals == [300, 600]  # one history: continued, not started over
+
+
+def test_cli_report_screenshot(compared, tmp_path):
+    from attnlab.report.browser import BrowserNotFound, find_browser
+    try:
+        find_browser()
+    except BrowserNotFound as e:
+        pytest.skip(str(e))
+    out, _ = compared
+    shot = tmp_path / "shot.png"
+    assert main(["report", str(out), "--out", str(tmp_path / "r"), "--screenshot",
+                 str(shot)]) == 0
+    assert shot.read_bytes()[:4] == b"\x89PNG"

@@ -72,10 +72,22 @@ def cmd_report(args, console: Console) -> int:
     from attnlab.report.build import build_report
     questions = [parse_question(q) for q in args.advise or []]
     try:
-        build_report(args.run_dir, out=args.out, console=console, advise=questions or None)
+        paths = build_report(args.run_dir, out=args.out, console=console,
+                             advise=questions or None)
     except FileNotFoundError as e:
         console.print(f"[red]error:[/red] {e}")
         return 2
+    if args.screenshot:
+        from attnlab.report.browser import BrowserNotFound, open_in_browser
+        try:
+            check = open_in_browser(paths["html"], screenshot=args.screenshot)
+        except BrowserNotFound as e:
+            console.print(f"[red]error:[/red] --screenshot: {e}")
+            return 2
+        for problem in check.problems:
+            console.print(f"[red]browser:[/red] {problem}")
+        console.print(f"{len(check.figures)} figures rendered; screenshot {check.screenshot}")
+        return 1 if check.problems else 0
     return 0
 
 
@@ -130,6 +142,9 @@ def add_parsers(sub) -> None:
     pr.add_argument("run_dir")
     pr.add_argument("--out", help="directory (default RUN_DIR/report)")
     pr.add_argument("--advise", action="append", metavar="N[:BUDGET]")
+    pr.add_argument("--screenshot", metavar="PNG", help="open the report in headless "
+                    "chromium: report console errors, network requests and empty figures, "
+                    "save a full-page screenshot")
     ps = sub.add_parser("show-attention", help="attention map PNG of a trained model")
     ps.add_argument("--checkpoint", required=True, help="a run directory or its best.pt")
     ps.add_argument("--text", help="the input (text tasks; image tasks use a test image)")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import signal
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -32,6 +33,10 @@ __all__ = ["run_compare", "run_dir_of", "CompareInterrupted"]
 
 class CompareInterrupted(KeyboardInterrupt):
     """The compare stopped early; what finished is stored and the same command resumes."""
+
+
+def _raise_interrupt(signum, frame):
+    raise CompareInterrupted(f"signal {signum}")
 
 
 def run_dir_of(run_dir: Path, mechanism: str, seed: int) -> Path:
@@ -172,7 +177,15 @@ def _pool(plan, run_dir, todo, jobs, bar, tid, finished) -> None:
                 m, s = running.pop(fut)
                 finished(m, s, fut.result())
     except (KeyboardInterrupt, BrokenProcessPool) as e:
-        # The workers got the same SIGINT: each checkpoints and returns "interrupted".
+        # Ctrl-C reached the workers too (one process group; a second one would stop them
+        # without a checkpoint). SIGTERM reached only this process: pass it on, so that
+        # each running seed checkpoints at its next step and returns.
+        forward = isinstance(e, CompareInterrupted)
+        for proc in list(getattr(pool, "_processes", {}).values()) if forward else []:
+            try:
+                os.kill(proc.pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
         pool.shutdown(wait=True, cancel_futures=True)
         raise CompareInterrupted(str(e) or "interrupted") from None
     finally:
@@ -196,9 +209,12 @@ def run_compare(plan: Plan, run_dir: str | Path, *, jobs: int | None = None,
         console.print(f"resuming the comparison in {run_dir}")
     _bench(plan, run_dir, state, command, progress, console)
     t0 = time.perf_counter()
+    # SIGTERM (a scheduler's stop) ends like Ctrl-C: running seeds checkpoint, state is saved.
+    old = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         _training(plan, run_dir, jobs or os.cpu_count() or 1, progress, console)
     finally:
+        signal.signal(signal.SIGTERM, old)
         state["train_s"] = state.get("train_s", 0.0) + time.perf_counter() - t0
         _save_state(run_dir, state)
     state["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")

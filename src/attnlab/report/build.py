@@ -114,6 +114,34 @@ def _leaderboard(rep: Report, lb, rows, pass_, bench) -> None:
         f"length; crossover: the length above which the mechanism is faster than {BASELINE}."))
 
 
+def _test_metrics(rep: Report, lb, trainings) -> None:
+    """Every scalar test metric (accuracy and macro-F1, PSNR and SSIM, perplexity, ...) as
+    mean ± sample std over the seeds, in the leaderboard's order."""
+    from attnlab.train.metrics import mean_std
+    by: dict[str, list[dict]] = {}
+    for t in trainings:
+        by.setdefault(t["mechanism"], []).append(t["summary"]["test"])
+    keys = sorted({k for tests in by.values() for t in tests for k, v in t.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "n"})
+    if not keys:
+        return
+    rows, seen = [], set()
+    for r in lb:
+        tests = by.get(r["mechanism"]) if r["model"] == "transformer" else None
+        if not tests or r["mechanism"] in seen:
+            continue
+        seen.add(r["mechanism"])
+        cells = []
+        for k in keys:
+            vals = [float(t[k]) for t in tests if isinstance(t.get(k), (int, float))]
+            m, sd = mean_std(vals) if vals else (None, None)
+            cells.append("-" if m is None else f"{m:.4g}" + (f" ± {sd:.2g}"
+                                                              if len(vals) > 1 else ""))
+        rows.append([r["mechanism"], *cells])
+    rep.table(["mechanism", *keys], rows, caption="Every test metric: mean ± sample standard "
+                                                  "deviation over seeds.")
+
+
 def _training(rep: Report, figs: Path, plan, dirs, lb) -> None:
     from attnlab.report.training_plots import plot_loss_curves, plot_pareto, read_curves
     rep.section("Training curves", "training")
@@ -177,6 +205,7 @@ def build_report(run_dir: str | Path, *, out: str | Path | None = None,
     console.print(f"report: {len(rows)} measurements, {len(trainings)} training runs")
     _summary(rep, plan, state, bench, rows, lb, advice, pass_)
     _leaderboard(rep, lb, rows, pass_, bench)
+    _test_metrics(rep, lb, trainings)
     _training(rep, figs, plan, dirs, lb)
     _scaling(rep, figs, rows, bench, pass_)
     sections.attention(rep, figs, plan, dirs, console)
