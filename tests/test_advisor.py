@@ -94,6 +94,21 @@ def test_extrapolation_above_uses_the_exponent_of_the_large_lengths():
     assert "EXTRAPOLATED" in line and "N^2.00" in line and "N=8192" in line
 
 
+def test_extrapolation_above_caps_a_steeper_than_quadratic_fit():
+    # memory 0.1 MiB -> 16 MiB over 256..1024 (allocator granularity) fits N^3.66; at 4096
+    # a quadratic from the 1024 point: 16 MiB * 4^2 = 256 MiB, not 16 MiB * 4^3.66
+    pts = {256: (1e-3, 0.1 * MIB), 512: (4e-3, 2 * MIB), 1024: (16e-3, 16 * MIB)}
+    a = advise(rows("x", pts), 4096)
+    f = fit(a, "x")
+    assert f["peak_mem_bytes"] == pytest.approx(16 * MIB * 16, rel=1e-9)
+    assert f["time_s"] == pytest.approx(16e-3 * 16, rel=1e-9)  # fitted 2.00: not capped
+    line = next(r for r in a.reasoning if r.startswith("x:"))
+    assert "capped from the fitted 3.66" in line and line.count("capped") == 1
+    # a steep fit below the data is the first segment, never capped (it is not scaling up)
+    assert fit(advise(rows("x", pts), 128), "x")["peak_mem_bytes"] == pytest.approx(
+        0.1 * MIB / 20, rel=1e-6)
+
+
 def test_extrapolation_below_uses_the_first_segment():
     # slope 1 between 1024 and 2048, slope 2 above: 512 follows the first segment
     pts = {1024: (1.0, 100), 2048: (2.0, 200), 4096: (8.0, 800)}

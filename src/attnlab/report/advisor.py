@@ -25,6 +25,8 @@ The steps, each logged in :attr:`Advice.reasoning` with its numbers:
      lengths exist, else on all); below it, ``a`` is the slope of the two smallest lengths
      (the fixed overheads of small N make the large-N slope wrong there).
      With a single measured length there is no exponent and the mechanism is excluded.
+     Above the data ``a`` is capped at :data:`MAX_EXPONENT` (= 2: no mechanism is worse
+     than quadratic in N; a steeper fit on short lengths measures overheads, not scaling).
 4. Exclude a mechanism whose memory at N is over ``memory_budget_bytes`` (or unknown while
    a budget is set).
 5. ``fastest``: least time. ``most_accurate``: best quality mean (``mode``) among the fits
@@ -42,10 +44,13 @@ from dataclasses import dataclass
 
 from attnlab.bench.analysis import FIT_MIN_N, fit_exponent, format_length, format_time
 
-__all__ = ["TOLERANCE", "Advice", "advise", "render_advice"]
+__all__ = ["MAX_EXPONENT", "TOLERANCE", "Advice", "advise", "render_advice"]
 
 #: Relative quality margin within which a faster mechanism is preferred to the best one.
 TOLERANCE = 0.01
+#: No registered mechanism costs more than O(N^2) time or memory at a fixed head size, so a
+#: steeper fit (small-N overheads: allocator granularity, caches) is capped above the data.
+MAX_EXPONENT = 2.0
 _PASSES = ("fwd", "fwd+bwd")
 _RANK = {"measured": 0, "interpolated": 1, "extrapolated": 2}
 _MIB = 2**20
@@ -97,9 +102,14 @@ def _estimate(points: dict[int, float], n: int) -> tuple[float, str, str] | None
         big = [m for m in ns if m >= FIT_MIN_N]
         use, ref = (big if len(big) >= 2 else ns), ns[-1]
     a = fit_exponent(use, [points[m] for m in use])
+    capped = not above and a > MAX_EXPONENT + 1e-9  # not a rounding of an exact N^2
+    if capped:
+        a_fit, a = a, MAX_EXPONENT
     y = points[ref] * (n / ref) ** a
+    cap = f", capped from the fitted {a_fit:.2f}" if capped else ""
     return y, "extrapolated", (f"EXTRAPOLATED from N={ref} with N^{a:.2f} (fitted on "
-                               f"N={use[0]}..{use[-1]}), an estimate beyond the measurements")
+                               f"N={use[0]}..{use[-1]}{cap}), an estimate beyond the "
+                               f"measurements")
 
 
 def _rows_by_name(measurements: list[dict], pass_: str, causal: bool) -> dict[str, list[dict]]:

@@ -76,8 +76,14 @@ def _summary(rep: Report, plan, state, bench, rows, lb, advice, pass_) -> None:
         f"training {state.get('train_s', 0):.0f} s (profile {plan.profile}).")
     if trained:
         best = trained[0]
+        stds = [r["test_std"] for r in trained if r.get("test_std") is not None]
+        spread = abs(trained[0]["test_mean"] - trained[-1]["test_mean"])
         rep.paragraph(f"Best test {best['metric']}: {best['name']} at {_fmt_q(best)} (mean ± "
-                      f"sample std over {best['n_seeds']} seeds). Ranking below.")
+                      f"sample std over {best['n_seeds']} seeds). Best to worst spans "
+                      f"{spread:.3g}" + (f"; the median seed-to-seed std is "
+                                         f"{sorted(stds)[len(stds) // 2]:.2g}, so closer "
+                                         f"rankings than a few of those are noise"
+                                         if stds else "") + ".")
     n_max = max(ns)
     timed = [(r["time"][n_max], r["name"]) for r in lb
              if isinstance(r["time"].get(n_max), float)]
