@@ -302,3 +302,17 @@ def test_cli_report_screenshot(compared, tmp_path):
     assert main(["report", str(out), "--out", str(tmp_path / "r"), "--screenshot",
                  str(shot)]) == 0
     assert shot.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("profile", list(PROFILES))
+def test_every_profile_makes_a_valid_plan_and_grid(profile):
+    from attnlab.bench.grid import make_grid
+    from attnlab.tasks.base import get_task
+    plan = make_plan(profile=profile)
+    bench = dict(plan.bench)
+    grid = make_grid(profile=bench.pop("profile", None), **bench)
+    assert len(grid.mechanisms) == len(list_mechanisms())
+    opts = {**get_task("listops").options, **plan.config("reformer", 0).task_kwargs}
+    assert opts["max_len"] % opts["pad_multiple"] == 0  # a padded batch still fits
+    bucket = plan.config("reformer", 0).mechanism_kwargs.get("bucket_size", 64)
+    assert opts["pad_multiple"] % bucket == 0 or bucket >= opts["max_len"]
