@@ -207,6 +207,8 @@ def test_cli_report_and_show_attention(compared, tmp_path, capsys):
                  "100000:1MiB"]) == 0
     md = (tmp_path / "r" / "report.md").read_text()
     assert "N=100000 (memory budget 1 MiB)" in md
+    assert main(["report", str(out), "--out", str(tmp_path / "r2"), "--advise", "512"]) == 0
+    assert "The advisor's pick at N=512: " in (tmp_path / "r2" / "report.md").read_text()
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert "not a compare run directory" in capsys.readouterr().out
     seed = out / "train" / "sdpa" / "seed-0"
@@ -316,3 +318,22 @@ def test_every_profile_makes_a_valid_plan_and_grid(profile):
     assert opts["max_len"] % opts["pad_multiple"] == 0  # a padded batch still fits
     bucket = plan.config("reformer", 0).mechanism_kwargs.get("bucket_size", 64)
     assert opts["pad_multiple"] % bucket == 0 or bucket >= opts["max_len"]
+
+
+def test_a_copied_run_directory_rebuilds_the_same_report(compared, tmp_path):
+    import shutil
+    out, _ = compared
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(out, copy)
+    build_report(out, out=tmp_path / "here")  # same sample text as the copy (no monkeypatch)
+    (out / "train").rename(out / "train.away")  # the copy must not read the original
+    try:
+        build_report(copy)
+    finally:
+        (out / "train.away").rename(out / "train")
+    old = (tmp_path / "here" / "report.md").read_text().splitlines()
+    new = (copy / "report" / "report.md").read_text().splitlines()
+    assert len(old) == len(new)
+    differ = [(a, b) for a, b in zip(old, new, strict=True) if a != b]
+    # only the lines naming the directory differ; every number and figure is the same
+    assert differ and all(str(out) in a and str(copy) in b for a, b in differ)

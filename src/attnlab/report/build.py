@@ -38,9 +38,14 @@ def _load(run_dir: Path) -> tuple[Any, dict, dict, list[dict], list[dict]]:
                                     f"run the compare command again to resume it")
         bench = store.run(state["bench_run"])
         rows = store.measurements(state["bench_run"])
-        mine = (run_dir / "train").resolve()
-        trainings = [t for t in store.trainings(plan.task)
-                     if Path(t["run_dir"]).is_relative_to(mine)]
+        trainings = store.trainings(plan.task)
+    # The database stores absolute paths; a run directory copied elsewhere still holds its
+    # seeds at train/<mechanism>/seed-<s>, so that is where they are looked for.
+    from attnlab.compare.run import run_dir_of
+    for t in trainings:
+        t["run_dir"] = str(run_dir_of(run_dir, t["mechanism"], t["seed"]))
+    trainings = [t for t in trainings if t["mechanism"] in plan.mechanisms
+                 and Path(t["run_dir"]).is_dir()]
     return plan, state, bench, rows, trainings
 
 
@@ -93,9 +98,11 @@ def _summary(rep: Report, plan, state, bench, rows, lb, advice, pass_) -> None:
                       f"{format_time(t)} per call.")
     if advice:
         a = advice[-1]
-        rep.paragraph(f"The advisor's pick at N={format_length(a.n)} within "
-                      f"{a.memory_budget_bytes / 2**20:.0f} MiB: {a.recommended or 'none fits'}"
-                      f" (see the Advisor section for the reasoning).")
+        within = "" if a.memory_budget_bytes is None else \
+            f" within {a.memory_budget_bytes / 2**20:.0f} MiB"
+        rep.paragraph(f"The advisor's pick at N={format_length(a.n)}{within}: "
+                      f"{a.recommended or 'none fits'} (see the Advisor section for the "
+                      f"reasoning).")
     bad = sorted({(r["label"], r["status"]) for r in rows if r["status"] != "ok"})
     if bad:
         rep.paragraph("Benchmark points that did not run: " + "; ".join(

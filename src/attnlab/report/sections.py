@@ -50,7 +50,11 @@ def attention(rep: Report, figs: Path, plan, dirs: dict[str, list[Path]],
     for i, (m, ds) in enumerate(dirs.items(), 1):
         console.print(f"  attention map {i}/{len(dirs)}: {m}")
         # the same text for every model (image tasks always take the first test image)
-        s = sample if i == 1 else attention_sample(ds[0], text=sample["input"])
+        try:
+            s = sample if i == 1 else attention_sample(ds[0], text=sample["input"])
+        except (ValueError, RuntimeError, OSError) as e:  # one broken run: say so, go on
+            rep.paragraph(f"{m}: no attention map ({e}).")
+            continue
         w = s["layers"][-1]                                   # (H, N, N)
         means[f"{m} -> {s['prediction']}" if s["prediction"] is not None else m] = w.mean(0)
         per_mech[m] = (s["tokens"], w)
