@@ -258,8 +258,9 @@ def test_sigterm_stops_parallel_training_at_a_checkpoint_and_the_rerun_finishes(
     import sys
     import time
     plan = tiny_plan(mechanisms=("sdpa",))
-    plan = dataclasses.replace(plan, train={**plan.train, "max_steps": 600,
-                                            "eval_every": 300, "checkpoint_every": 10})
+    # long enough that neither seed can finish while the other is still starting up
+    plan = dataclasses.replace(plan, train={**plan.train, "max_steps": 2000,
+                                            "eval_every": 1000, "checkpoint_every": 10})
     (tmp_path / "plan.in.json").write_text(json.dumps(plan.to_json()))
     code = ("import json, sys; from attnlab.compare.plan import Plan; "
             "from attnlab.compare.run import run_compare; "
@@ -279,7 +280,7 @@ def test_sigterm_stops_parallel_training_at_a_checkpoint_and_the_rerun_finishes(
     for c in ckpts:
         assert c.exists() and not (c.parent / "summary.json").exists()
         steps[c] = torch.load(c, weights_only=True)["progress"]["step"]
-        assert 0 < steps[c] < 600
+        assert 0 < steps[c] < 2000
     import attnlab.train.loop as loop
     real, resumed = loop.train, []
     monkeypatch.setattr(loop, "train", lambda cfg, d, **kw: resumed.append(kw["resume"])
@@ -287,10 +288,10 @@ def test_sigterm_stops_parallel_training_at_a_checkpoint_and_the_rerun_finishes(
     run_compare(plan, tmp_path / "run", jobs=1, progress=False, report=False)
     assert resumed == [True, True]  # both seeds continued from their checkpoints
     for c in ckpts:
-        assert json.loads((c.parent / "summary.json").read_text())["steps"] == 600
+        assert json.loads((c.parent / "summary.json").read_text())["steps"] == 2000
         evals = [json.loads(line)["step"]
                  for line in (c.parent / "metrics.jsonl").read_text().splitlines()]
-        assert evals == [300, 600]  # one history: continued, not started over
+        assert evals == [1000, 2000]  # one history: continued, not started over
 
 
 def test_cli_report_screenshot(compared, tmp_path):
