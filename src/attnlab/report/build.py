@@ -58,15 +58,9 @@ def _seed_dirs(run_dir: Path, plan, trainings: list[dict]) -> dict[str, list[Pat
     return out
 
 
-def _fmt_q(r: dict) -> str:
-    if r.get("test_mean") is None:
-        return "-"
-    sd = f" ± {r['test_std']:.3f}" if r.get("test_std") is not None else ""
-    return f"{r['test_mean']:.3f}{sd}"
-
-
 def _summary(rep: Report, plan, state, bench, rows, lb, advice, pass_) -> None:
     from attnlab.bench.analysis import format_length, format_time
+    from attnlab.report.leaderboard import quality_text
     from attnlab.tasks.base import get_task
     cls = get_task(plan.task)
     rep.section("Summary", "summary")
@@ -83,7 +77,7 @@ def _summary(rep: Report, plan, state, bench, rows, lb, advice, pass_) -> None:
         best = trained[0]
         stds = [r["test_std"] for r in trained if r.get("test_std") is not None]
         spread = abs(trained[0]["test_mean"] - trained[-1]["test_mean"])
-        rep.paragraph(f"Best test {best['metric']}: {best['name']} at {_fmt_q(best)} (mean ± "
+        rep.paragraph(f"Best test {best['metric']}: {best['name']} at {quality_text(best)} (mean ± "
                       f"sample std over {best['n_seeds']} seeds). Best to worst spans "
                       f"{spread:.3g}" + (f"; the median seed-to-seed std is "
                                          f"{sorted(stds)[len(stds) // 2]:.2g}, so closer "
@@ -130,26 +124,25 @@ def _leaderboard(rep: Report, lb, rows, pass_, bench) -> None:
 def _test_metrics(rep: Report, lb, trainings) -> None:
     """Every scalar test metric (accuracy and macro-F1, PSNR and SSIM, perplexity, ...) as
     mean ± sample std over the seeds, in the leaderboard's order."""
-    from attnlab.train.metrics import mean_std
+    from attnlab.train.runs import aggregate
     by: dict[str, list[dict]] = {}
     for t in trainings:
-        by.setdefault(t["mechanism"], []).append(t["summary"]["test"])
-    keys = sorted({k for tests in by.values() for t in tests for k, v in t.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "n"})
+        by.setdefault(t["mechanism"], []).append(t["summary"])
+    tests = {m: aggregate(ss)["test"] for m, ss in by.items()}
+    keys = sorted({k for agg in tests.values() for k, v in agg.items() if v and k != "n"})
     if not keys:
         return
     rows, seen = [], set()
     for r in lb:
-        tests = by.get(r["mechanism"]) if r["model"] == "transformer" else None
-        if not tests or r["mechanism"] in seen:
+        agg = tests.get(r["mechanism"]) if r["model"] == "transformer" else None
+        if not agg or r["mechanism"] in seen:
             continue
         seen.add(r["mechanism"])
         cells = []
         for k in keys:
-            vals = [float(t[k]) for t in tests if isinstance(t.get(k), (int, float))]
-            m, sd = mean_std(vals) if vals else (None, None)
-            cells.append("-" if m is None else f"{m:.4g}" + (f" ± {sd:.2g}"
-                                                              if len(vals) > 1 else ""))
+            ms = agg.get(k)
+            cells.append("-" if not ms else f"{ms['mean']:.4g}" + (
+                f" ± {ms['std']:.2g}" if ms["n"] > 1 else ""))
         rows.append([r["mechanism"], *cells])
     rep.table(["mechanism", *keys], rows, caption="Every test metric: mean ± sample standard "
                                                   "deviation over seeds.")

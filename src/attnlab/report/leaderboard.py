@@ -31,7 +31,7 @@ from attnlab.bench.analysis import (
     status_word,
 )
 
-__all__ = ["BASELINE", "leaderboard", "render_leaderboard"]
+__all__ = ["BASELINE", "leaderboard", "quality_text", "render_leaderboard"]
 
 #: The mechanism whose time every other one's crossover is measured against.
 BASELINE = "sdpa"
@@ -213,7 +213,8 @@ def _crossover_text(r: dict) -> str:
     return "(baseline)" if note == "baseline" else "-"
 
 
-def _quality(r: dict) -> str:
+def quality_text(r: dict) -> str:
+    """``mean ± std`` of a row's test metric (no std for one seed), ``-`` without one."""
     if r["test_mean"] is None:
         return "-"
     std = f" ± {r['test_std']:.2g}" if r["test_std"] is not None else ""
@@ -238,7 +239,7 @@ def render_leaderboard(rows: Sequence[dict], lengths: Sequence[int]
     cols += ["roof", "t ~ N^a", f"crossover vs {BASELINE}"]
     out = []
     for r in rows:
-        cells = [r["name"] if r["model"] == _MODEL else f"{r['name']} (baseline)", _quality(r),
+        cells = [r["name"] if r["model"] == _MODEL else f"{r['name']} (baseline)", quality_text(r),
                  str(r["n_seeds"]) if r["n_seeds"] else "-",
                  _opt(r["parameters"], lambda p: f"{p:,}"),
                  _opt(r["convergence_step"], lambda s: f"{s:.0f}"),
