@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 from attnlab.bench.analysis import FIT_MIN_N, fit_exponent, format_length, format_time
 
-__all__ = ["MAX_EXPONENT", "TOLERANCE", "Advice", "advise", "render_advice"]
+__all__ = ["MAX_EXPONENT", "TOLERANCE", "Advice", "advise", "fit_rows", "render_advice"]
 
 #: Relative quality margin within which a faster mechanism is preferred to the best one.
 TOLERANCE = 0.01
@@ -267,6 +267,14 @@ def _cell(s: str) -> str:
     return s.replace("|", "\\|")
 
 
+def fit_rows(advice: Advice) -> list[list[str]]:
+    """One row of text per fit: name, time, memory, estimate, quality (``-`` if none)."""
+    return [[f["name"], format_time(f["time_s"]),
+             _mib(f["peak_mem_bytes"]) if f["peak_mem_bytes"] is not None else "-",
+             f["estimate"], _q_text(f["quality"]) if f["quality"] else "-"]
+            for f in advice.fits]
+
+
 def render_advice(advice: Advice) -> str:
     """Markdown: the fits (time, memory, how each was obtained, quality), the excluded
     mechanisms with their reasons, the three answers and the reasoning."""
@@ -274,12 +282,9 @@ def render_advice(advice: Advice) -> str:
     out = [f"## Advice at N={format_length(advice.n)} (memory budget: {budget})", ""]
     if advice.fits:
         out += ["| mechanism | time | memory | estimate | quality |", "|---|---:|---:|---|---|"]
-        for f in advice.fits:
-            mem = _mib(f["peak_mem_bytes"]) if f["peak_mem_bytes"] is not None else "-"
-            q = _q_text(f["quality"]) if f["quality"] else "-"
-            est = f["estimate"] if f["estimate"] == "measured" else f"**{f['estimate']}**"
-            out.append(f"| {_cell(f['name'])} | {format_time(f['time_s'])} | {mem} | {est} "
-                       f"| {_cell(q)} |")
+        for name, t, mem, est, q in fit_rows(advice):
+            est = est if est == "measured" else f"**{est}**"
+            out.append(f"| {_cell(name)} | {t} | {mem} | {est} | {_cell(q)} |")
         out.append("")
     if advice.excluded:
         out += ["Excluded:", ""]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from attnlab.report.advisor import Advice, advise
+from attnlab.report.advisor import Advice, advise, fit_rows
 from attnlab.report.document import Report
 
 __all__ = ["advice", "attention", "inpainting", "patterns", "render_advice", "reproduce"]
@@ -96,7 +96,7 @@ def inpainting(rep: Report, figs: Path, plan, dirs: dict[str, list[Path]]) -> No
 
 
 def render_advice(rep: Report, advices: list[Advice]) -> None:
-    from attnlab.bench.analysis import format_length, format_time
+    from attnlab.bench.analysis import format_length
     rep.section("Advisor", "advisor")
     rep.paragraph("Which mechanism to use at a sequence length and memory budget, from the "
                   "measured points (interpolated in log-log between lengths, extrapolated "
@@ -108,11 +108,8 @@ def render_advice(rep: Report, advices: list[Advice]) -> None:
             f"memory budget {a.memory_budget_bytes / 2**20:.0f} MiB"
         rep.paragraph(f"N = {format_length(a.n)}, {budget}: fastest {a.fastest or '-'}, most "
                       f"accurate {a.most_accurate or '-'}, recommended {a.recommended or '-'}.")
-        rows = [[f["name"], format_time(f["time_s"]),
-                 "-" if f["peak_mem_bytes"] is None else f"{f['peak_mem_bytes'] / 2**20:.1f} MiB",
-                 f["estimate"],
-                 "-" if not f["quality"] else f"{f['quality']['mean']:.3f}"] for f in a.fits]
-        rows += [[e["name"], "-", "-", "excluded", e["reason"]] for e in a.excluded]
+        rows = fit_rows(a) + [[e["name"], "-", "-", "excluded", e["reason"]]
+                              for e in a.excluded]
         rep.table(["mechanism", "time", "memory", "estimate", "quality / why excluded"], rows,
                   caption=f"Advice at N={format_length(a.n)} ({budget}).")
         rep.code("\n".join(f"{i}. {line}" for i, line in enumerate(a.reasoning, 1)))
