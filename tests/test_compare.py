@@ -128,6 +128,7 @@ def test_compare_writes_html_markdown_and_pngs_with_every_section(compared):
     assert html.count("<svg") >= 9 and "<script" not in html
     assert "http://" not in html.replace("http://www.w3.org/", "")
     assert "attnlab test" in html  # the exact command, for reproduction
+    assert "throughput: training tokens/s" in html
 
 
 def test_dataset_text_is_escaped(compared):
@@ -247,6 +248,7 @@ def test_an_inpainting_compare_shows_the_images(tmp_path):
     assert 'id="inpainting"' in html and "performer (" in html  # row titled with its PSNR
     assert (tmp_path / "report" / "figures" / "inpainting.png").stat().st_size > 1000
     assert "r0c0" in html  # the attention map's axis labels are the image patches
+    assert "throughput: training images/s" in html
 
 
 def test_sigterm_stops_parallel_training_at_a_checkpoint_and_the_rerun_finishes(tmp_path,

@@ -105,15 +105,16 @@ def _summary(rep: Report, plan, state, bench, rows, lb, advice, pass_) -> None:
         rep.paragraph(f"Not trained: {m} ({why}).")
 
 
-def _leaderboard(rep: Report, lb, rows, pass_, bench) -> None:
+def _leaderboard(rep: Report, lb, rows, pass_, bench, trainings) -> None:
     from attnlab.report.leaderboard import BASELINE, render_leaderboard
     rep.section("Leaderboard", "leaderboard")
     cols, cells = render_leaderboard(lb, sorted({r["N"] for r in rows}))
     r0 = next(iter(rows), {})
+    unit = trainings[0]["summary"]["throughput_unit"] if trainings else "units/s"
     rep.table(cols, cells, caption=(
         f"test metric: mean ± sample standard deviation over seeds, best validation weights; "
         f"conv. step/time: first evaluation within 95% of the run's best validation score; "
-        f"throughput: training {lb[0].get('metric') and 'tokens'}/s; time and memory: one "
+        f"throughput: training {unit}; time and memory: one "
         f"{pass_} call at batch {r0.get('batch')}, {r0.get('heads')} heads, head dim "
         f"{r0.get('head_dim')}, {r0.get('dtype')} (peak memory above the inputs); roof: "
         f"achieved fraction of this machine's matmul peak "
@@ -210,7 +211,7 @@ def build_report(run_dir: str | Path, *, out: str | Path | None = None,
     rep = Report(f"attnlab compare: {len(plan.mechanisms)} mechanisms on {plan.task}")
     console.print(f"report: {len(rows)} measurements, {len(trainings)} training runs")
     _summary(rep, plan, state, bench, rows, lb, advice, pass_)
-    _leaderboard(rep, lb, rows, pass_, bench)
+    _leaderboard(rep, lb, rows, pass_, bench, trainings)
     _test_metrics(rep, lb, trainings)
     _training(rep, figs, plan, dirs, lb)
     _scaling(rep, figs, rows, bench, pass_)
