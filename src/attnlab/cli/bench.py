@@ -17,6 +17,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from attnlab.cli import command_line
+
 SUBCOMMANDS = ("run", "runs", "show", "export", "compare", "plot")
 DEFAULT_DB = "results/bench.db"
 
@@ -128,11 +130,10 @@ def cmd_run(args, console: Console) -> int:
 
     grid = _grid(args)  # every error before the database is opened
     with Store(_db_path(args)) as store:
-        command = "attnlab " + " ".join(sys.argv[1:]) if sys.argv else "attnlab bench"
         points = len(grid.points())
         console.print(f"[bold]attnlab bench[/bold]: {points} points -> {store.path}")
         try:
-            run_id = run_sweep(grid, store, command=command, resume=not args.new,
+            run_id = run_sweep(grid, store, command=command_line(), resume=not args.new,
                                progress=not args.no_progress, console=console)
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/yellow]: run the same command again to resume")

@@ -11,12 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shlex
-import sys
 from pathlib import Path
 
 from rich.console import Console
 
+from attnlab.cli import command_line
 from attnlab.train.config import ConfigError
 
 __all__ = ["add_parsers", "HANDLERS", "parse_question"]
@@ -38,10 +37,6 @@ def parse_question(text: str) -> tuple[int, int | None]:
     return n, int(float(m.group(2)) * _UNITS[(m.group(3) or "").lower()])
 
 
-def _command() -> str:
-    return "attnlab " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-
-
 def cmd_compare(args, console: Console) -> int:
     from attnlab.compare.plan import make_plan
     from attnlab.compare.run import CompareInterrupted, run_compare
@@ -56,7 +51,7 @@ def cmd_compare(args, console: Console) -> int:
                   f"{plan.task} (profile {plan.profile}) -> {out}")
     try:
         state = run_compare(plan, out, jobs=args.jobs, progress=not args.no_progress,
-                            console=console, command=_command(), report=False)
+                            console=console, command=command_line(), report=False)
     except (CompareInterrupted, KeyboardInterrupt):
         console.print(f"[yellow]interrupted[/yellow]: what finished is stored in {out}; run "
                       f"the same command again to resume")
