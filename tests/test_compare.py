@@ -18,6 +18,7 @@ from attnlab.compare.plan import PROFILES, load_or_save
 from attnlab.registry import list_mechanisms
 from attnlab.report.build import build_report
 from attnlab.train.config import ConfigError
+from attnlab.train.loop import load_trained as _real_load
 
 pytest.importorskip("matplotlib")
 
@@ -237,7 +238,7 @@ def test_the_report_opens_in_a_real_browser(compared, tmp_path):
     assert check.screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_an_inpainting_compare_shows_the_images(tmp_path):
+def test_an_inpainting_compare_shows_the_images(tmp_path, monkeypatch):
     plan = make_plan(task="inpaint_digits", mechanisms=["performer"], seeds=[0], max_steps=4)
     plan = dataclasses.replace(
         plan, train={**plan.train, "batch_size": 16, "eval_every": 2, "eval_batches": 1,
@@ -249,6 +250,12 @@ def test_an_inpainting_compare_shows_the_images(tmp_path):
     assert (tmp_path / "report" / "figures" / "inpainting.png").stat().st_size > 1000
     assert "r0c0" in html  # the attention map's axis labels are the image patches
     assert "throughput: training images/s" in html
+    import attnlab.train.loop as loop
+    calls = []
+    monkeypatch.setattr(loop, "load_trained", lambda d, **kw: calls.append(d)
+                        or _real_load(d, **kw))
+    build_report(tmp_path, out=tmp_path / "again")
+    assert len(calls) == 1  # the attention maps and the images share the loaded model
 
 
 def test_sigterm_stops_parallel_training_at_a_checkpoint_and_the_rerun_finishes(tmp_path,

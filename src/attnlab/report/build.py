@@ -10,6 +10,7 @@ self-contained file: inline SVG figures, no script, no URL), ``report.md`` and
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ def _load(run_dir: Path) -> tuple[Any, dict, dict, list[dict], list[dict]]:
     return plan, state, bench, rows, trainings
 
 
-def _seed_dirs(run_dir: Path, plan, trainings: list[dict]) -> dict[str, list[Path]]:
+def _seed_dirs(plan, trainings: list[dict]) -> dict[str, list[Path]]:
     out: dict[str, list[Path]] = {}
     for m in plan.trained():
         ds = sorted(Path(t["run_dir"]) for t in trainings if t["mechanism"] == m)
@@ -203,7 +204,7 @@ def build_report(run_dir: str | Path, *, out: str | Path | None = None,
     passes = {r["pass_"] for r in rows if r["status"] == "ok"}
     pass_ = "fwd+bwd" if "fwd+bwd" in passes else "fwd"
     lb = leaderboard(rows, trainings, pass_=pass_)
-    dirs = _seed_dirs(run_dir, plan, trainings)
+    dirs = _seed_dirs(plan, trainings)
     n_max = max((r["N"] for r in rows), default=1024)
     questions = advise or [(n_max, None), (4 * n_max, DEFAULT_BUDGET)]
     advice = sections.advice(rows, lb, questions, pass_)
@@ -215,9 +216,12 @@ def build_report(run_dir: str | Path, *, out: str | Path | None = None,
     _test_metrics(rep, lb, trainings)
     _training(rep, figs, plan, dirs, lb)
     _scaling(rep, figs, rows, bench, pass_)
-    sections.attention(rep, figs, plan, dirs, console)
+    # attention maps and inpainting images use the same trained models: load each once
+    from attnlab.train.loop import load_trained
+    load = functools.cache(load_trained)
+    sections.attention(rep, figs, plan, dirs, console, load=load)
     sections.patterns(rep, figs, plan)
-    sections.inpainting(rep, figs, plan, dirs)
+    sections.inpainting(rep, figs, plan, dirs, load=load)
     sections.render_advice(rep, advice)
     sections.reproduce(rep, run_dir, plan, state, bench, trainings)
     paths = rep.write(out)

@@ -41,15 +41,16 @@ def _patch_tokens(task, mask: torch.Tensor) -> list[str]:
 
 
 def attention_sample(run_dir: str | Path, *, text: str | None = None,
-                     max_tokens: int = 24) -> dict[str, Any]:
+                     max_tokens: int = 24, load=None) -> dict[str, Any]:
     """The trained model of ``run_dir`` on one input: ``tokens``, ``layers`` (per layer
     ``(H, N, N)``), ``input`` (text or description), ``label`` and ``prediction``.
 
     Text classification: ``text`` (default :func:`pick_text`). Inpainting: the first test
     image, its patches as tokens. Other tasks raise ``ValueError`` (their models have no
-    attention-map view yet)."""
+    attention-map view yet). ``load``: how a run is loaded (default
+    :func:`~attnlab.train.loop.load_trained`; the report passes a cached one)."""
     from attnlab.train.loop import load_trained
-    task, model = load_trained(run_dir)
+    task, model = (load or load_trained)(Path(run_dir))
     if hasattr(task, "explain"):
         label = None
         if text is None:
@@ -69,14 +70,15 @@ def attention_sample(run_dir: str | Path, *, text: str | None = None,
                      f"tasks; {task.name!r} is a {task.kind} task")
 
 
-def inpainting_rows(run_dirs: dict[str, Path], n: int = 6) -> dict[str, Any]:
-    """The first ``n`` test images, their masked inputs and each model's reconstruction."""
+def inpainting_rows(run_dirs: dict[str, Path], n: int = 6, load=None) -> dict[str, Any]:
+    """The first ``n`` test images, their masked inputs and each model's reconstruction
+    (``load`` as in :func:`attention_sample`)."""
     from attnlab.data.inpaint import apply_mask
     from attnlab.train.loop import load_trained
     from attnlab.train.metrics import psnr
     out: dict[str, Any] = {"recon": {}, "psnr": {}}
     for name, d in run_dirs.items():
-        task, model = load_trained(d)
+        task, model = (load or load_trained)(Path(d))
         k = min(n, task.images["test"].shape[0])
         x, m, pred = task.predict(model, "test", list(range(k)))
         out.setdefault("original", x)

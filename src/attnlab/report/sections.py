@@ -26,7 +26,7 @@ def advice(rows: list[dict], lb: list[dict], questions, pass_: str) -> list[Advi
 
 
 def attention(rep: Report, figs: Path, plan, dirs: dict[str, list[Path]],
-              console: Console) -> None:
+              console: Console, load=None) -> None:
     from attnlab.report.patterns import plot_attention, plot_attention_grid
     from attnlab.report.samples import attention_sample
     rep.section("Attention maps", "attention")
@@ -35,7 +35,7 @@ def attention(rep: Report, figs: Path, plan, dirs: dict[str, list[Path]],
         return
     first = next(iter(dirs.values()))[0]
     try:
-        sample = attention_sample(first)
+        sample = attention_sample(first, load=load)
     except ValueError as e:
         rep.paragraph(str(e) + ".")
         return
@@ -51,7 +51,7 @@ def attention(rep: Report, figs: Path, plan, dirs: dict[str, list[Path]],
         console.print(f"  attention map {i}/{len(dirs)}: {m}")
         # the same text for every model (image tasks always take the first test image)
         try:
-            s = sample if i == 1 else attention_sample(ds[0], text=sample["input"])
+            s = sample if i == 1 else attention_sample(ds[0], text=sample["input"], load=load)
         except (ValueError, RuntimeError, OSError) as e:  # one broken run: say so, go on
             rep.paragraph(f"{m}: no attention map ({e}).")
             continue
@@ -83,13 +83,14 @@ def patterns(rep: Report, figs: Path, plan) -> None:
                                  f"hyperparameters it was trained with; black = attended.")
 
 
-def inpainting(rep: Report, figs: Path, plan, dirs: dict[str, list[Path]]) -> None:
+def inpainting(rep: Report, figs: Path, plan, dirs: dict[str, list[Path]],
+               load=None) -> None:
     from attnlab.tasks.base import get_task
     if get_task(plan.task).kind != "inpainting" or not dirs:
         return
     from attnlab.report.samples import inpainting_rows, plot_inpainting
     rep.section("Inpainting", "inpainting")
-    rows = inpainting_rows({m: ds[0] for m, ds in dirs.items()})
+    rows = inpainting_rows({m: ds[0] for m, ds in dirs.items()}, load=load)
     png, svg = plot_inpainting(rows, figs / "inpainting")
     rep.figure(svg, png, caption="Test images: original, masked input, and each "
                                  "mechanism's reconstruction (PSNR on the missing pixels).")
