@@ -51,15 +51,14 @@ def cmd_compare(args, console: Console) -> int:
                   f"{plan.task} (profile {plan.profile}) -> {out}")
     try:
         state = run_compare(plan, out, jobs=args.jobs, progress=not args.no_progress,
-                            console=console, command=command_line(), report=False)
+                            console=console, command=command_line(),
+                            advise=questions or None)
     except (CompareInterrupted, KeyboardInterrupt):
         console.print(f"[yellow]interrupted[/yellow]: what finished is stored in {out}; run "
                       f"the same command again to resume")
         return 130
-    from attnlab.report.build import build_report
-    paths = build_report(out, console=console, advise=questions or None)
     console.print(f"done in {state.get('bench_s', 0) + state.get('train_s', 0):.0f} s of "
-                  f"benchmark and training; open {paths['html']}")
+                  f"benchmark and training; open {state['report']['html']}")
     return 0
 
 

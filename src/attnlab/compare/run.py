@@ -194,8 +194,10 @@ def _pool(plan, run_dir, todo, jobs, bar, tid, finished) -> None:
 
 def run_compare(plan: Plan, run_dir: str | Path, *, jobs: int | None = None,
                 progress: bool = True, console: Console | None = None, command: str = "",
-                report: bool = True) -> dict[str, Any]:
-    """Run (or resume) ``plan`` in ``run_dir``; returns the state with the report's paths.
+                report: bool = True, advise: list[tuple[int, int | None]] | None = None
+                ) -> dict[str, Any]:
+    """Run (or resume) ``plan`` in ``run_dir``; returns the state with the report's paths
+    (``advise``: the advisor's questions, see :func:`~attnlab.report.build.build_report`).
     Raises :class:`CompareInterrupted` when stopped early (rerun to resume)."""
     run_dir = Path(run_dir)
     console = console or Console(stderr=True, quiet=not progress)
@@ -221,5 +223,6 @@ def run_compare(plan: Plan, run_dir: str | Path, *, jobs: int | None = None,
     _save_state(run_dir, state)
     if report:
         from attnlab.report.build import build_report
-        state["report"] = {k: str(v) for k, v in build_report(run_dir, console=console).items()}
+        paths = build_report(run_dir, console=console, advise=advise)
+        state["report"] = {k: str(v) for k, v in paths.items()}
     return state
