@@ -304,7 +304,7 @@ def test_cli_bad_input_exits_2_without_creating_the_database(tmp_path, capsys, a
 
     db = tmp_path / "never.db"
     assert cli([*args, "--db", str(db)]) == 2
-    assert re.search(pattern, capsys.readouterr().out.replace("\n", ""))
+    assert re.search(pattern, capsys.readouterr().err)
     assert not db.exists()
 
 
@@ -316,7 +316,7 @@ def test_cli_refuses_a_newer_database_untouched(tmp_path, capsys):
     con.close()
     before = db.read_bytes()
     assert cli(["bench", "--mechanisms", "sdpa", "--n", "8", "--db", str(db)]) == 2
-    assert "newer attnlab" in capsys.readouterr().out
+    assert "newer attnlab" in capsys.readouterr().err
     assert db.read_bytes() == before
     assert os.path.getsize(db) == len(before)
 

@@ -40,8 +40,8 @@ def test_info_shows_hparams_equation_paper(name, capsys):
 
 def test_unknown_name_is_a_clean_error(capsys):
     assert main(["info", "flsh"]) == 2
-    out = capsys.readouterr().out
-    assert "unknown name 'flsh'" in out and "Traceback" not in out
+    err = capsys.readouterr().err
+    assert "unknown name 'flsh'" in err and "Traceback" not in err
 
 
 def test_demo_runs_every_mechanism(capsys):

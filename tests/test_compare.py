@@ -212,7 +212,7 @@ def test_cli_report_and_show_attention(compared, tmp_path, capsys):
     assert main(["report", str(out), "--out", str(tmp_path / "r2"), "--advise", "512"]) == 0
     assert "The advisor's pick at N=512: " in (tmp_path / "r2" / "report.md").read_text()
     assert main(["report", str(tmp_path / "nothing")]) == 2
-    assert "not a compare run directory" in capsys.readouterr().out
+    assert "not a compare run directory" in capsys.readouterr().err
     seed = out / "train" / "sdpa" / "seed-0"
     png = tmp_path / "map.png"
     assert main(["show-attention", "--checkpoint", str(seed / "best.pt"), "--text",

@@ -107,13 +107,13 @@ def test_cli_train_tasks_and_errors(tmp_path, capsys):
     assert agg["seeds"] == [0, 1] and "accuracy" in agg["test"]
     assert main(args + ["--resume"]) == 0           # finished seeds are kept
     assert main(args) == 2                          # the directory holds a run
-    assert "already holds a run" in capsys.readouterr().out
+    assert "already holds a run" in capsys.readouterr().err
     assert main(["train", "--task", "copi"]) == 2
-    assert "did you mean 'copy'" in capsys.readouterr().out
+    assert "did you mean 'copy'" in capsys.readouterr().err
     assert main(["train", "--task", "copy", "--task-opt", "lenght=3"]) == 2
-    assert "did you mean 'length'" in capsys.readouterr().out
+    assert "did you mean 'length'" in capsys.readouterr().err
     assert main(["generate", str(tmp_path / "c" / "seed-0")]) == 2
-    assert "needs a language model run" in capsys.readouterr().out
+    assert "needs a language model run" in capsys.readouterr().err
 
 
 def test_unknown_model_option_is_refused(tmp_path):
@@ -184,7 +184,7 @@ def test_task_defaults_merge_with_overrides_and_data_dir_is_refused_where_unused
     cfg = get_task("emotions").make_config(model_kwargs={"num_layers": 2})
     assert cfg.model_kwargs == {"d_model": 64, "num_layers": 2, "dropout": 0.3}
     assert main(["train", "--task", "listops", "--data-dir", "/tmp"]) == 2
-    assert "--data-dir does not apply" in capsys.readouterr().out
+    assert "--data-dir does not apply" in capsys.readouterr().err
 
 
 def test_cli_train_reads_a_config_file(tmp_path, capsys):
@@ -199,4 +199,4 @@ def test_cli_train_reads_a_config_file(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text("{")
     assert main(["train", "--config", str(bad)]) == 2
-    assert "malformed JSON" in capsys.readouterr().out
+    assert "malformed JSON" in capsys.readouterr().err

@@ -281,12 +281,6 @@ def cmd_plot(args, console: Console) -> int:
 
 
 def run(args, console: Console) -> int:
-    from attnlab.bench.store import StoreError
-
     handlers = {"run": cmd_run, "runs": cmd_runs, "show": cmd_show, "export": cmd_export,
                 "compare": cmd_compare, "plot": cmd_plot}
-    try:
-        return handlers[args.bench_command](args, console)
-    except StoreError as e:
-        console.print(f"[red]error:[/red] {e}")
-        return 2
+    return handlers[args.bench_command](args, console)

@@ -65,12 +65,8 @@ def cmd_compare(args, console: Console) -> int:
 def cmd_report(args, console: Console) -> int:
     from attnlab.report.build import build_report
     questions = [parse_question(q) for q in args.advise or []]
-    try:
-        paths = build_report(args.run_dir, out=args.out, console=console,
-                             advise=questions or None)
-    except FileNotFoundError as e:
-        console.print(f"[red]error:[/red] {e}")
-        return 2
+    paths = build_report(args.run_dir, out=args.out, console=console,
+                         advise=questions or None)
     if args.screenshot:
         from attnlab.report.browser import BrowserNotFound, open_in_browser
         try:

@@ -14,8 +14,8 @@ from attnlab import __version__
 from attnlab.cli import bench
 from attnlab.cli import compare as compare_cli
 from attnlab.cli import train as train_cli
+from attnlab.cli.errors import report_error, take_debug_flag
 from attnlab.registry import get, list_mechanisms
-from attnlab.train.checkpoint import CheckpointError
 
 
 def _yes(flag: bool) -> str:
@@ -131,6 +131,8 @@ def cmd_verify(args: argparse.Namespace, console: Console) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attnlab", description=__doc__)
     p.add_argument("--version", action="version", version=f"attnlab {__version__}")
+    p.add_argument("--debug", action="store_true",
+                   help="on an error, print the traceback too (accepted anywhere)")
     sub = p.add_subparsers(dest="command", required=True)
     pl = sub.add_parser("list", help="table of registered mechanisms")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
@@ -160,19 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = bench.normalise_argv(sys.argv[1:] if argv is None else list(argv))
-    args = build_parser().parse_args(argv)
+    argv, debug = take_debug_flag(sys.argv[1:] if argv is None else list(argv))
+    args = build_parser().parse_args(bench.normalise_argv(argv))
     # Piped output (CI logs, files) gets a wide table instead of rich's 80 columns.
     console = Console() if sys.stdout.isatty() else Console(width=160)
+    handlers = {"list": cmd_list, "info": cmd_info, "verify": cmd_verify, "demo": cmd_demo,
+                "bench": bench.run, **train_cli.HANDLERS, **compare_cli.HANDLERS}
     try:
-        handlers = {"list": cmd_list, "info": cmd_info, "verify": cmd_verify, "demo": cmd_demo,
-                    "bench": bench.run, **train_cli.HANDLERS,
-                    **compare_cli.HANDLERS}
         return handlers[args.command](args, console)
-    except (ValueError, TypeError, CheckpointError) as e:
-        # Bad names and hyperparameters are the user's to fix: say what, no traceback.
-        console.print(f"[red]error:[/red] {e}")
-        return 2
+    except KeyboardInterrupt:
+        Console(stderr=True).print("[yellow]interrupted[/yellow]")
+        return 130
+    except Exception as e:  # every error ends in one line naming what is wrong
+        return report_error(e, debug=debug)
 
 
 if __name__ == "__main__":
