@@ -74,3 +74,18 @@ def test_verify_checks_every_mechanism_and_reports_failures(capsys, monkeypatch)
     monkeypatch.setattr(cls, "_attend", lambda self, *a: (attend(self, *a)[0] * 1.1, None))
     assert main(["verify", "linear"]) == 1
     assert "FAILED" in capsys.readouterr().out
+
+
+def test_an_unknown_family_is_refused_with_a_close_match(capsys):
+    with pytest.raises(ValueError, match=r"unknown family 'exakt'; did you mean 'exact'"):
+        attnlab.list_mechanisms(family="exakt")
+    assert main(["list", "--family", "exakt"]) == 2
+    assert "did you mean 'exact'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--n", "--batch", "--heads", "--head-dim"])
+def test_demo_sizes_must_be_positive(flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["demo", flag, "0"])
+    assert e.value.code == 2
+    assert f"argument {flag}: expected an integer >= 1; got 0" in capsys.readouterr().err

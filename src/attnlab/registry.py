@@ -382,6 +382,12 @@ def list_mechanisms(family: str | None = None, **flags: bool) -> list[str]:
     bad = set(flags) - valid
     if bad:
         raise TypeError(f"list_mechanisms: unknown filter {sorted(bad)}; accepted: {sorted(valid)}")
+    families = sorted({s.family for s in _REGISTRY.values()})
+    if family is not None and family not in families:
+        close = difflib.get_close_matches(str(family), families, n=3, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"family: unknown family {family!r}{hint} (known: "
+                         f"{', '.join(families)})")
     out = []
     for n, s in _REGISTRY.items():
         if family is not None and s.family != family:

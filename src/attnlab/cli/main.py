@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from attnlab import __version__
-from attnlab.cli import bench
+from attnlab.cli import bench, positive_int
 from attnlab.cli import compare as compare_cli
 from attnlab.cli import train as train_cli
 from attnlab.cli.errors import report_error, take_debug_flag
@@ -142,16 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("--json", action="store_true")
     pv = sub.add_parser("verify", help="check mechanisms in their limit cases (the gate)")
     pv.add_argument("names", nargs="*", help="mechanisms (default: all)")
-    pv.add_argument("--n", type=int, default=64, help="sequence length")
-    pv.add_argument("--head-dim", type=int, default=16)
+    pv.add_argument("--n", type=positive_int, default=64, help="sequence length")
+    pv.add_argument("--head-dim", type=positive_int, default=16)
     pv.add_argument("--dtype", default="float32",
                     choices=("float32", "float64", "float16", "bfloat16"))
     pv.add_argument("--causal", action="store_true")
     pd = sub.add_parser("demo", help="run every mechanism once and print a table")
-    pd.add_argument("--n", type=int, default=256, help="sequence length")
-    pd.add_argument("--batch", type=int, default=2)
-    pd.add_argument("--heads", type=int, default=4)
-    pd.add_argument("--head-dim", type=int, default=32)
+    pd.add_argument("--n", type=positive_int, default=256, help="sequence length")
+    pd.add_argument("--batch", type=positive_int, default=2)
+    pd.add_argument("--heads", type=positive_int, default=4)
+    pd.add_argument("--head-dim", type=positive_int, default=32)
     pd.add_argument("--causal", action="store_true")
     pd.add_argument("--mechanisms", nargs="+", default=None)
     pd.add_argument("--json", action="store_true")
