@@ -108,3 +108,17 @@ class LargestTensor(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.numel())
         return out
+
+
+def near_range_inputs(dtype, B=2, H=2, N=16, D=64, Dv=None, seed=0):
+    """``q``, ``k`` around one direction per head with ``|q|^2 ~ |k|^2 ~ 1e5``: the
+    unscaled ``q . k`` (up to 1e5) overflows float16 (max 65504), while the scaled scores
+    ``q . k / 8`` spread by a few units (a softmax far from one-hot). Rounded to ``dtype``;
+    the references get these rounded values."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(B, H, 1, D, generator=g, dtype=torch.float64)
+    u = 316.0 * u / u.norm(dim=-1, keepdim=True)
+    q, k = (u + 0.05 * torch.randn(B, H, N, D, generator=g, dtype=torch.float64)
+            for _ in range(2))
+    v = torch.randn(B, H, N, Dv or D, generator=g, dtype=torch.float64)
+    return tuple(t.to(dtype) for t in (q, k, v))

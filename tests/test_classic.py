@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import near_range_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.func import functional_call
@@ -292,6 +293,27 @@ def test_half_precision_runs_and_is_close(name, dtype):
     want = copy.deepcopy(mech).double()(q, k, v, attn_mask=mask, is_causal=True)
     err = (half_out.double() - want).abs().max().item()
     assert err < HALF_TOL[dtype], f"{name} {dtype}: max abs error {err}"
+
+
+@pytest.mark.parametrize("name", ["dot", "general", "scaled_dot"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_scores_beyond_float16_range(name, dtype):
+    # |q|^2 ~ |k|^2 ~ 1e5, one direction per head: q . k ~ 1e5 > 65504, float16's max. The
+    # scores (and the weights) must be formed in float32, at the mechanism's default scale.
+    q, k, v = near_range_inputs(dtype, N=9, D=16, Dv=4, seed=5)
+    mech = make(name, 16, dtype=dtype)  # general: a random (xavier) W_a
+    out, w = mech(q, k, v, need_weights=True)
+    assert out.dtype == w.dtype == dtype
+    assert torch.isfinite(out).all() and torch.isfinite(w).all(), f"{name}: NaN/inf in {dtype}"
+    scale = 16 ** -0.5 if name == "scaled_dot" else 1.0
+    q64, k64 = q.double(), k.double()
+    if name == "general":
+        q64 = q64 @ mech.W_a.double()
+    p = torch.softmax(q64 @ k64.transpose(-2, -1) * scale, dim=-1)  # independent, float64
+    # Only the final rounding to dtype remains: a few units in its last place.
+    tol = 4 * torch.finfo(dtype).eps
+    assert (w.double() - p).abs().max() <= tol
+    assert (out.double() - p @ v.double()).abs().max() <= tol * v.double().abs().max()
 
 
 # ------------------------------------------------------------------- bad inputs ------

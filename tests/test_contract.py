@@ -8,6 +8,7 @@ Fully masked rows, numerical stability, half precision, and clear errors on bad 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import build, naive_attention_f64, softmax_equivalent_mechanisms
@@ -102,6 +103,15 @@ BAD = [
     ("scale", lambda q, k, v: dict(scale=-1.0), ValueError, r"scale must be a finite number > 0; got -1.0"),
     ("dropout", lambda q, k, v: dict(dropout_p=1.5), ValueError, r"dropout_p must be in \[0, 1\); got 1.5"),
     ("not tensor", lambda q, k, v: dict(v=[1, 2]), TypeError, r"v must be a torch.Tensor; got list"),
+    # A truthy non-bool is no flag: "no" must not mean True.
+    ("need_weights str", lambda q, k, v: dict(need_weights="no"), TypeError,
+     r"need_weights must be a bool; got str 'no'"),
+    ("need_weights int", lambda q, k, v: dict(need_weights=1), TypeError,
+     r"need_weights must be a bool; got int 1"),
+    ("is_causal str", lambda q, k, v: dict(is_causal="yes"), TypeError,
+     r"is_causal must be a bool; got str 'yes'"),
+    ("is_causal tensor", lambda q, k, v: dict(is_causal=torch.tensor(True)), TypeError,
+     r"is_causal must be a bool; got Tensor"),
 ]
 
 
@@ -114,6 +124,20 @@ def test_bad_input_names_argument_expected_and_given(name, label, change, exc, p
     mech = build(name, 4, 2)
     with pytest.raises(exc, match=pattern):
         mech(**args)
+
+
+def test_functional_flags_must_be_bools():
+    q, k, v = qkv()
+    for mechanism in (None, "sdpa", "reference"):
+        with pytest.raises(TypeError, match=r"need_weights must be a bool; got str 'no'"):
+            attnlab.attention(q, k, v, mechanism=mechanism, need_weights="no")
+        with pytest.raises(TypeError, match=r"is_causal must be a bool; got int 0"):
+            attnlab.attention(q, k, v, mechanism=mechanism, is_causal=0)
+    # NumPy's bools are bools: the same results as Python's.
+    out = attnlab.attention(q, k, v, need_weights=np.False_, is_causal=np.True_)
+    torch.testing.assert_close(out, attnlab.attention(q, k, v, is_causal=True))
+    out, w = attnlab.attention(q, k, v, need_weights=np.True_)
+    assert w.shape == (2, 2, 16, 16)
 
 
 def test_functional_errors_are_the_same():

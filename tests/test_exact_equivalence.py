@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build, naive_attention_f64, softmax_equivalent_mechanisms
+from conftest import build, naive_attention_f64, near_range_inputs, softmax_equivalent_mechanisms
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -114,3 +114,27 @@ def test_auto_dispatch_is_exact():
     assert w.shape == (1, 2, 10, 12)
     torch.testing.assert_close(w.sum(-1), torch.ones(1, 2, 10))
     assert attnlab.choose_mechanism(need_weights=True) == "reference"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_scores_beyond_float16_range(dtype):
+    # The audit's case: |q|^2 ~ 1e5, scale 1/8: the unscaled q . k (up to 1e5) overflows
+    # float16 (max 65504) and gave NaN everywhere for reference, scaled_dot, dot, sdpa with
+    # need_weights and attnlab.attention(need_weights=True); plain sdpa was fine.
+    q, k, v = near_range_inputs(dtype, N=12, D=64, Dv=8, seed=11)
+    expected = naive_attention_f64(q, k, v, scale=0.125)  # the rounded inputs, in float64
+    weights = torch.softmax(q.double() @ k.double().transpose(-2, -1) * 0.125, dim=-1)
+    sdpa_err = (F.scaled_dot_product_attention(q, k, v).double() - expected).abs().max()
+    tol = 4 * max(float(sdpa_err), torch.finfo(dtype).eps)
+    runs = {"auto": lambda: attnlab.attention(q, k, v, need_weights=True)}
+    for name in MECHS:
+        mech = build(name, 64, 2)
+        if mech.spec.returns_weights:
+            runs[name] = lambda mech=mech: mech(q, k, v, scale=0.125, need_weights=True)
+        runs[name + " (no weights)"] = lambda mech=mech: (mech(q, k, v, scale=0.125), None)
+    for label, run in runs.items():
+        out, w = run()
+        assert out.dtype == dtype and torch.isfinite(out).all(), f"{label}: NaN/inf"
+        assert (out.double() - expected).abs().max() <= tol, label
+        if w is not None:
+            assert w.dtype == dtype and (w.double() - weights).abs().max() <= tol, label

@@ -268,6 +268,63 @@ def test_sinkhorn_gradients_reach_the_sorting_network():
         assert not torch.allclose(mech(q, k, v), before, atol=1e-4)
 
 
+@st.composite
+def sinkhorn_padding(draw):
+    """``(keep, block_size)``: ``keep`` ``(B, N)`` bool over several blocks, any pattern of
+    real keys, at least one per row."""
+    b, nb, B = draw(st.integers(1, 4)), draw(st.integers(2, 5)), draw(st.integers(1, 2))
+    rows = []
+    for _ in range(B):
+        row = torch.tensor(draw(st.lists(st.booleans(), min_size=b * nb, max_size=b * nb)))
+        row[draw(st.integers(0, b * nb - 1))] = True
+        rows.append(row)
+    return torch.stack(rows), b
+
+
+@settings(max_examples=30)
+@given(case=sinkhorn_padding(), seed=st.integers(0, 2**16))
+def test_sinkhorn_padded_keys_weigh_nothing(case, seed):
+    keep, b = case
+    B, N = keep.shape
+    mask = keep[:, None, None, :]
+    mech = sinkhorn(4, block_size=b).double()
+    q, k, v = (t.double() for t in qkv(B, 2, N, 4, 3, seed=seed))
+    out = mech(q, k, v, attn_mask=mask)
+    # No output row (padded queries' included) depends on a padded key or value.
+    pad = ~keep[:, None, :, None]
+    k2 = torch.where(pad, 50 * rand(*k.shape, seed=seed + 5).double(), k)
+    v2 = torch.where(pad, 1e4 + rand(*v.shape, seed=seed + 6).double(), v)
+    torch.testing.assert_close(mech(q, k2, v2, attn_mask=mask), out, rtol=0, atol=0)
+    # Every row is a convex combination of real values: constant values come out as is
+    # (a sorted slot weighting its real keys by less than 1 would shrink them).
+    ones = torch.ones_like(v)
+    torch.testing.assert_close(mech(q, k, ones, attn_mask=mask), ones, rtol=0, atol=1e-12)
+
+
+@settings(max_examples=20)
+@given(case=sinkhorn_padding(), seed=st.integers(0, 2**16), data=st.data())
+def test_sinkhorn_one_real_key_gives_its_value_to_every_query(case, seed, data):
+    _, b = case
+    B, N = case[0].shape
+    real = [data.draw(st.integers(0, N - 1)) for _ in range(B)]
+    keep = torch.zeros(B, N, dtype=torch.bool)
+    keep[torch.arange(B), real] = True
+    q, k, v = (t.double() for t in qkv(B, 2, N, 4, 3, seed=seed))
+    out = sinkhorn(4, block_size=b).double()(q, k, v, attn_mask=keep[:, None, None, :])
+    expected = v[torch.arange(B), :, real].unsqueeze(2).expand_as(out)  # (B, H, N, Dv)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_sinkhorn_one_real_key_at_default_block_size():
+    # The audit's case: N = 1024, 16 blocks of 64, only key 0 real (rows came out as
+    # 0.001 to 0.71 times v[0]).
+    q, k, v = qkv(1, 2, 1024, 8, 8, seed=3)
+    keep = torch.zeros(1, 1, 1, 1024, dtype=torch.bool)
+    keep[..., 0] = True
+    out = sinkhorn(8)(q, k, v, attn_mask=keep)
+    torch.testing.assert_close(out, v[:, :, :1].expand_as(out), rtol=1e-5, atol=1e-6)
+
+
 # ============================================================================ errors, memory
 
 

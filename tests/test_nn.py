@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -406,6 +407,46 @@ def test_bad_call_inputs():
         m(x, value=x)
     with pytest.raises(ValueError, match="exceeds max_seq_len=4"):
         MultiheadAttention(E, H, max_seq_len=4)(x)
+
+
+def test_input_dtype_is_the_modules_floating_dtype():
+    m = MultiheadAttention(E, H)  # float32 parameters
+    x = torch.randn(B, N, E)
+    ids = torch.randint(0, 5, (B, N, E))
+    with pytest.raises(TypeError, match=r"query must be a floating-point tensor of the "
+                                        r"module's dtype torch.float32; got torch.int64"):
+        m(ids)
+    with pytest.raises(TypeError, match=r"key must be a floating-point tensor .* got torch.int64"):
+        m(x, ids, x)
+    with pytest.raises(TypeError, match=r"value must be a floating-point tensor .* got torch.int64"):
+        m(x, x, ids)
+    with pytest.raises(TypeError, match=r"query dtype torch.float64 does not match the module's "
+                                        r"dtype torch.float32; convert the input"):
+        m(x.double())
+    with pytest.raises(TypeError, match=r"value dtype torch.float16 does not match the module's "
+                                        r"dtype torch.float32"):
+        m(x, x, x.half())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast runs the projections itself
+        assert m(x.bfloat16()).shape == (B, N, E)
+
+
+@pytest.mark.parametrize("value", ["no", 1, 0, None, torch.tensor(True)])
+def test_flags_must_be_bools(value):
+    m = MultiheadAttention(E, H)
+    x = torch.randn(B, N, E)
+    got = rf"got {type(value).__name__} "
+    with pytest.raises(TypeError, match=r"MultiheadAttention: need_weights must be a bool; " + got):
+        m(x, need_weights=value)
+    if value is not None:  # is_causal=None means the layer's default
+        with pytest.raises(TypeError, match=r"MultiheadAttention: is_causal must be a bool; " + got):
+            m(x, is_causal=value)
+        with pytest.raises(TypeError, match=r"is_causal must be a bool; " + got):
+            m(x, is_causal=value, kv_cache=attnlab.nn.KVCache())  # not read as "causal"
+        with pytest.raises(TypeError, match=r"MultiheadAttention: is_causal must be a bool"):
+            MultiheadAttention(E, H, is_causal=value)
+    out, w = m(x, need_weights=np.True_)  # NumPy's bool is a bool
+    assert w.shape == (B, H, N, N)
+    torch.testing.assert_close(m(x, is_causal=np.True_), m(x, is_causal=True))
 
 
 def test_mechanism_flags_are_enforced(monkeypatch):

@@ -22,6 +22,12 @@ It is the contract of ``torch.nn.functional.scaled_dot_product_attention``:
 
 **A fully masked query row** (no key allowed) gives an output row of zeros and weights of
 zeros, never NaN, and zero gradient, the same as SDPA does in PyTorch >= 2.5.
+
+**Empty inputs** are valid: ``B``, ``H`` or ``Nq`` of 0 gives an empty ``(B, H, Nq, Dv)``
+output, and ``Nk = 0`` (every query row fully masked, as no key exists) gives zeros; both
+stay connected to the inputs for autograd (see :class:`attnlab.mechanisms.base.Mechanism`).
+Flags (``is_causal``, ``need_weights``) must be bools (NumPy's ``bool_`` too): a truthy
+string such as ``"no"`` is a ``TypeError``, never a silent ``True``.
 """
 
 from __future__ import annotations
@@ -29,12 +35,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 __all__ = [
     "HALF_DTYPES",
     "AttentionInputs",
     "causal_mask",
+    "check_flag",
     "check_inputs",
     "is_key_padding_mask",
     "format_shape",
@@ -68,6 +76,15 @@ class AttentionInputs:
 def format_shape(t: torch.Tensor) -> str:
     """``(2, 8, 128, 64)``: a shape as error messages print it."""
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def check_flag(name: str, value, who: str = "") -> bool:
+    """``value`` as a Python bool, else ``TypeError`` naming ``name``. Only ``bool`` (and
+    NumPy's ``bool_``) passes: ``bool("no")`` is ``True``, so coercing would turn a typo or
+    a string option into the opposite of what was meant."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{who}{name} must be a bool; got {type(value).__name__} {value!r}")
 
 
 def is_key_padding_mask(mask) -> bool:
@@ -133,10 +150,8 @@ def check_inputs(
         )
     if D == 0 or v.shape[-1] == 0:
         raise ValueError(f"{who}head dims must be >= 1; got D={D}, Dv={v.shape[-1]}")
-    if Nk == 0:
-        raise ValueError(f"{who}k must hold at least one key; got Nk=0 (k {format_shape(k)})")
-    if not isinstance(is_causal, bool):
-        raise TypeError(f"{who}is_causal must be a bool; got {type(is_causal).__name__}")
+    check_flag("is_causal", is_causal, who)
+    check_flag("need_weights", need_weights, who)
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
             raise TypeError(f"{who}scale must be a float or None; got {type(scale).__name__}")

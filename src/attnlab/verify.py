@@ -22,10 +22,11 @@ Error metric: ``max |out - ref| / max(max |ref|, 1e-30)``, the largest deviation
 the largest reference entry (a max-norm relative error: entries near zero are not divided
 by themselves, and one bad row is enough to fail). Tolerance per dtype: float32 ``tol``;
 float64 ``max(tol * 1e-6, 1e-10)``; float16 ``max(tol, 2e-2)``; bfloat16 ``max(tol, 5e-2)``.
-Mechanisms that keep half-precision scores and weights (``reference``, ``scaled_dot``, ...)
-round them to 11 or 8 bits; with bfloat16's 8 bits, exact softmax attention itself reaches
-relative errors of 1.7e-2 (D = 128, N = 512, 30 seeds), too close to 2e-2 for a gate that
-must never fail a correct mechanism. A statistical limit (``Limit.statistical``, the
+The floors leave room for mechanisms that round intermediate results to 11 or 8 bits: with
+half-precision scores and weights (as ``reference`` and ``scaled_dot`` kept them before
+they computed in float32), exact softmax attention reached relative errors of 1.7e-2 in
+bfloat16 (D = 128, N = 512, 30 seeds), too close to 2e-2 for a gate that must never fail
+a correct mechanism. A statistical limit (``Limit.statistical``, the
 Performer's Monte Carlo error) keeps ``tol`` in float64 too.
 """
 

@@ -10,6 +10,12 @@ registered with, and are available as ``self.hp``.
 A mechanism whose spec has ``key_padding`` but not ``arbitrary_mask`` receives only one
 kind of mask: a bool key-padding mask, ``(B|1, H|1, 1, Nk|1)`` once 4-D (see
 :func:`key_padding_keep`); any other mask is refused by the contract check.
+
+Empty calls (``B``, ``H``, ``Nq`` or ``Nk`` of 0) never reach :meth:`Mechanism._attend`:
+there is no (query, key) pair to score, so :meth:`Mechanism.forward` answers them for every
+mechanism alike (:func:`empty_attention`), after the contract check and before the
+mechanism's own checks (a module built for 8 heads takes ``H = 0``). Left to each
+mechanism, blocked and bucketed ones divided by or reshaped with the zero size.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from torch import nn
 from attnlab.contract import check_inputs, is_key_padding_mask
 from attnlab.registry import MechanismSpec
 
-__all__ = ["Mechanism", "is_key_padding_mask", "key_padding_keep"]
+__all__ = ["Mechanism", "empty_attention", "is_key_padding_mask", "key_padding_keep"]
 
 def key_padding_keep(attn_mask: torch.Tensor | None, B: int, H: int, nk: int):
     """``(B, H, Nk)`` bool (an expanded view), ``True`` for the keys that may be attended,
@@ -31,6 +37,22 @@ def key_padding_keep(attn_mask: torch.Tensor | None, B: int, H: int, nk: int):
     if attn_mask is None:
         return None
     return attn_mask[:, :, 0, :].expand(B, H, nk)
+
+
+def empty_attention(q, k, v, need_weights: bool, params=()):
+    """The result of a call with no (query, key) pair: ``(out, weights or None)``.
+
+    ``out`` ``(B, H, Nq, Dv)`` is empty when ``B * H * Nq == 0`` and zeros when ``Nk == 0``
+    (every query row is fully masked: the contract's zeros); weights ``(B, H, Nq, Nk)``
+    likewise. Both are connected to ``q, k, v`` and ``params`` through the sum of an empty
+    slice of each, an exact 0: backward gives zero (or empty) gradients instead of an error
+    or ``None``, and no NaN even if an input holds inf.
+    """
+    B, H, Nq, _ = q.shape
+    zero = sum(t.flatten()[:0].sum().to(q.dtype) for t in (q, k, v, *params))
+    out = q.new_zeros(B, H, Nq, v.shape[-1]) + zero
+    weights = q.new_zeros(B, H, Nq, k.shape[2]) + zero if need_weights else None
+    return out, weights
 
 
 class Mechanism(nn.Module):
@@ -61,6 +83,11 @@ class Mechanism(nn.Module):
         """Attend; returns ``out`` ``(B, H, Nq, Dv)``, or ``(out, weights)`` if
         ``need_weights`` (weights ``(B, H, Nq, Nk)``)."""
         check_inputs(q, k, v, attn_mask, is_causal, scale, dropout_p, need_weights, self.spec)
+        # NumPy bools passed the check; the kernels below want Python's.
+        is_causal, need_weights = bool(is_causal), bool(need_weights)
+        if q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] == 0:
+            out, weights = empty_attention(q, k, v, need_weights, tuple(self.parameters()))
+            return (out, weights) if need_weights else out
         s = self.default_scale(q.shape[-1]) if scale is None else float(scale)
         if attn_mask is not None and attn_mask.dim() < 4:
             # A view with leading 1s: mechanisms only ever see 4-D masks.

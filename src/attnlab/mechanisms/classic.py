@@ -9,11 +9,12 @@ function changes. Each computes its own defined attention exactly (no approximat
 * ``scaled_dot`` -- Vaswani et al. 2017: ``q_i^T k_j / sqrt(d)``, the textbook formula.
 
 Masks and ``is_causal`` follow :mod:`attnlab.contract` (fully masked rows give zeros);
-the softmax runs in float32 for half-precision inputs. The learnable mechanisms keep
-one set of parameters *shared across heads*: the contract hands them per-head
-``(B, H, N, head_dim)`` tensors with ``H`` known only at call time, and the papers have a
-single alignment model; per-head projections belong to the surrounding multi-head
-layer's input projections (:class:`attnlab.nn.MultiheadAttention`).
+for half-precision inputs the scores, the softmax and the weighted sum run in float32
+(a float16 ``q . k`` overflows past 65504) and the output comes back in the input dtype.
+The learnable mechanisms keep one set of parameters *shared across heads*: the contract
+hands them per-head ``(B, H, N, head_dim)`` tensors with ``H`` known only at call time,
+and the papers have a single alignment model; per-head projections belong to the
+surrounding multi-head layer's input projections (:class:`attnlab.nn.MultiheadAttention`).
 """
 
 from __future__ import annotations
@@ -142,6 +143,7 @@ class AdditiveAttention(Mechanism):
         work = work_dtype(q.dtype)  # tanh/sum in >= float32
         W_a, U_a, v_a = (p.to(work) for p in (self.W_a, self.U_a, self.v_a))
         uk = k.to(work) @ U_a.T                                        # (B, H, Nk, A)
+        vw = v.to(work)
         outs, weights = [], []
         step = self.hp["chunk_size"]
         for i0 in range(0, nq, step):
@@ -149,12 +151,12 @@ class AdditiveAttention(Mechanism):
             wq = q[..., i0:i1, :].to(work) @ W_a.T                      # (B, H, c, A)
             e = torch.tanh(wq.unsqueeze(-2) + uk.unsqueeze(-3)) @ v_a   # (B, H, c, Nk)
             m = None if mask is None else slice_mask(mask, i0, i1, 0, nk)
-            p = masked_softmax(e * scale, m).to(v.dtype)
+            p = masked_softmax(e * scale, m)
             p_used = F.dropout(p, dropout_p) if dropout_p > 0 else p
-            outs.append(p_used @ v)
+            outs.append(p_used @ vw)
             if need_weights:
-                weights.append(p)
-        out = torch.cat(outs, dim=-2)
+                weights.append(p.to(v.dtype))
+        out = torch.cat(outs, dim=-2).to(v.dtype)
         return out, (torch.cat(weights, dim=-2) if need_weights else None)
 
 
@@ -194,8 +196,12 @@ class GeneralAttention(Mechanism):
     def _attend(self, q, k, v, attn_mask, is_causal, scale, dropout_p, need_weights):
         _check_head_dim("general", q, self.hp["head_dim"])
         mask = merge_masks(attn_mask, is_causal, q.shape[-2], k.shape[-2], q.device)
-        out, w = softmax_attention(q @ self.W_a.to(q.dtype), k, v, mask, scale, dropout_p)
-        return out, (w if need_weights else None)
+        # q W_a in float32 for half inputs too: rounded to 11 bits, it would be multiplied
+        # by |k| (scores of size 1e4 off by units); softmax_attention keeps float32 then.
+        dtype, work = q.dtype, work_dtype(q.dtype)
+        qw = q.to(work) @ self.W_a.to(work)
+        out, w = softmax_attention(qw, k, v, mask, scale, dropout_p)
+        return out.to(dtype), (w.to(dtype) if need_weights else None)
 
 
 @register_mechanism(
@@ -238,12 +244,16 @@ class ScaledDotAttention(Mechanism):
     """
 
     def _attend(self, q, k, v, attn_mask, is_causal, scale, dropout_p, need_weights):
-        # scale = 1 / sqrt(d_k) unless the caller gave one (Mechanism.default_scale).
-        scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+        # Half inputs in float32 (as softmax_attention): float16 q k^T overflows past 65504.
+        # scale = 1 / sqrt(d_k) unless the caller gave one (Mechanism.default_scale); it
+        # goes on q so that the unscaled q k^T is never formed.
+        dtype, work = q.dtype, work_dtype(q.dtype)
+        q, k, v = q.to(work), k.to(work), v.to(work)
+        scores = torch.matmul(q * scale, k.transpose(-2, -1))
         mask = merge_masks(attn_mask, is_causal, q.shape[-2], k.shape[-2], q.device)
         p_attn = masked_softmax(scores, mask)
         if dropout_p > 0:
             out = torch.matmul(F.dropout(p_attn, dropout_p), v)
         else:
             out = torch.matmul(p_attn, v)
-        return out, (p_attn if need_weights else None)
+        return out.to(dtype), (p_attn.to(dtype) if need_weights else None)

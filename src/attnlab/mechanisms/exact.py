@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from attnlab.contract import masked_softmax, merge_masks
+from attnlab.contract import masked_softmax, merge_masks, work_dtype
 from attnlab.mechanisms.base import Mechanism
 from attnlab.registry import HParam, Limit, Paper, register_mechanism
 
@@ -34,11 +34,20 @@ EXACT = Limit(hparams=lambda n: {}, note="exact: softmax attention as it is")
 
 
 def softmax_attention(q, k, v, mask, scale, dropout_p=0.0):
-    """softmax(QK^T*scale + M)V in the dtype of the inputs; returns (out, weights)."""
-    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    """softmax(QK^T*scale + M)V; returns (out, weights) in the dtype of ``q``.
+
+    Half-precision inputs are computed in float32, as SDPA's kernels and ``flash`` do: a
+    float16 ``q . k`` overflows to inf past 65504 (``|q| |k|`` of a few hundred), which
+    the softmax turns into NaN, and 11-bit scores of size 1e4 are off by whole units.
+    ``scale`` multiplies ``q`` before the product, so ``q . k * scale`` never exists
+    unscaled (and the (Nq, D) product is cheaper than an (Nq, Nk) one).
+    """
+    dtype, work = q.dtype, work_dtype(q.dtype)
+    q, k, v = q.to(work), k.to(work), v.to(work)
+    scores = torch.matmul(q * scale, k.transpose(-2, -1))
     p = masked_softmax(scores, mask)
     p_used = torch.nn.functional.dropout(p, dropout_p) if dropout_p > 0 else p
-    return torch.matmul(p_used, v), p
+    return torch.matmul(p_used, v).to(dtype), p.to(dtype)
 
 
 @register_mechanism(

@@ -176,13 +176,17 @@ class Linformer(Mechanism):
     def attend_projected(self, q, k_bar, v_bar, scale: float | None = None,
                          dropout_p: float = 0.0):
         """``softmax(Q K_bar^T * scale) V_bar`` for keys and values already projected to
-        ``(B, H, k, D)``: the second half of the forward pass."""
+        ``(B, H, k, D)``: the second half of the forward pass. Half-precision inputs are
+        computed in float32 (a float16 ``q . k_bar`` overflows past 65504) and the result
+        returned in ``q``'s dtype."""
         scale = self.default_scale(q.shape[-1]) if scale is None else scale
-        scores = torch.matmul(q, k_bar.transpose(-2, -1)) * scale        # (B, H, Nq, k)
-        p_bar = torch.softmax(scores.to(work_dtype(scores.dtype)), dim=-1).to(v_bar.dtype)
+        dtype, work = q.dtype, work_dtype(q.dtype)
+        q, k_bar, v_bar = q.to(work), k_bar.to(work), v_bar.to(work)
+        scores = torch.matmul(q * scale, k_bar.transpose(-2, -1))        # (B, H, Nq, k)
+        p_bar = torch.softmax(scores, dim=-1)
         if dropout_p > 0:
             p_bar = nnf.dropout(p_bar, dropout_p)
-        return torch.matmul(p_bar, v_bar)
+        return torch.matmul(p_bar, v_bar).to(dtype)
 
     def _attend(self, q, k, v, attn_mask, is_causal, scale, dropout_p, need_weights):
         E, F = self._projections(k.shape[-2])
@@ -194,10 +198,13 @@ class Linformer(Mechanism):
             raise ValueError(f"linformer: sharing='none' was built for num_heads="
                              f"{E.shape[0]}; got H={q.shape[1]}")
         # einsum lets the shared projection fold into one matmul (no (B, H, k, n) copy).
+        # Mixed in float32 for half inputs: a sum of n keys can leave float16's range.
         eq = "hkn,bhnd->bhkd" if per_head else "kn,bhnd->bhkd"
-        k_bar = torch.einsum(eq, E.to(k.dtype), k)                       # (B, H, k, D)
-        v_bar = torch.einsum(eq, F.to(v.dtype), v)
-        return self.attend_projected(q, k_bar, v_bar, scale, dropout_p), None
+        work = work_dtype(q.dtype)
+        k_bar = torch.einsum(eq, E.to(work), k.to(work))                 # (B, H, k, D)
+        v_bar = torch.einsum(eq, F.to(work), v.to(work))
+        out = self.attend_projected(q.to(work), k_bar, v_bar, scale, dropout_p)
+        return out.to(q.dtype), None
 
 
 # ------------------------------------------------------------------------- Nyströmformer

@@ -27,7 +27,7 @@ from attnlab.mechanisms.hashing import group_size
 from attnlab.registry import REQUIRED, HParam, Limit, Paper, register_mechanism
 from attnlab.verify import dense_softmax_f64, param_f64
 
-__all__ = ["SinkhornAttention", "sinkhorn_normalise"]
+__all__ = ["SinkhornAttention", "padded_sorting", "sinkhorn_log", "sinkhorn_normalise"]
 
 TAY_2020 = Paper(
     "Sparse Sinkhorn Attention",
@@ -36,13 +36,36 @@ TAY_2020 = Paper(
     "https://arxiv.org/abs/2002.11296",
 )
 
-def sinkhorn_normalise(log_r: torch.Tensor, iters: int) -> torch.Tensor:
+def sinkhorn_log(log_r: torch.Tensor, iters: int) -> torch.Tensor:
     """Log-space Sinkhorn: ``iters`` rounds of row then column normalisation of
-    ``exp(log_r)`` (the paper's ``F_c(F_r(.))``); returns ``S`` (rows/columns sum to ~1)."""
+    ``exp(log_r)`` (the paper's ``F_c(F_r(.))``); returns ``log S``."""
     for _ in range(iters):
         log_r = log_r - torch.logsumexp(log_r, dim=-1, keepdim=True)
         log_r = log_r - torch.logsumexp(log_r, dim=-2, keepdim=True)
-    return log_r.exp()
+    return log_r
+
+
+def sinkhorn_normalise(log_r: torch.Tensor, iters: int) -> torch.Tensor:
+    """``S = exp(sinkhorn_log(log_r, iters))`` (rows and columns sum to ~1)."""
+    return sinkhorn_log(log_r, iters).exp()
+
+
+def padded_sorting(log_s: torch.Tensor, keep: torch.Tensor):
+    """Mixing weights of the sorted blocks under key padding, and which slots hold a key.
+
+    ``log_s`` ``(B, H, nb, nb)`` is ``log S``; ``keep`` ``(B, H, nb, b)`` marks the real
+    keys. Slot ``t`` of sorted block ``i`` mixes the keys at offset ``t`` of every block
+    ``j``: here with weights ``S_ij`` renormalised over the *real* ones, ``w_itj = S_ij
+    keep_jt / sum_j' S_ij' keep_j't`` (a softmax of ``log S_ij`` over the real ``j``).
+    Weighting by ``S_ij`` alone would give the real keys a total weight below 1 next to
+    zeroed padding: the slot's key and value shrink towards 0 and the output with them.
+    Returns ``w`` ``(B, H, nb, b, nb)`` (zeros for a slot with no real key) and
+    ``alive`` ``(B, H, 1, 1, b)``, False for such a slot, which must then be masked out.
+    """
+    B, H, nb, b = keep.shape
+    allowed = keep.transpose(-1, -2).unsqueeze(2)                      # (B, H, 1, b, nb)
+    w = masked_softmax(log_s.unsqueeze(-2).expand(B, H, nb, b, nb), allowed)
+    return w, keep.any(dim=2).view(B, H, 1, 1, b)
 
 
 def _sinkhorn_limit(n: int) -> dict:
@@ -129,10 +152,14 @@ class SinkhornAttention(Mechanism):
 
     Key padding (bool ``(B, H, 1, N)``, ``False`` = padded; the paper has none): padded
     keys and values are zeroed before the block pooling and the sorting, so they add
-    nothing to ``psi_P(K)`` or to the sorted blocks, and padded keys are masked out of each
-    block's local part. Padding content never reaches the output. With one block this is
-    masked softmax attention; with several, the blocks (and their means, which count the
-    zeroed padding) are laid over all ``N`` positions, so the result is not the one on the
+    nothing to ``psi_P(K)``, and padded keys are masked out of each block's local part.
+    In the sorted blocks a padded key gets weight 0 after the balancing: slot ``t`` of
+    sorted block ``i`` mixes the real keys at offset ``t`` with ``S_ij`` renormalised over
+    them (:func:`padded_sorting`), and a slot with no real key is masked out. Every output
+    row is then a convex combination of real values (one real key gives its value to every
+    query); padding content never reaches the output. With one block this is masked
+    softmax attention; with several, the blocks (and their means, which count the zeroed
+    padding) are laid over all ``N`` positions, so the result is not the one on the
     unpadded sequence.
     """
 
@@ -157,6 +184,10 @@ class SinkhornAttention(Mechanism):
 
     def sorting_matrix(self, k: torch.Tensor) -> torch.Tensor:
         """The doubly stochastic block matrix ``S`` ``(B, H, N_B, N_B)`` for keys ``k``."""
+        return self.log_sorting_matrix(k).exp()
+
+    def log_sorting_matrix(self, k: torch.Tensor) -> torch.Tensor:
+        """``log S`` (see :meth:`sorting_matrix`), in the work dtype."""
         b, nb = self._blocks(k)
         B, H, N, D = k.shape
         work = work_dtype(k.dtype)
@@ -165,7 +196,7 @@ class SinkhornAttention(Mechanism):
                                            self.sort_out.weight))
         f = F.linear(F.relu(F.linear(pooled, w1, b1)), w2)
         r = torch.matmul(f, pooled.transpose(-1, -2)) / math.sqrt(D)
-        return sinkhorn_normalise(r / self.hp["temperature"], self.hp["sinkhorn_iters"])
+        return sinkhorn_log(r / self.hp["temperature"], self.hp["sinkhorn_iters"])
 
     def _attend(self, q, k, v, attn_mask, is_causal, scale, dropout_p, need_weights):
         b, nb = self._blocks(q)
@@ -178,20 +209,23 @@ class SinkhornAttention(Mechanism):
         if keep is not None:  # padding adds nothing to the pooled or the sorted blocks
             k, v = (t.masked_fill(~keep.unsqueeze(-1), 0.0) for t in (k, v))
         qb, kb, vb = q.view(B, H, nb, b, D), k.view(B, H, nb, b, D), v.view(B, H, nb, b, Dv)
+        # Which of the block's b (or 2b) keys may be attended: None = all.
+        allowed = None if keep is None else keep.reshape(B, H, nb, 1, b)
         if nb > 1:
-            s = self.sorting_matrix(k)  # (B, H, nb, nb): tiny
-            k_sorted = torch.einsum("bhij,bhjtd->bhitd", s, kb)
-            v_sorted = torch.einsum("bhij,bhjtd->bhitd", s, vb)
+            log_s = self.log_sorting_matrix(k)  # (B, H, nb, nb): tiny
+            if keep is None:
+                s = log_s.exp()
+                k_sorted = torch.einsum("bhij,bhjtd->bhitd", s, kb)
+                v_sorted = torch.einsum("bhij,bhjtd->bhitd", s, vb)
+            else:  # padded keys weigh 0 in the sorted slots, real ones sum to 1
+                w, alive = padded_sorting(log_s, keep.reshape(B, H, nb, b))
+                k_sorted = torch.einsum("bhitj,bhjtd->bhitd", w, kb)
+                v_sorted = torch.einsum("bhitj,bhjtd->bhitd", w, vb)
+                allowed = torch.cat([allowed, alive.expand(B, H, nb, 1, b)], dim=-1)
             kb = torch.cat([kb, k_sorted], dim=3)  # (B, H, nb, 2b, D)
             vb = torch.cat([vb, v_sorted], dim=3)
         scores = torch.matmul(qb, kb.transpose(-1, -2)) * scale      # (B, H, nb, b, b or 2b)
-        if keep is None:
-            p = torch.softmax(scores, dim=-1)
-        else:  # mask the block's own padded keys; the sorted half (mixtures) stays allowed
-            local = keep.reshape(B, H, nb, 1, b)
-            if nb > 1:
-                local = torch.cat([local, torch.ones_like(local)], dim=-1)
-            p = masked_softmax(scores, local)
+        p = torch.softmax(scores, dim=-1) if allowed is None else masked_softmax(scores, allowed)
         if dropout_p > 0:
             p = F.dropout(p, dropout_p)
         out = torch.matmul(p, vb).reshape(B, H, N, Dv)

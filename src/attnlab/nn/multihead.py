@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import nn
 
-from attnlab.contract import format_shape
+from attnlab.contract import check_flag, format_shape
 from attnlab.nn.cache import KVCache, check_decoding, decoding_mask
 from attnlab.nn.positional import RotaryEmbedding, alibi_bias
 from attnlab.registry import CONTEXT_HPARAMS, REQUIRED, create, get
@@ -38,9 +38,7 @@ def _int(name: str, value, *, nullable: bool = False) -> int | None:
 
 
 def _bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{_W}{name} must be a bool; got {type(value).__name__} {value!r}")
-    return value
+    return check_flag(name, value, _W)
 
 
 def _positions(value) -> str | None:
@@ -234,9 +232,18 @@ class MultiheadAttention(nn.Module):
                           f"mechanism={self.spec.name!r}"]
                          + [f"{k}={v!r}" for k, v in extra.items() if v != defaults[k]])
 
-    def _check_input(self, name: str, x, dim: int, batch: int | None) -> None:
+    def _check_input(self, name: str, x, dim: int, batch: int | None, proj: nn.Linear) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{_W}{name} must be a torch.Tensor; got {type(x).__name__}")
+        want = proj.weight.dtype
+        if not x.is_floating_point():
+            raise TypeError(f"{_W}{name} must be a floating-point tensor of the module's dtype "
+                            f"{want}; got {x.dtype} (token ids go through an embedding first)")
+        # Under autocast the projections run in the autocast dtype, whatever the input's.
+        if x.dtype != want and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"{_W}{name} dtype {x.dtype} does not match the module's dtype "
+                            f"{want}; convert the input (.to({want})) or the module "
+                            f"(.to({x.dtype}))")
         layout = "(B, N, E)" if self.batch_first else "(N, B, E)"
         if x.dim() != 3:
             raise ValueError(f"{_W}{name} must be 3-D {layout} with E={dim}; "
@@ -349,30 +356,33 @@ class MultiheadAttention(nn.Module):
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) if isinstance(t, torch.Tensor) and t.dim() == 3
                                  else t for t in (query, key, value))
-        self._check_input("query", query, self.embed_dim, None)
+        self._check_input("query", query, self.embed_dim, None, self.q_proj)
         B, Nq = query.shape[:2]
         if self_attn and (self.kdim, self.vdim) != (self.embed_dim,) * 2:
             raise ValueError(f"{_W}key=None (self-attention) needs kdim == vdim == embed_dim; "
                              f"this layer has kdim={self.kdim}, vdim={self.vdim}: pass key")
+        # Flags first: a truthy non-bool must neither pass nor steer the checks below.
+        if is_causal is not None:
+            is_causal = _bool("is_causal", is_causal)
+        need_weights = _bool("need_weights", need_weights)
         T = 0  # positions already cached: the new tokens start there
         if kv_cache is not None:
             T = check_decoding(kv_cache, self.spec, self_attn, key_padding_mask, is_causal, B)
             is_causal = True
         if not self_attn:
-            self._check_input("key", key, self.kdim, B)
-            self._check_input("value", value, self.vdim, B)
+            self._check_input("key", key, self.kdim, B, self.k_proj)
+            self._check_input("value", value, self.vdim, B, self.v_proj)
             if value.shape[1] != key.shape[1]:
                 raise ValueError(f"{_W}key and value lengths differ: key {format_shape(key)}, "
                                  f"value {format_shape(value)}")
         Nk = T + key.shape[1]
-        causal = self.is_causal if is_causal is None else _bool("is_causal", is_causal)
+        causal = self.is_causal if is_causal is None else is_causal
         if self.max_seq_len is not None and max(Nq, Nk) > self.max_seq_len:
             raise ValueError(f"{_W}sequence length {max(Nq, Nk)} exceeds "
                              f"max_seq_len={self.max_seq_len}")
         self._check_spec(causal, {"key_padding_mask": key_padding_mask is not None,
                                   "attn_mask": attn_mask is not None},
                          f"Nq={Nq} != Nk={Nk}" if Nq != Nk else "")
-        need_weights = _bool("need_weights", need_weights)
         # A mechanism that never forms its weights is asked for its *effective* weights.
         effective = need_weights and not self.spec.returns_weights
 
