@@ -199,16 +199,31 @@ def _entry(where: str, item, defaults: dict) -> MechanismEntry:
     except ValueError as e:
         _fail(where, str(e))
     merged = {**defaults.get(spec.name, {}), **hp}
-    declared = {h.name for h in spec.hparams}
-    # Check the names now (values that depend on N are checked per point, in the child).
-    unknown = sorted(set(merged) - declared)
-    if unknown:
-        try:
-            spec.validate_hparams(merged)
-        except (TypeError, ValueError) as e:
-            _fail(where, str(e))
+    # Names and values are checked by _check_hparams, once the grid's shapes are known.
     # Benchmark-sized defaults are part of the label: "sliding_window(window=256)".
     return MechanismEntry(spec.name, tuple(sorted(merged.items())))
+
+
+def _check_hparams(where: str, grid: Grid) -> None:
+    """Validate each registered mechanism's hyperparameters as ``create_for`` will in every
+    child, with the ``head_dim``, ``num_heads`` and ``max_seq_len`` it fills in from the
+    grid: a bad value (``window=-1``) refuses the grid before anything runs, from a flag
+    or a sweep file alike, instead of storing each of its points as an ``error``. (Peers
+    were validated whole in :func:`_entry`; constructor checks that depend on N stay per
+    point.)"""
+    shapes = list(itertools.product(grid.head_dim, grid.heads, grid.lengths))
+    for m in grid.mechanisms:
+        if peers.is_peer(m.name):
+            continue
+        spec = get(m.name)
+        declared = {h.name for h in spec.hparams}
+        for d, h, n in shapes:
+            context = {"head_dim": d, "num_heads": h, "max_seq_len": n}
+            filled = {k: v for k, v in context.items() if k in declared}
+            try:
+                spec.validate_hparams({**filled, **dict(m.hparams)})
+            except (TypeError, ValueError) as e:
+                _fail(where, str(e))
 
 
 def _mechanisms(where: str, spec, defaults: dict) -> tuple[MechanismEntry, ...]:
@@ -268,6 +283,7 @@ def make_grid(*, profile: str | None = None, where: str = "bench", **given) -> G
         error_max_n=_ints(where, "error_max_n", cfg.get("error_max_n", 16384))[0],
         profile=profile,
     )
+    _check_hparams(where, grid)
     return grid
 
 

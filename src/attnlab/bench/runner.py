@@ -9,8 +9,10 @@ stored with its status (``oom``, ``timeout``, ``error``) and never as a number. 
 
 Resume: starting the same grid again on the same machine continues the latest unfinished
 run (points already stored are skipped; ``UNIQUE(run_id, point_key)`` makes a double
-count impossible). A mechanism's correctness gate runs in its first child; if it fails,
-every point of that mechanism and configuration is stored ``FAILED`` without running.
+count impossible). The process measuring a run holds it (``store.locks``, an OS
+lock that dies with the process): a second process that would resume it is refused.
+A mechanism's correctness gate runs in its first child; if it fails, every point of that
+mechanism and configuration is stored ``FAILED`` without running.
 """
 
 from __future__ import annotations
@@ -146,22 +148,42 @@ def run_sweep(grid: Grid, store: Store, *, command: str = "", resume: bool = Tru
               progress: bool = True, console=None, test_hook: dict | None = None,
               on_row: Callable[[dict], None] | None = None) -> int:
     """Measure every point of ``grid`` not yet in the database; returns the run id."""
+    points = grid.points()
+    run_id, ram_gib = _start_run(grid, store, command, resume, len(points))
+    try:
+        return _sweep(grid, store, run_id, points, ram_gib, progress=progress,
+                      console=console, test_hook=test_hook, on_row=on_row)
+    finally:
+        store.locks.release(run_id)
+
+
+def _start_run(grid: Grid, store: Store, command: str, resume: bool,
+               n_points: int) -> tuple[int, float]:
+    """The run this process measures, claimed, and the machine's RAM in GiB: the latest
+    unfinished run of the same grid on the same machine (``resume``) or a new one.
+    RunLockError when another process is measuring that run: two sweeps on the same cores
+    would spoil each other's timings."""
     machine = mach.describe(grid.device)
     fp = mach.fingerprint(machine, grid.threads)
     digest = grid.digest()
-    points = grid.points()
-    run_id = store.resumable(digest, fp) if resume else None
-    if run_id is None:
+    with store.locks.choosing():
+        run_id = store.resumable(digest, fp) if resume else None
+        if run_id is not None:
+            store.locks.claim(run_id)
+            store.set_status(run_id, "running")
+            return run_id, machine["ram_gib"]
         machine["roof_gflops"] = mach.matmul_roof_gflops(grid.threads, grid.device)
         run_id = store.new_run(grid=grid.to_json(), digest=digest, machine=machine,
                                fingerprint=fp, versions=mach.versions(),
                                commit=mach.git_commit(), command=command,
-                               profile=grid.profile, points_total=len(points))
-    else:
-        store.set_status(run_id, "running")
-    roof = store.run(run_id)["machine"].get("roof_gflops")
-    stored = store.measurements(run_id)
-    done = store.done_keys(run_id)
+                               profile=grid.profile, points_total=n_points)
+        store.locks.claim(run_id)
+        return run_id, machine["ram_gib"]
+
+
+def _history(stored: list[dict]) -> tuple[dict, dict, dict]:
+    """What a resumed run's stored points say about the rest: the series whose longer
+    lengths are skipped (and why), the gates already run, the wall times of ok points."""
     dead: dict[tuple, str] = {}  # series -> why longer lengths are skipped
     gates: dict[tuple, dict] = {}  # gate key -> {"passed", "gate_error", "gate_tol", ...}
     walls: dict[tuple, list] = {}  # series -> [(N, wall seconds)] of its ok points
@@ -173,7 +195,16 @@ def run_sweep(grid: Grid, store: Store, *, command: str = "", resume: bool = Tru
             dead.setdefault(p.series, f"after {r['status']} at N={r['N']}")
         if r.get("gate_error") is not None or r["status"] == "FAILED":
             gates.setdefault(_gate_key(p), _gate_record(r))
-    mem_cap = int((grid.mem_cap_gib or 0.9 * machine["ram_gib"]) * 2**30)
+    return dead, gates, walls
+
+
+def _sweep(grid: Grid, store: Store, run_id: int, points: list[Point], ram_gib: float, *,
+           progress: bool, console, test_hook: dict | None,
+           on_row: Callable[[dict], None] | None) -> int:
+    roof = store.run(run_id)["machine"].get("roof_gflops")
+    done = store.done_keys(run_id)
+    dead, gates, walls = _history(store.measurements(run_id))
+    mem_cap = int((grid.mem_cap_gib or 0.9 * ram_gib) * 2**30)
     cfg = {"threads": grid.threads, "min_run_time": grid.min_run_time,
            "error_max_n": grid.error_max_n, "mem_cap_bytes": mem_cap,
            "_test_hook": test_hook}

@@ -18,6 +18,7 @@ from pathlib import Path
 from rich.console import Console
 
 from attnlab.cli import command_line
+from attnlab.files import atomic_path, write_text_atomic
 
 SUBCOMMANDS = ("run", "runs", "show", "export", "compare", "plot")
 DEFAULT_DB = "results/bench.db"
@@ -197,8 +198,22 @@ def _plot(store, run_id, out, console: Console) -> None:
 
     rid = store.resolve(run_id)
     out = Path(out or f"results/plots/run-{rid}")
-    paths = plot_run(store.measurements(rid), store.run(rid), out)
+    try:
+        paths = plot_run(store.measurements(rid), store.run(rid), out)
+    except OSError as e:  # name the directory asked for, not just the first file that failed
+        raise _cannot_write(e, out, "the plots") from e
     console.print(f"{len(paths)} plot files in {out}")
+
+
+def _cannot_write(e: OSError, out: Path, what: str) -> OSError:
+    """``e`` as an OSError about ``out`` (the user's --out) that says what was not written
+    and which file failed (a temporary file's name means nothing to the user)."""
+    failed = Path(e.filename) if e.filename is not None else out
+    detail = e.strerror or str(e)
+    if failed != out and not failed.name.startswith(f".{out.name}."):  # not our temp file
+        detail = f"{failed}: {detail}"
+    return OSError(e.errno, f"cannot write {what} there ({detail}); pass another --out",
+                   str(out))
 
 
 def cmd_runs(args, console: Console) -> int:
@@ -206,7 +221,7 @@ def cmd_runs(args, console: Console) -> int:
 
     from attnlab.bench.store import Store
 
-    with Store(_db_path(args), create=False) as store:
+    with Store(_db_path(args), readonly=True) as store:
         t = Table(title=f"runs in {store.path}")
         for c in ("id", "started", "status", "profile", "points", "ok", "commit", "command"):
             t.add_column(c)
@@ -221,7 +236,7 @@ def cmd_runs(args, console: Console) -> int:
 def cmd_show(args, console: Console) -> int:
     from attnlab.bench.store import Store
 
-    with Store(_db_path(args), create=False) as store:
+    with Store(_db_path(args), readonly=True) as store:
         _show(store, store.resolve(args.run), console, markdown=args.markdown)
     return 0
 
@@ -229,22 +244,26 @@ def cmd_show(args, console: Console) -> int:
 def cmd_export(args, console: Console) -> int:
     from attnlab.bench.store import Store
 
-    with Store(_db_path(args), create=False) as store:
+    with Store(_db_path(args), readonly=True) as store:
         rid = store.resolve(args.run)
         rows = store.measurements(rid)
     for r in rows:
         r["hparams"] = json.dumps(r["hparams"], sort_keys=True)
+    out = Path(args.out) if args.out else None
     if args.format == "parquet":
-        if not args.out:
+        if out is None:
             raise ValueError("export --format parquet needs --out FILE (binary output)")
         try:
             import pandas as pd
 
-            pd.DataFrame(rows).to_parquet(args.out)
+            with atomic_path(out) as tmp:  # no parquet engine: ImportError
+                pd.DataFrame(rows).to_parquet(tmp)
         except ImportError as e:
             raise ValueError(f"export --format parquet needs pandas and pyarrow: pip install "
                              f"pandas pyarrow ({e})") from None
-        console.print(f"{len(rows)} measurements -> {args.out}")
+        except OSError as e:
+            raise _cannot_write(e, out, "the export") from e
+        console.print(f"{len(rows)} measurements -> {out}")
         return 0
     buf = io.StringIO()
     if args.format == "json":
@@ -254,9 +273,12 @@ def cmd_export(args, console: Console) -> int:
         w = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["run_id"])
         w.writeheader()
         w.writerows(rows)
-    if args.out:
-        Path(args.out).write_text(buf.getvalue())
-        console.print(f"{len(rows)} measurements -> {args.out}")
+    if out is not None:
+        try:
+            write_text_atomic(out, buf.getvalue())
+        except OSError as e:
+            raise _cannot_write(e, out, "the export") from e
+        console.print(f"{len(rows)} measurements -> {out}")
     else:
         sys.stdout.write(buf.getvalue())
     return 0
@@ -266,7 +288,7 @@ def cmd_compare(args, console: Console) -> int:
     from attnlab.bench.analysis import compare_runs, render_compare
     from attnlab.bench.store import Store
 
-    with Store(_db_path(args), create=False) as store:
+    with Store(_db_path(args), readonly=True) as store:
         a, b = store.measurements(args.run_a), store.measurements(args.run_b)
     console.print(render_compare(compare_runs(a, b)))
     return 0
@@ -275,7 +297,7 @@ def cmd_compare(args, console: Console) -> int:
 def cmd_plot(args, console: Console) -> int:
     from attnlab.bench.store import Store
 
-    with Store(_db_path(args), create=False) as store:
+    with Store(_db_path(args), readonly=True) as store:
         _plot(store, args.run, args.out, console)
     return 0
 

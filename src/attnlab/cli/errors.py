@@ -19,6 +19,7 @@ import traceback
 from rich.console import Console
 from rich.markup import escape
 
+from attnlab.bench.runlock import RunLockError
 from attnlab.bench.store import StoreError
 from attnlab.train.checkpoint import CheckpointError
 
@@ -26,7 +27,8 @@ __all__ = ["USER_ERRORS", "error_line", "report_error", "take_debug_flag"]
 
 # What a user can fix. ValueError covers ConfigError and DataError, RuntimeError subclasses
 # are listed one by one: a bare RuntimeError from inside torch is a defect, not bad input.
-USER_ERRORS = (ValueError, TypeError, OSError, sqlite3.Error, StoreError, CheckpointError)
+USER_ERRORS = (ValueError, TypeError, OSError, sqlite3.Error, StoreError, RunLockError,
+               CheckpointError)
 
 
 def _one_line(text: str) -> str:
