@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 _CHILD = r"""
 import contextlib, io, json, sys, traceback
 from attnlab.cli.main import main
@@ -53,9 +55,14 @@ def run_cli(cases: list[list[str]], *, cwd: str | Path, env: dict | None = None,
             timeout: float = 300) -> list[dict]:
     """Run each argv of ``cases`` through ``main()`` in one unprivileged child process."""
     full_env = {**os.environ, "ATTNLAB_DEBUG": "", **(env or {})}
-    proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cases)], cwd=cwd,
-                          env=full_env, capture_output=True, text=True, timeout=timeout,
-                          preexec_fn=_drop_dac_capabilities)
+    try:
+        proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cases)], cwd=cwd,
+                              env=full_env, capture_output=True, text=True,
+                              timeout=timeout, preexec_fn=_drop_dac_capabilities)
+    except subprocess.SubprocessError as e:  # prctl refused: a container without CAP_SETPCAP
+        if "preexec_fn" not in str(e):
+            raise
+        pytest.skip(f"cannot drop root's permission-bypassing capabilities here ({e})")
     marker = proc.stdout.rfind("@@RESULTS@@")
     if marker < 0:
         raise AssertionError(f"the child died (rc {proc.returncode}):\n{proc.stderr[-3000:]}")

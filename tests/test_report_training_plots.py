@@ -117,7 +117,7 @@ def test_read_curves_errors(tmp_path):
     with pytest.raises(ValueError, match="no evaluation rows"):
         read_curves(tmp_path)
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n')
-    with pytest.raises(ValueError, match=":2:"):
+    with pytest.raises(ValueError, match=r"metrics.jsonl line 2: malformed JSON at column 1"):
         read_curves(tmp_path)
 
 

@@ -186,6 +186,62 @@ def test_seeds_aggregate_and_database(tmp_path):
     assert again["test"] == agg["test"]
 
 
+def _rows(db):
+    """The trainings rows of ``db`` by seed, without what differs between two trainings of
+    the same configuration: row id, directory, time stamps and timings."""
+    from attnlab.bench.store import Store
+    timing = ("train_time_s", "throughput")
+    with Store(db) as s:
+        rows = sorted(s.trainings("copy"), key=lambda r: r["seed"])
+    out = []
+    for r in rows:
+        summary = {k: v for k, v in r["summary"].items() if k not in timing}
+        summary["convergence"] = {k: v for k, v in (summary["convergence"] or {}).items()
+                                  if k != "time"}
+        out.append({**{k: v for k, v in r.items()
+                       if k not in ("id", "run_dir", "finished_at", *timing)},
+                    "summary": summary})
+    return out
+
+
+def test_a_resumed_run_leaves_the_database_rows_of_one_that_never_stopped(tmp_path,
+                                                                          monkeypatch):
+    import attnlab.train.runs as runs
+    cfg = copy_cfg(max_steps=6, eval_every=3)
+    train_seeds(cfg, [0, 1], tmp_path / "whole", db=tmp_path / "whole.db", progress=False)
+    real = runs.record
+
+    def killed(*args, **kwargs):  # the process ends after seed 0's summary, before its row
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "record", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_seeds(cfg, [0, 1], tmp_path / "part", db=tmp_path / "part.db", progress=False)
+    assert (tmp_path / "part" / "seed-0" / "summary.json").exists()
+    monkeypatch.setattr(runs, "record", real)
+    train_seeds(cfg, [0, 1], tmp_path / "part", db=tmp_path / "part.db", resume=True,
+                progress=False)
+    whole, part = _rows(tmp_path / "whole.db"), _rows(tmp_path / "part.db")
+    assert [r["seed"] for r in part] == [0, 1]
+    assert part == whole
+
+
+def test_resume_with_a_database_records_kept_seeds_once(tmp_path):
+    from attnlab.bench.store import Store
+    cfg = copy_cfg(max_steps=4, eval_every=2)
+    train_seeds(cfg, [0, 1], tmp_path / "run", progress=False)  # trained without --db
+    db = tmp_path / "r.db"
+    train_seeds(cfg, [0, 1], tmp_path / "run", db=db, resume=True, progress=False)
+    with Store(db) as s:
+        first = s.trainings("copy")
+    assert [r["seed"] for r in first] == [0, 1]
+    assert first[0]["summary"] == json.loads(
+        (tmp_path / "run" / "seed-0" / "summary.json").read_text())
+    train_seeds(cfg, [0, 1], tmp_path / "run", db=db, resume=True, progress=False)
+    with Store(db) as s:
+        assert s.trainings("copy") == first  # same rows: ids and time stamps kept
+
+
 def test_loss_falls_on_the_copy_task(tmp_path):
     r = train(copy_cfg(max_steps=60, eval_every=20, lr=5e-3), tmp_path, progress=False)
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -8,6 +8,12 @@ Two rules that every such file follows:
 * a read that fails names the file and says what is wrong with it (missing, unreadable,
   not UTF-8, malformed JSON at line L column C, not the expected kind of value), as a
   :class:`FileFormatError` (a ``ValueError``) or the ``OSError`` with its file name.
+
+And where a command will write (``--out``, ``--run-dir``, ``--db``) is checked when it
+starts (:func:`writable_dir`, :func:`writable_database`, :func:`readable_file`), not after
+minutes of training or benchmarking. The checks try what the command will do (create a
+file, open one) rather than ask ``os.access``: that is what the kernel will allow,
+whatever the user, capabilities, ACLs or mount.
 """
 
 from __future__ import annotations
@@ -15,30 +21,44 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FileFormatError", "read_json", "write_json", "write_text_atomic"]
+__all__ = ["FileFormatError", "atomic_path", "read_json", "readable_file", "writable_database",
+           "writable_dir", "write_json", "write_text_atomic"]
 
 
 class FileFormatError(ValueError):
     """A file that exists but whose content is not what attnlab expects there."""
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (see the module docstring)."""
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary file next to ``path`` for the block to write (by any means: a library's
+    own writer, say); when the block ends without an error it is flushed to disk and
+    renamed over ``path``, else removed. Readers see the old file or the new one. Its
+    suffix is ``.tmp``: a writer that picks its format by the suffix (``savefig``) must be
+    given the format."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (see the module docstring)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def write_json(path: str | Path, data: Any, **dump_kwargs: Any) -> Path:
@@ -72,3 +92,60 @@ def read_json(path: str | Path, what: str = "file", *, kind: type | None = dict)
 def _json_name(t: type) -> str:
     return {dict: "object", list: "array", str: "string", float: "number", int: "number",
             bool: "boolean", type(None): "null"}.get(t, t.__name__)
+
+
+# ------------------------------------------------------------- where commands write
+def _reason(e: OSError) -> str:
+    return (e.strerror or type(e).__name__).lower()
+
+
+def writable_dir(path: str | Path, what: str, *, hint: str = "") -> Path:
+    """``path``, a directory that may not exist yet (it is created later, with its missing
+    parents), can receive files; else an OSError whose message names the directory that
+    refuses them: ``"--out: cannot write to DIR: permission denied"``."""
+    path = Path(path)
+    anc = path
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    to_create = "" if anc == path else f" (to create {path})"
+    hint = f"; {hint}" if hint else ""
+    if not anc.is_dir():
+        raise NotADirectoryError(f"{what}: cannot write to {path}: {anc} is a file, not a "
+                                 f"directory{hint}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".attnlab-write-check-", dir=anc)
+    except OSError as e:
+        raise type(e)(f"{what}: cannot write to {anc}: {_reason(e)}{to_create}{hint}") from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
+
+
+def readable_file(path: str | Path, what: str, *, flag: str = "") -> Path:
+    """``path`` exists and this process can read it; else an OSError naming it:
+    ``"cannot read results database DB (--db): permission denied"``."""
+    path = Path(path)
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        flag = f" ({flag})" if flag else ""
+        raise type(e)(f"cannot read {what} {path}{flag}: {_reason(e)}") from None
+    return path
+
+
+def writable_database(path: str | Path, what: str) -> Path:
+    """An SQLite file that results will be added to: readable and writable if it exists,
+    in a directory that can take new files (SQLite creates its journal, or its ``-wal``
+    and ``-shm`` files, next to the database, even to change one row)."""
+    path = Path(path)
+    if not path.is_file():
+        return writable_dir(path.parent, what, hint=f"{path.name} would be created there")
+    readable_file(path, "results database", flag=what)
+    try:
+        with open(path, "r+b"):  # opened for writing, nothing written
+            pass
+    except OSError as e:
+        raise type(e)(f"{what}: cannot write to {path}: {_reason(e)}") from None
+    return writable_dir(path.parent, what, hint=f"SQLite keeps the journal of {path.name} "
+                                                f"in its directory")

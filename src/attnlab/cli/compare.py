@@ -9,14 +9,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 
 from rich.console import Console
 
-from attnlab.cli import command_line
-from attnlab.train.config import ConfigError
+from attnlab.cli import command_line, positive_int
+from attnlab.files import writable_dir
+from attnlab.train.config import ConfigError, read_run_config
 
 __all__ = ["add_parsers", "HANDLERS", "parse_question"]
 
@@ -95,7 +95,11 @@ def cmd_show_attention(args, console: Console) -> int:
     from attnlab.report.patterns import plot_attention
     from attnlab.report.samples import attention_sample
     run = _run_dir(args.checkpoint)
-    cfg = json.loads((run / "config.json").read_text())
+    out = Path(args.out or (run / "attention.png"))
+    # before the model is loaded and run: a read-only destination is said at once
+    writable_dir(out.parent, "--out" if args.out else "show-attention",
+                 hint="" if args.out else "pass --out to write the map elsewhere")
+    cfg = read_run_config(run)
     s = attention_sample(run, text=args.text)
     layers = s["layers"]
     if not -len(layers) <= args.layer < len(layers):
@@ -103,8 +107,7 @@ def cmd_show_attention(args, console: Console) -> int:
                           f"got {args.layer}")
     if s["prediction"] is not None:
         console.print(f"prediction: {s['prediction']}")
-    out = Path(args.out or (run / "attention.png"))
-    title = f"{cfg['task']} / {cfg['mechanism']}: layer {args.layer % len(layers)}"
+    title = f"{cfg.task} / {cfg.mechanism}: layer {args.layer % len(layers)}"
     if s["prediction"] is not None:
         title += f", predicted {s['prediction']}"
     paths = plot_attention(s["tokens"], layers[args.layer], out, title=title)
@@ -123,7 +126,7 @@ def add_parsers(sub) -> None:
                                   "an unfinished one is resumed")
     pc.add_argument("--seeds", type=int, nargs="+", help="training seeds (profile's default)")
     pc.add_argument("--max-steps", type=int, help="training steps per run (profile's default)")
-    pc.add_argument("--jobs", type=int, help="training runs at a time (default: cores)")
+    pc.add_argument("--jobs", type=positive_int, help="training runs at a time (default: cores)")
     pc.add_argument("--data-dir", help="dataset files for tasks that need them")
     pc.add_argument("--advise", action="append", metavar="N[:BUDGET]",
                     help="an advisor question, e.g. 8192:512MiB (repeatable)")

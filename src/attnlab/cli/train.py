@@ -16,6 +16,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from attnlab.files import writable_dir
 from attnlab.train.config import ConfigError, TrainConfig
 
 __all__ = ["add_parsers", "HANDLERS"]
@@ -133,11 +134,14 @@ def cmd_generate(args, console: Console) -> int:
 
 def cmd_inpaint(args, console: Console) -> int:
     from attnlab.train.loop import load_trained
+    out = Path(args.out or (Path(args.run) / "inpainting.png"))
+    # before the model is loaded and run: a read-only destination is said at once
+    writable_dir(out.parent, "--out" if args.out else "inpaint",
+                 hint="" if args.out else "pass --out to write the figure elsewhere")
     task, model = load_trained(args.run)
     if not hasattr(task, "inpaint_figure"):
         raise ConfigError(f"{args.run} is a {task.name!r} run; inpaint needs an inpainting "
                           f"run (e.g. --task inpaint_digits)")
-    out = Path(args.out or (Path(args.run) / "inpainting.png"))
     metrics = task.inpaint_figure(model, out, n=args.n, split=args.split)
     console.print(f"wrote {out} ({metrics})")
     return 0

@@ -30,10 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from attnlab.files import FileFormatError, read_json, write_json
 from attnlab.registry import get, list_mechanisms, resolve_name
 from attnlab.train.config import ConfigError
 
-__all__ = ["DEFAULT_TASK", "PROFILES", "Plan", "make_plan"]
+__all__ = ["DEFAULT_TASK", "PROFILES", "Plan", "make_plan", "load_or_save", "read_plan"]
 
 DEFAULT_TASK = "listops"
 
@@ -193,7 +194,7 @@ def load_or_save(plan: Plan, run_dir: Path) -> bool:
     A different plan there is a ConfigError naming the fields that differ."""
     path = Path(run_dir) / "plan.json"
     if path.exists():
-        old = json.loads(path.read_text())
+        old = read_json(path, "compare plan")
         if old == plan.to_json():
             return True
         diff = sorted(k for k in set(old) | set(plan.to_json())
@@ -202,5 +203,15 @@ def load_or_save(plan: Plan, run_dir: Path) -> bool:
                           f"{', '.join(diff)}); choose another --out, or rebuild its report "
                           f"with `attnlab report {run_dir}`")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(plan.to_json(), indent=2, sort_keys=True))
+    write_json(path, plan.to_json(), sort_keys=True)
     return False
+
+
+def read_plan(path: str | Path) -> Plan:
+    """The plan saved in ``path`` (a ``plan.json``); every problem names the file."""
+    data = read_json(path, "compare plan")
+    try:
+        return Plan.from_json(data)
+    except (TypeError, KeyError) as e:  # a field missing, unknown or of the wrong kind
+        raise FileFormatError(f"compare plan {path}: not a plan of this attnlab "
+                              f"({type(e).__name__}: {e})") from None

@@ -14,7 +14,6 @@ each training run at a step boundary with a checkpoint; the same command resumes
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import signal
@@ -26,7 +25,11 @@ from typing import Any
 
 from rich.console import Console
 
+from attnlab.bench.store import Store
 from attnlab.compare.plan import Plan, load_or_save
+from attnlab.files import read_json, writable_database, writable_dir, write_json
+from attnlab.train.config import read_run_config
+from attnlab.train.runs import record
 
 __all__ = ["run_compare", "run_dir_of", "CompareInterrupted"]
 
@@ -45,13 +48,22 @@ def run_dir_of(run_dir: Path, mechanism: str, seed: int) -> Path:
 
 def _state(run_dir: Path) -> dict[str, Any]:
     p = run_dir / "state.json"
-    return json.loads(p.read_text()) if p.exists() else {}
+    return read_json(p, "compare state") if p.exists() else {}
 
 
 def _save_state(run_dir: Path, state: dict[str, Any]) -> None:
-    tmp = run_dir / "state.json.tmp"
-    tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
-    tmp.replace(run_dir / "state.json")  # atomic: an interrupt never leaves half a file
+    write_json(run_dir / "state.json", state, sort_keys=True)  # atomic: never half a file
+
+
+def _check_outputs(run_dir: Path) -> None:
+    """Before the plan, the state or the benchmark: the run directory takes files, and its
+    results database (if there is one) can be read, written and is whole."""
+    writable_dir(run_dir, "--out")
+    db = run_dir / "results.db"
+    if db.exists():
+        writable_database(db, "--out")
+        with Store(db):  # opening it checks it (a corrupt or foreign file is refused)
+            pass
 
 
 def _train_one(cfg: dict, run_dir: str) -> dict[str, Any]:
@@ -96,18 +108,13 @@ def _bench(plan: Plan, run_dir: Path, state: dict, command: str, progress: bool,
 def _record_missing(plan: Plan, run_dir: Path, db: Path) -> None:
     """Every finished seed is one ``trainings`` row (also after an interrupt that fell
     between a run's end and its row)."""
-    from attnlab.bench.store import Store
-    from attnlab.train.config import TrainConfig
-    from attnlab.train.runs import record
-
     with Store(db) as store:
         have = {r["run_dir"] for r in store.trainings(plan.task)}
     for m in plan.trained():
         for s in plan.seeds:
             d = run_dir_of(run_dir, m, s)
             if (d / "summary.json").exists() and str(d.resolve()) not in have:
-                cfg = TrainConfig.from_dict(json.loads((d / "config.json").read_text()))
-                record(db, d, cfg, json.loads((d / "summary.json").read_text()))
+                record(db, d, read_run_config(d), read_json(d / "summary.json", "run summary"))
 
 
 def _training(plan: Plan, run_dir: Path, jobs: int, progress: bool,
@@ -142,7 +149,6 @@ def _training(plan: Plan, run_dir: Path, jobs: int, progress: bool,
         def finished(m: str, s: int, res: dict) -> None:
             if res["status"] == "interrupted":
                 raise CompareInterrupted(f"{m} seed {s} interrupted")
-            from attnlab.train.runs import record
             record(db, run_dir_of(run_dir, m, s), plan.config(m, s), res["summary"])
             test = res["summary"]["test"][res["summary"]["metric"]]
             bar.console.print(f"  {m} seed {s}: test {res['summary']['metric']} {test:.4f}, "
@@ -200,7 +206,11 @@ def run_compare(plan: Plan, run_dir: str | Path, *, jobs: int | None = None,
     (``advise``: the advisor's questions, see :func:`~attnlab.report.build.build_report`).
     Raises :class:`CompareInterrupted` when stopped early (rerun to resume)."""
     run_dir = Path(run_dir)
+    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+        raise ValueError(f"jobs: expected an integer >= 1 (training runs at a time); "
+                         f"got {jobs!r}")
     console = console or Console(stderr=True, quiet=not progress)
+    _check_outputs(run_dir)
     resumed = load_or_save(plan, run_dir)
     state = _state(run_dir)
     if not resumed or "command" not in state:

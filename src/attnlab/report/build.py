@@ -11,13 +11,17 @@ self-contained file: inline SVG figures, no script, no URL), ``report.md`` and
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
+from attnlab.bench.store import Store
+from attnlab.compare.plan import read_plan
+from attnlab.files import read_json, readable_file, writable_dir
 from attnlab.report.document import Report
+from attnlab.train.checkpoint import check_checkpoint_file
+from attnlab.train.config import read_run_config
 
 __all__ = ["build_report", "DEFAULT_BUDGET"]
 
@@ -25,15 +29,15 @@ DEFAULT_BUDGET = 2**30  # the advisor's second question: what fits in 1 GiB at 4
 
 
 def _load(run_dir: Path) -> tuple[Any, dict, dict, list[dict], list[dict]]:
-    from attnlab.bench.store import Store
-    from attnlab.compare.plan import Plan
     for name in ("plan.json", "state.json", "results.db"):
         if not (run_dir / name).exists():
             raise FileNotFoundError(f"RUN_DIR: {run_dir} is not a compare run directory "
                                     f"({name} is missing); create one with `attnlab compare`")
-    plan = Plan.from_json(json.loads((run_dir / "plan.json").read_text()))
-    state = json.loads((run_dir / "state.json").read_text())
-    with Store(run_dir / "results.db", create=False) as store:
+    plan = read_plan(run_dir / "plan.json")
+    state = read_json(run_dir / "state.json", "compare state")
+    # SQLite says only "unable to open database file" of a file it may not read
+    readable_file(run_dir / "results.db", "results database")
+    with Store(run_dir / "results.db", readonly=True) as store:
         if state.get("bench_run") is None:
             raise FileNotFoundError(f"RUN_DIR: {run_dir} has no finished benchmark yet; "
                                     f"run the compare command again to resume it")
@@ -48,6 +52,16 @@ def _load(run_dir: Path) -> tuple[Any, dict, dict, list[dict], list[dict]]:
     trainings = [t for t in trainings if t["mechanism"] in plan.mechanisms
                  and Path(t["run_dir"]).is_dir()]
     return plan, state, bench, rows, trainings
+
+
+def _check_runs(dirs: dict[str, list[Path]]) -> None:
+    """Every stored run the report draws from is whole (its config.json readable and valid,
+    its best.pt not empty or cut short): a broken file fails the report here, naming it,
+    before any figure is drawn, rather than as a gap in the report or minutes later."""
+    for ds in dirs.values():
+        for d in ds:
+            read_run_config(d)
+            check_checkpoint_file(d / "best.pt")
 
 
 def _seed_dirs(plan, trainings: list[dict]) -> dict[str, list[Path]]:
@@ -199,12 +213,16 @@ def build_report(run_dir: str | Path, *, out: str | Path | None = None,
     run_dir = Path(run_dir)
     console = console or Console(stderr=True)
     plan, state, bench, rows, trainings = _load(run_dir)
+    what = "--out" if out is not None else "report"
     out = Path(out) if out is not None else run_dir / "report"
     figs = out / "figures"
+    for d in (out, figs):  # before any figure: a read-only destination is said at once
+        writable_dir(d, what)
     passes = {r["pass_"] for r in rows if r["status"] == "ok"}
     pass_ = "fwd+bwd" if "fwd+bwd" in passes else "fwd"
     lb = leaderboard(rows, trainings, pass_=pass_)
     dirs = _seed_dirs(plan, trainings)
+    _check_runs(dirs)
     n_max = max((r["N"] for r in rows), default=1024)
     questions = advise or [(n_max, None), (4 * n_max, DEFAULT_BUDGET)]
     advice = sections.advice(rows, lb, questions, pass_)

@@ -32,6 +32,8 @@ import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from attnlab.files import write_text_atomic
+
 _SVG_NS = "http://www.w3.org/2000/svg"
 _XLINK_NS = "http://www.w3.org/1999/xlink"
 # Serialise SVG elements without ``ns0:`` prefixes: an HTML parser does not resolve
@@ -265,6 +267,6 @@ class Report:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         paths = {"html": out_dir / "report.html", "markdown": out_dir / "report.md"}
-        paths["html"].write_text(self.to_html(), encoding="utf-8")
-        paths["markdown"].write_text(self.to_markdown(out_dir), encoding="utf-8")
+        write_text_atomic(paths["html"], self.to_html())  # a kill never leaves half a page
+        write_text_atomic(paths["markdown"], self.to_markdown(out_dir))
         return paths

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from attnlab.files import atomic_path
+
 __all__ = ["mpl", "save", "plain"]
 
 
@@ -30,9 +32,11 @@ def save(fig, path, suffix: str = "") -> list[Path]:
     outs = outputs(path, suffix)
     for out in outs:
         # "tight" grows the canvas to every artist: rotated tick labels are never clipped.
-        # No date in the SVG: the same data gives the same file.
-        fig.savefig(out, dpi=150, bbox_inches="tight",
-                    metadata={"Date": None} if out.suffix == ".svg" else None)
+        # No date in the SVG: the same data gives the same file. Written to a temporary
+        # file renamed over the figure: a kill never leaves half an image.
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, format=out.suffix[1:], dpi=150, bbox_inches="tight",
+                        metadata={"Date": None} if out.suffix == ".svg" else None)
     return outs
 
 

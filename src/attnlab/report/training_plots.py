@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from attnlab.files import FileFormatError
 from attnlab.report.figures import mpl, plain, save
 
 __all__ = ["pareto_front", "plot_loss_curves", "plot_pareto", "read_curves"]
@@ -56,18 +57,24 @@ def read_curves(run_dir: str | Path) -> dict[str, list[float]]:
         raise FileNotFoundError(f"run_dir: expected a run directory with metrics.jsonl; "
                                 f"{path} does not exist")
     rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise FileFormatError(f"metrics file {path}: not UTF-8 text (byte {e.start})") from None
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: expected one JSON object per line ({e})") from e
+        except json.JSONDecodeError as e:  # e's "line 1" is of the line alone: say the file's
+            raise FileFormatError(f"metrics file {path} line {i}: malformed JSON at column "
+                                  f"{e.colno}: {e.msg} (one JSON object per line)") from None
         if not isinstance(row, dict):
-            raise ValueError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+            raise FileFormatError(f"metrics file {path} line {i}: expected a JSON object; "
+                                  f"got {type(row).__name__}")
         rows.append(row)
     if not rows:
-        raise ValueError(f"run_dir: {path} has no evaluation rows")
+        raise FileFormatError(f"metrics file {path}: no evaluation rows (empty file)")
     keys = list(dict.fromkeys(k for row in rows for k in row))
     return {k: [_float(row.get(k)) for row in rows] for k in keys}
 

@@ -10,7 +10,6 @@ do with ``register_mechanism``).
 from __future__ import annotations
 
 import difflib
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from attnlab.files import write_json
 from attnlab.train.config import ConfigError, TrainConfig, check_names
 
 __all__ = ["Task", "register_task", "get_task", "list_tasks", "Batch"]
@@ -95,7 +95,7 @@ class Task(ABC):
     def save_json(self, name: str, data: Any) -> None:
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / name).write_text(json.dumps(data, indent=2, sort_keys=True))
+            write_json(self.run_dir / name, data, sort_keys=True)
 
     def better(self, new: float, best: float | None) -> bool:
         if best is None:

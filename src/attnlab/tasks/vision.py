@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from attnlab.files import atomic_path
 from attnlab.tasks.base import Task, register_task
 from attnlab.tasks.common import LazyBatches, chunks, epoch_order, eval_mode, transformer_kwargs
 from attnlab.train.config import ConfigError
@@ -159,8 +160,11 @@ class Inpainting(Task):
         fig.tight_layout()
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=120)
-        plt.close(fig)
+        try:
+            with atomic_path(out) as tmp:
+                fig.savefig(tmp, dpi=120, format=out.suffix.lstrip(".").lower() or "png")
+        finally:
+            plt.close(fig)
         return {"psnr": value}
 
 

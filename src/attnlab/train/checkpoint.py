@@ -15,18 +15,21 @@ tensors and lists for that reason).
 
 from __future__ import annotations
 
-import os
 import random
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state",
-           "CheckpointError", "FORMAT"]
+from attnlab.files import atomic_path
+
+__all__ = ["save_checkpoint", "load_checkpoint", "check_checkpoint_file", "rng_state",
+           "set_rng_state", "CheckpointError", "FORMAT"]
 
 FORMAT = 1
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive; its index is at the very end
 
 
 class CheckpointError(RuntimeError):
@@ -62,20 +65,39 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Write ``state`` (plus the format number) atomically to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": FORMAT, **state}, tmp)
-    os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
+    # Readers see the old file or the new one; a full disk leaves no half checkpoint either.
+    with atomic_path(path) as tmp:
+        torch.save({"format": FORMAT, **state}, tmp)
 
 
-def load_checkpoint(path: str | Path, *, map_location="cpu") -> dict[str, Any]:
+def check_checkpoint_file(path: str | Path) -> Path:
+    """``path`` is a whole checkpoint file as far as can be seen without loading it: not
+    missing, not empty, not a zip archive cut short. Cheap: it reads the first and the
+    last bytes only, so a report can check every run before drawing anything."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(len(_ZIP_MAGIC))
+    # A zip archive without its end (central directory) is what a copy or a disk that
+    # filled up mid-write leaves; torch would say only "failed finding central directory".
+    if size == 0 or (head == _ZIP_MAGIC and not zipfile.is_zipfile(path)):
+        raise CheckpointError(f"checkpoint {path} is empty or truncated ({size} bytes): it "
+                              f"was cut short while being written or copied; restore it, or "
+                              f"delete it and train again")
+    return path
+
+
+def load_checkpoint(path: str | Path, *, map_location="cpu") -> dict[str, Any]:
+    path = check_checkpoint_file(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # corrupt file or one holding objects weights_only refuses
+        # Some errors (EOFError of a cut pickle) have no message at all.
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "no message")
         raise CheckpointError(f"cannot load checkpoint {path} with weights_only=True: "
-                              f"{type(e).__name__}: {str(e).splitlines()[0]}") from e
+                              f"{type(e).__name__}: {first}") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"checkpoint {path} has format {found!r}; this attnlab reads "

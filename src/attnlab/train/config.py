@@ -12,9 +12,12 @@ import dataclasses
 import difflib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainConfig", "ConfigError", "check_names"]
+from attnlab.files import read_json
+
+__all__ = ["TrainConfig", "ConfigError", "check_names", "read_run_config"]
 
 
 class ConfigError(ValueError):
@@ -138,3 +141,14 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+
+def read_run_config(run_dir: str | Path) -> TrainConfig:
+    """The configuration in ``run_dir/config.json``; every problem with it (unreadable,
+    malformed JSON, unknown or invalid fields) names the file."""
+    path = Path(run_dir) / "config.json"
+    data = read_json(path, "run config")
+    try:
+        return TrainConfig.from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"run config {path}: {e}") from None

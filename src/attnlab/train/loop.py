@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from attnlab.files import read_json, write_json, write_text_atomic
 from attnlab.tasks.base import Task, get_task
 from attnlab.train.checkpoint import (
     CheckpointError,
@@ -31,7 +32,7 @@ from attnlab.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from attnlab.train.config import ConfigError, TrainConfig
+from attnlab.train.config import ConfigError, TrainConfig, read_run_config
 from attnlab.train.progress import TrainProgress
 
 __all__ = ["train", "RunResult", "build_optimizer", "lr_factor", "load_trained"]
@@ -103,7 +104,7 @@ def _prepare_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> dict[str, Any
         if not ckpt.exists():
             raise CheckpointError(f"--resume: no checkpoint.pt in {run_dir}; start the run "
                                   f"without --resume")
-        old = json.loads(saved.read_text())
+        old = read_json(saved, "run config")
         new = cfg.to_dict()
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if diff:
@@ -115,7 +116,7 @@ def _prepare_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> dict[str, Any
         raise ConfigError(f"run directory {run_dir} already holds a run; pass --resume to "
                           f"continue it or choose another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
-    saved.write_text(cfg.to_json())
+    write_text_atomic(saved, cfg.to_json())
     return None
 
 
@@ -189,8 +190,10 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
                                                   "step": p["step"], "metrics": metrics})
         else:
             p["bad_evals"] += 1
-        with open(run_dir / "metrics.jsonl", "w") as f:  # rewritten: resumes never duplicate
-            f.writelines(json.dumps(r) + "\n" for r in history)
+        # rewritten whole (atomically): a resume never duplicates a row, a kill never
+        # leaves half of one
+        write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n"
+                                                             for r in history))
         if writer is not None:
             for k, v in row.items():
                 if k != "step":
@@ -296,7 +299,7 @@ def _finish(task: Task, model, run_dir: Path, cfg: TrainConfig, status: str, p: 
         "test": test, "convergence": conv, "target_fraction": cfg.target_fraction,
         **model_info, "data": task.info(),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    write_json(run_dir / "summary.json", summary, default=float)
     console.print(f"[bold]{cfg.task}[/bold] {cfg.model}/{cfg.mechanism} seed {cfg.seed}: "
                   f"test {task.metric} {test[task.metric]:.4f} (best val "
                   f"{p['best']:.4f} @ step {p['best_step']}), {p['train_time_s']:.0f} s")
@@ -306,13 +309,13 @@ def _finish(task: Task, model, run_dir: Path, cfg: TrainConfig, status: str, p: 
 def load_trained(run_dir: str | Path, *, which: str = "best") -> tuple[Task, torch.nn.Module]:
     """The task (set up from the run's saved data and tokenizer) and its trained model."""
     run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.json"
-    if not cfg_path.is_file():
+    if not (run_dir / "config.json").is_file():
         raise CheckpointError(f"{run_dir} is not a run directory (no config.json)")
-    cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
+    cfg = read_run_config(run_dir)
     task = get_task(cfg.task)(cfg, run_dir)
     task.setup()
     model = task.build_model()
     name = {"best": "best.pt", "last": "checkpoint.pt"}[which]
     model.load_state_dict(load_checkpoint(run_dir / name)["model"])
     return task, model.eval()
+

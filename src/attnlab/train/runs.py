@@ -3,20 +3,23 @@
 ``run_dir/seed-<s>/`` is an ordinary run (see :mod:`attnlab.train.loop`);
 ``run_dir/summary.json`` gathers the seeds: mean and sample standard deviation of the test
 metrics, best validation score, training time, throughput and convergence. Each finished
-seed is also a row of the results database's ``trainings`` table when a database is given.
+seed is also a row of the results database's ``trainings`` table when a database is given
+(a seed kept by ``--resume`` too, when its row is missing: a resumed run's database ends as
+an uninterrupted run's).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
+from attnlab.bench.store import Store
+from attnlab.files import read_json, writable_database, writable_dir, write_json
 from attnlab.train.config import TrainConfig
 
-__all__ = ["train_seeds", "aggregate", "record"]
+__all__ = ["train_seeds", "aggregate", "record", "record_if_missing"]
 
 
 def _mean_std(values: list[float]) -> dict[str, float] | None:
@@ -54,7 +57,6 @@ def aggregate(summaries: list[dict[str, Any]]) -> dict[str, Any]:
 def record(db: str | Path, run_dir: Path, cfg: TrainConfig, summary: dict[str, Any]) -> None:
     """One row of the results database's ``trainings`` table for a finished seed."""
     from attnlab.bench.machine import describe, git_commit, versions
-    from attnlab.bench.store import Store
     with Store(db) as store:
         store.add_training({
             "run_dir": str(Path(run_dir).resolve()), "task": cfg.task, "model": cfg.model,
@@ -69,6 +71,46 @@ def record(db: str | Path, run_dir: Path, cfg: TrainConfig, summary: dict[str, A
         })
 
 
+def record_if_missing(db: str | Path, run_dir: Path, cfg: TrainConfig,
+                      summary: dict[str, Any]) -> bool:
+    """:func:`record` a finished seed unless the database holds this very row already (same
+    run directory and summary); True if it recorded. A row that is there keeps the
+    machine, versions and time of the training that produced it."""
+    key = str(Path(run_dir).resolve())
+    with Store(db) as store:
+        rows = [r for r in store.trainings(cfg.task) if r["run_dir"] == key]
+    if rows and rows[0]["summary"] == summary:
+        return False
+    record(db, run_dir, cfg, summary)
+    return True
+
+
+def check_outputs(run_dir: Path, db: str | Path | None) -> None:
+    """Refuse, before the first step, a run directory or a database that cannot take the
+    results (read-only, unreadable, corrupt, not attnlab's), instead of failing when the
+    first seed has finished."""
+    writable_dir(run_dir, "--run-dir")
+    if db is not None:
+        writable_database(db, "--db")
+        with Store(db):  # opening it checks (and creates) it
+            pass
+
+
+def _kept(one: TrainConfig, d: Path, db, console: Console) -> dict[str, Any]:
+    """The summary of a seed that ``--resume`` keeps (it finished before)."""
+    if read_json(d / "config.json", "run config") != one.to_dict():
+        raise ValueError(f"--resume: {d} was trained with another configuration "
+                         f"(its config.json differs)")
+    summary = read_json(d / "summary.json", "run summary")
+    # Its row may be missing: the process was stopped between the summary and the row,
+    # or the run was started without --db.
+    if db is not None and record_if_missing(db, d, one, summary):
+        console.print(f"seed {one.seed}: already finished, kept (recorded in {db})")
+    else:
+        console.print(f"seed {one.seed}: already finished, kept")
+    return summary
+
+
 def train_seeds(cfg: TrainConfig, seeds: list[int], run_dir: str | Path, *,
                 resume: bool = False, db: str | Path | None = None, progress: bool = True,
                 console: Console | None = None) -> dict[str, Any] | None:
@@ -81,17 +123,13 @@ def train_seeds(cfg: TrainConfig, seeds: list[int], run_dir: str | Path, *,
     console = console or Console(stderr=True, quiet=not progress)
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct and at least one; got {seeds!r}")
+    check_outputs(run_dir, db)
     summaries = []
     for seed in seeds:
         one = cfg.replace(seed=seed)
         d = run_dir / f"seed-{seed}"
-        done = d / "summary.json"
-        if resume and done.exists():
-            saved = json.loads((d / "config.json").read_text())
-            if saved != one.to_dict():
-                raise ValueError(f"--resume: {d} was trained with another configuration")
-            summaries.append(json.loads(done.read_text()))
-            console.print(f"seed {seed}: already finished, kept")
+        if resume and (d / "summary.json").exists():
+            summaries.append(_kept(one, d, db, console))
             continue
         result = train(one, d, resume=resume and (d / "checkpoint.pt").exists(),
                        progress=progress, console=console)
@@ -101,5 +139,5 @@ def train_seeds(cfg: TrainConfig, seeds: list[int], run_dir: str | Path, *,
         if db is not None:
             record(db, d, one, result.summary)
     agg = aggregate(summaries)
-    (run_dir / "summary.json").write_text(json.dumps(agg, indent=2, default=float))
+    write_json(run_dir / "summary.json", agg, default=float)
     return agg
