@@ -12,7 +12,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from attnlab.report.advisor import Advice, advise, render_advice
+from attnlab.report.advisor import Advice, advise, answers, fit_rows, render_advice
+
+scipy_stats = pytest.importorskip("scipy.stats")
 
 MIB = 2**20
 
@@ -158,7 +160,11 @@ def test_budget_excludes_with_both_numbers_in_mib():
     r = rows("big", {1024: (1.0, 12 * MIB)}) + rows("edge", {1024: (2.0, 8 * MIB)})
     a = advise(r, 1024, 8 * MIB)
     why = reason(a, "big")
-    assert "12.0 MiB" in why and "8.0 MiB" in why and "by 4.0 MiB" in why
+    assert "12.0 MiB (measured)" in why and "8.0 MiB" in why and "by 4.0 MiB" in why
+    # an estimated need says so in the reason too
+    big = rows("big", {1024: (1.0, 12 * MIB), 2048: (2.0, 24 * MIB)})
+    assert "48.0 MiB (extrapolated from N=1024..2048) > budget" in reason(
+        advise(big, 4096, 8 * MIB), "big")
     assert [f["name"] for f in a.fits] == ["edge"]  # exactly at the budget fits
     assert a.recommended == "edge"
     assert advise(r, 1024).fastest == "big"  # no budget, no exclusion
@@ -263,6 +269,8 @@ def test_reasoning_mentions_the_numbers():
     (dict(n=0), "n"), (dict(n=2.5), "n"), (dict(n=True), "n"),
     (dict(memory_budget_bytes=-1), "memory_budget_bytes"), (dict(pass_="bwd"), "pass_"),
     (dict(quality={"x": {"mean": 1.0, "mode": "best"}}), "quality"),
+    (dict(quality={"x": {"mean": 1.0, "mode": "max", "values": 0.5}}), "quality"),
+    (dict(quality={"x": {"mean": 1.0, "mode": "max", "values": ["a"]}}), "quality"),
 ])
 def test_errors_name_the_argument(kw, arg):
     kw = {"n": 1024, **kw}
@@ -284,7 +292,109 @@ def test_render_advice_markdown():
          + rows("sdpa", {1024: (0.002, 2 * MIB)}, status={2048: "oom"}))
     md = render_advice(advise(r, 8192, quality={"sdpa": {"mean": 0.9, "mode": "max"}}))
     assert md.startswith("## Advice at N=8k (memory budget: none)")
-    assert "| a\\|b | 64.0 ms | 256.0 MiB | **extrapolated** | - |" in md
+    assert ("| a\\|b | 64.0 ms (extrapolated from N=1024..4096) | 256.0 MiB (extrapolated from "
+            "N=1024..4096) | **extrapolated** | - |") in md
     assert "- sdpa: oom at N=2048 <= 8192" in md
     assert "- **Recommended**: a|b" in md and "- **Most accurate**: -" in md
     assert "### Reasoning" in md
+
+
+# ------------------------------------------------------------ quality by significant differences
+
+def seeded(values: dict, mode="max"):
+    """a fastest, b, c slowest (as in three()), each with per-seed results ``values``."""
+    r = (rows("a", {1024: (1.0, 1)}) + rows("b", {1024: (2.0, 1)})
+         + rows("c", {1024: (3.0, 1)}))
+    q = {k: {"mean": sum(v) / len(v), "std": None, "metric": "accuracy", "mode": mode,
+             "values": v} for k, v in values.items()}
+    return advise(r, 1024, quality=q)
+
+
+def test_recommended_is_the_fastest_not_significantly_worse_than_the_best():
+    # c is best by mean (0.91); b is 2.2% behind, but its seeds spread widely: no finding
+    # (the old 1% rule would have dropped it); a is behind by as much with a tight spread
+    vals = {"a": [0.886, 0.888, 0.890], "b": [0.80, 0.99, 0.88], "c": [0.909, 0.910, 0.911]}
+    adv = seeded(vals)
+    pa = scipy_stats.ttest_ind(vals["a"], vals["c"], equal_var=False).pvalue
+    pb = scipy_stats.ttest_ind(vals["b"], vals["c"], equal_var=False).pvalue
+    assert pa < 0.05 <= pb
+    assert (adv.fastest, adv.most_accurate, adv.recommended) == ("a", "c", "b")
+    assert fit(adv, "a")["vs_best"]["p"] == pytest.approx(pa)
+    assert not fit(adv, "a")["vs_best"]["as_good"] and fit(adv, "b")["vs_best"]["as_good"]
+    text = "\n".join(adv.reasoning)
+    assert pa < 0.001  # written as such
+    assert "a 0.888: significantly worse than c (Welch, p < 0.001, 3 vs 3 seeds)" in text
+    assert f"b 0.89: not significantly worse than c (Welch, p = {pb:.2g}, 3 vs 3 seeds)" in text
+    rec = dict(answers(adv))["Recommended"]
+    assert rec.startswith("b: 2.00 s (measured)") and "not significantly worse than c" in rec
+
+
+def test_min_mode_tests_in_the_other_direction():
+    vals = {"a": [0.886, 0.888, 0.890], "b": [0.80, 0.99, 0.88], "c": [0.909, 0.910, 0.911]}
+    adv = seeded(vals, mode="min")  # lower is better: a is best and the fastest
+    assert (adv.most_accurate, adv.recommended) == ("a", "a")
+    assert not fit(adv, "c")["vs_best"]["as_good"]  # significantly higher = worse
+    assert fit(adv, "b")["vs_best"]["as_good"]
+
+
+def test_identical_seeds_are_as_accurate_whatever_the_means_look_like():
+    adv = seeded({"a": [0.5, 0.6], "b": [0.5, 0.6], "c": [0.5, 0.6]})
+    assert adv.recommended == "a" and fit(adv, "b")["vs_best"]["p"] == 1.0
+
+
+def test_too_few_seeds_for_a_test_is_said_in_the_answer():
+    adv = seeded({"a": [0.905], "b": [0.80, 0.81], "c": [0.91, 0.912]})
+    va = fit(adv, "a")["vs_best"]
+    assert va["tested"] is False and va["as_good"]  # untested: 1% margin on the means
+    assert "untested (1 seed on a side, a test needs 2 each)" in va["text"]
+    assert "no significance finding" in va["text"]
+    rec = dict(answers(adv))["Recommended"]
+    assert rec.startswith("a: ") and "untested" in rec and "(1 seed: no CI)" in rec
+    assert "too few seeds to test a against the most accurate" in rec
+    assert fit(adv, "b")["vs_best"]["tested"] and not fit(adv, "b")["vs_best"]["as_good"]
+    # no per-seed values at all: the same fallback, said so
+    adv = three(0.90, 0.905, 0.91, "max")
+    assert "no per-seed results" in fit(adv, "b")["vs_best"]["text"]
+
+
+# ------------------------------------------------- every figure says how it was obtained
+
+LENGTHS = [256, 512, 1024, 2048, 4096, 8192]
+
+
+def expected_label(n, measured):
+    if n in measured:
+        return "measured"
+    return "interpolated" if min(measured) < n < max(measured) else "extrapolated"
+
+
+@given(st.sets(st.sampled_from(LENGTHS), min_size=2), st.integers(128, 40000),
+       st.floats(1.0, 2.0), st.booleans(), st.floats(1e-9, 1e-6))
+def test_no_extrapolated_or_interpolated_figure_is_labelled_measured(ns, n, a_t, gap, c_t):
+    ns = sorted(ns)
+    pts = law(c_t, a_t, 64.0, 1.0, ns)
+    if gap:  # memory not measured at one length: its label may differ from time's
+        pts[ns[0]] = (pts[ns[0]][0], None)
+    adv = advise(rows("x", pts), n, quality={"x": {"mean": 0.5, "mode": "max",
+                                                   "values": [0.5, 0.6]}})
+    f = fit(adv, "x")
+    mem_ns = ns[1:] if gap else ns
+    want_t, want_m = expected_label(n, ns), expected_label(n, mem_ns)
+    if len(mem_ns) < 2 and n not in mem_ns:  # one memory point: no estimate elsewhere
+        want_m = None
+    (row,) = fit_rows(adv)
+    for cell, want, label in ((row[1], want_t, f["time_label"]),
+                              (row[2], want_m, f["mem_label"])):
+        if want is None:
+            assert cell == "-" and label is None
+            continue
+        assert label.startswith(want) and cell.endswith(f"({label})") and cell.count("(") == 1
+        assert ("measured" in cell) == (want == "measured")
+    # the answers, the reasoning about x and the Markdown: "measured" only where it was
+    shown = [t for _, t in answers(adv)] + [render_advice(adv)] + [
+        line for line in adv.reasoning if line.startswith(("x:", "fastest", "recommended"))]
+    if "measured" not in (want_t, want_m):
+        assert not any("(measured" in t or "measured at" in t for t in shown)
+    if want_t == "extrapolated":
+        assert "EXTRAPOLATED" in next(line for line in adv.reasoning if line.startswith("x:"))
+        assert all("extrapolated from N=" in t for _, t in answers(adv))

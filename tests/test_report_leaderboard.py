@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from attnlab.report.leaderboard import leaderboard, render_leaderboard
+
+scipy_stats = pytest.importorskip("scipy.stats")
 
 
 def m(label, n, t, *, mem=None, status="ok", mechanism=None, pass_="fwd", causal=False,
@@ -93,7 +96,9 @@ def test_baseline_models_get_their_own_rows_without_bench_figures():
     cols, cells = render_leaderboard(rows, [1024])
     c = dict(zip(cols, cells[0], strict=True))
     assert c["mechanism"] == "lstm (baseline)" and c["time N=1k"] == "-"
-    assert c["test accuracy"] == "0.7 ± 0.14"
+    # mean ± half-width of the 95% t-interval: 2 seeds, s = sqrt(0.02), sem = s / sqrt(2) = 0.1
+    lo, hi = scipy_stats.t.interval(0.95, 1, loc=0.7, scale=0.1)
+    assert c["test accuracy"] == f"0.7 ± {(hi - lo) / 2:.2g}" == "0.7 ± 1.3"
 
 
 def test_training_matched_by_mechanism_when_label_differs():
@@ -137,3 +142,82 @@ def test_pass_and_causal_filter_and_duplicates_rejected():
 def test_mixed_metrics_rejected():
     with pytest.raises(ValueError, match="metrics"):
         leaderboard([], [tr("a", 0, 0.1), tr("a", 1, 0.2, metric="loss", mode="min")])
+
+
+# ------------------------------------------------------------------ confidence and significance
+
+SEEDS = {"sdpa": [0.80, 0.82, 0.81], "flash": [0.80, 0.82, 0.81], "good": [0.90, 0.91, 0.92],
+         "bad": [0.50, 0.52, 0.51], "noisy": [0.70, 0.95, 0.80]}
+
+
+def seeded(values=SEEDS, mode="max"):
+    return [tr(name, s, v, mode=mode) for name, vs in values.items() for s, v in enumerate(vs)]
+
+
+def welch_p(a, b):
+    return scipy_stats.ttest_ind(a, b, equal_var=False).pvalue
+
+
+def test_quality_interval_is_scipys_t_interval():
+    rows = by_name(leaderboard([], seeded()))
+    for name, vs in SEEDS.items():
+        lo, hi = scipy_stats.t.interval(0.95, len(vs) - 1, loc=np.mean(vs),
+                                        scale=scipy_stats.sem(vs))
+        r = rows[name]
+        assert r["test_values"] == vs
+        assert r["test_ci_low"] == pytest.approx(lo, rel=1e-9)
+        assert r["test_ci_high"] == pytest.approx(hi, rel=1e-9)
+    cols, cells = render_leaderboard(list(rows.values()), [])
+    c = dict(zip(cols, cells[list(rows).index("noisy")], strict=True))
+    lo, hi = scipy_stats.t.interval(0.95, 2, loc=np.mean(SEEDS["noisy"]),
+                                    scale=scipy_stats.sem(SEEDS["noisy"]))
+    assert c["test accuracy"] == f"{np.mean(SEEDS['noisy']):.4g} ± {(hi - lo) / 2:.2g}"
+
+
+def test_differences_from_the_best_and_sdpa_are_marked_only_when_significant():
+    rows = leaderboard([], seeded())
+    assert [r["name"] for r in rows] == ["good", "noisy", "flash", "sdpa", "bad"]
+    r = by_name(rows)
+    assert r["good"]["is_best"] and r["good"]["vs_best"] is None
+    assert r["sdpa"]["vs_baseline"] is None
+    for name in ("noisy", "sdpa", "bad"):
+        assert r[name]["vs_best"].p == pytest.approx(welch_p(SEEDS[name], SEEDS["good"]))
+    for name in ("good", "noisy", "bad"):
+        assert r[name]["vs_baseline"].p == pytest.approx(welch_p(SEEDS[name], SEEDS["sdpa"]))
+    assert r["flash"]["vs_baseline"].p == 1.0  # the same accuracies: never significant
+    cols, cells = render_leaderboard(rows, [])
+    got = {row[0]: dict(zip(cols, row, strict=True)) for row in cells}
+    p = {n: f"p = {welch_p(SEEDS[n], SEEDS['good']):.2g}" for n in ("noisy",)}
+    assert got["good"]["vs best"] == "best" and got["sdpa"]["vs sdpa"] == "sdpa"
+    assert got["noisy"]["vs best"] == f"= {p['noisy']}"  # 0.82 vs 0.91: within the spread
+    assert got["sdpa"]["vs best"].startswith("▼ p ")
+    assert got["bad"]["vs best"].startswith("▼ p ") and got["bad"]["vs sdpa"].startswith("▼")
+    assert got["good"]["vs sdpa"].startswith("▲ p ")
+    assert got["flash"]["vs sdpa"] == "= p = 1" and got["noisy"]["vs sdpa"].startswith("= ")
+
+
+def test_better_and_worse_follow_the_mode():
+    rows = by_name(leaderboard([], seeded(mode="min")))  # e.g. perplexity: lower is better
+    assert rows["bad"]["is_best"]
+    cols, cells = render_leaderboard(list(rows.values()), [])
+    got = {row[0]: dict(zip(cols, row, strict=True)) for row in cells}
+    assert got["good"]["vs sdpa"].startswith("▼") and got["bad"]["vs sdpa"].startswith("▲")
+
+
+def test_one_seed_has_no_interval_and_no_test():
+    vals = {"sdpa": [0.8, 0.82], "one": [0.99]}
+    rows = by_name(leaderboard([], seeded(vals)))
+    assert rows["one"]["test_ci_low"] is None and rows["one"]["is_best"]
+    assert not rows["sdpa"]["vs_best"].tested and not rows["one"]["vs_baseline"].tested
+    cols, cells = render_leaderboard(list(rows.values()), [])
+    got = {row[0]: dict(zip(cols, row, strict=True)) for row in cells}
+    assert got["one"]["test accuracy"] == "0.99 (1 seed: no CI)"
+    assert got["sdpa"]["vs best"] == "untested (2 vs 1 seeds)"
+    assert got["one"]["vs sdpa"] == "untested (1 vs 2 seeds)"
+
+
+def test_no_trained_sdpa_means_no_sdpa_comparison():
+    rows = leaderboard([], seeded({"good": SEEDS["good"], "bad": SEEDS["bad"]}))
+    assert all(r["vs_baseline"] is None for r in rows)
+    cols, cells = render_leaderboard(rows, [])
+    assert [dict(zip(cols, c, strict=True))["vs sdpa"] for c in cells] == ["-", "-"]

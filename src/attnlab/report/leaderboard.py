@@ -10,18 +10,22 @@ whose label equals its ``mechanism``, else to the one whose ``mechanism`` does (
 sort order); with no bench row it gets a row of its own. Trainings of other models (``lstm``,
 ``unet``, ...) are baselines: one row per model, with no bench figures.
 
-Quality over seeds: the mean ``m = sum(x_i) / n`` and the *sample* standard deviation
-``s = sqrt(sum((x_i - m)^2) / (n - 1))`` (``None`` for a single seed: one run says nothing
-about the spread). The time exponent is the slope ``a`` of ``t(N) ~ c N^a`` fitted as
-:func:`~attnlab.bench.analysis.summarise` does (on ``N >= FIT_MIN_N`` when two such lengths
-were measured ok, else on all ok lengths), so the leaderboard and ``attnlab bench`` agree.
+Quality over seeds (:mod:`attnlab.stats`): the mean, the *sample* standard deviation
+(``None`` for a single seed: one run says nothing about the spread) and the 95% Student-t
+confidence interval of the mean (none for a single seed). Each trained row is compared with
+the best row and with :data:`BASELINE` by Welch's t-test over their seeds
+(:func:`attnlab.stats.welch`): a difference is *significant* when ``p < ALPHA``, and only
+then is it a finding; the rendered table marks it (:data:`LEGEND`). The time exponent is
+the slope ``a`` of ``t(N) ~ c N^a`` fitted as :func:`~attnlab.bench.analysis.summarise`
+does (on ``N >= FIT_MIN_N`` when two such lengths were measured ok, else on all ok lengths),
+so the leaderboard and ``attnlab bench`` agree.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
+from attnlab import stats
 from attnlab.bench.analysis import (
     FIT_MIN_N,
     crossover,
@@ -31,22 +35,22 @@ from attnlab.bench.analysis import (
     status_word,
 )
 
-__all__ = ["BASELINE", "leaderboard", "quality_text", "render_leaderboard"]
+__all__ = ["BASELINE", "LEGEND", "baseline_row", "leaderboard", "quality_text",
+           "render_leaderboard", "seeds_text", "verdict"]
 
-#: The mechanism whose time every other one's crossover is measured against.
+#: The mechanism whose time every other one's crossover is measured against, and whose
+#: quality every other one's is tested against.
 BASELINE = "sdpa"
 _MODEL = "transformer"  # the model whose trainings compare attention mechanisms
+#: How to read the "vs best" and "vs sdpa" columns of :func:`render_leaderboard`.
+LEGEND = (f"vs best / vs {BASELINE}: Welch's t-test over seeds; ▲ significantly better, "
+          f"▼ significantly worse (p < {stats.ALPHA:g}), = not significantly different "
+          f"(p >= {stats.ALPHA:g}: the difference is within the seed-to-seed spread), "
+          f"untested: fewer than 2 seeds on a side")
 
 
 def _mean(xs: list[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None
-
-
-def _std(xs: list[float]) -> float | None:
-    if len(xs) < 2:
-        return None
-    m = sum(xs) / len(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+    return stats.mean(xs) if xs else None
 
 
 def _present(rows: list[dict], key) -> list[float]:
@@ -120,11 +124,14 @@ def _attach_quality(row: dict, ts: list[dict]) -> None:
         raise ValueError(f"leaderboard: trainings of {row['name']!r} report different metrics "
                          f"or modes {sorted(metrics)}; pass the trainings of one task")
     metric, mode = next(iter(metrics)) if metrics else (None, None)
+    ts = sorted(ts, key=lambda t: t.get("seed") or 0)
     tests = _present(ts, lambda t: t.get("test_value"))
     params = [t.get("parameters") for t in ts if t.get("parameters") is not None]
+    ci = stats.confidence_interval(tests) if tests else None
     row.update(
         metric=metric, mode=mode, n_seeds=len(tests), test_mean=_mean(tests),
-        test_std=_std(tests),
+        test_std=stats.std(tests) if tests else None, test_values=tests,
+        test_ci_low=ci.low if ci else None, test_ci_high=ci.high if ci else None,
         convergence_step=_mean(_present(ts, lambda t: _convergence(t, "step"))),
         convergence_time=_mean(_present(ts, lambda t: _convergence(t, "time"))),
         parameters=params[0] if params else None,
@@ -140,8 +147,13 @@ def leaderboard(measurements: list[dict], trainings: list[dict], *, pass_: str =
     ``roof_fraction`` at the largest ok length ``roof_N``; ``time_exponent``; ``crossover``
     vs :data:`BASELINE` with ``crossover_note`` (``ok``, ``never``, ``baseline``,
     ``no baseline``, ``no common lengths``, ``-``); ``metric``, ``mode``, ``test_mean``,
-    ``test_std`` (sample), ``n_seeds``, ``convergence_step``, ``convergence_time`` (means),
-    ``parameters``, ``throughput`` (mean).
+    ``test_std`` (sample), ``test_values`` (one per seed, in seed order), ``test_ci_low`` and
+    ``test_ci_high`` (the 95% interval of the mean, None for one seed), ``n_seeds``,
+    ``convergence_step``, ``convergence_time`` (means), ``parameters``, ``throughput``
+    (mean); ``is_best``, and ``vs_best`` / ``vs_baseline``: the
+    :class:`~attnlab.stats.Difference` of this row's seeds against the best row's and
+    :func:`baseline_row`'s (None for that row itself, for an untrained row, or with no
+    trained baseline).
 
     Order: rows with a test metric, best mean first (``mode`` ``max`` or ``min``); then the
     rest by time at the largest length every one of them measured ok (fastest first), the
@@ -169,7 +181,46 @@ def leaderboard(measurements: list[dict], trainings: list[dict], *, pass_: str =
     for r in out:
         _attach_quality(r, groups.get(r["name"], []))
     _attach_crossover(out)
-    return _sorted(out)
+    out = _sorted(out)
+    _attach_significance(out)
+    return out
+
+
+def baseline_row(rows: Sequence[dict]) -> dict | None:
+    """The trained row of :data:`BASELINE`: the row named so, else its first label."""
+    cands = sorted((r for r in rows if r["mechanism"] == BASELINE and r["model"] == _MODEL
+                    and r.get("test_values")), key=lambda r: (r["name"] != BASELINE, r["name"]))
+    return cands[0] if cands else None
+
+
+def _attach_significance(rows: list[dict]) -> None:
+    trained = [r for r in rows if r["test_mean"] is not None]  # best first (sorted)
+    best = trained[0] if trained else None
+    base = baseline_row(trained)
+    for r in rows:
+        r["is_best"] = r is best
+        ok = r["test_mean"] is not None
+        r["vs_best"] = stats.welch(r["test_values"], best["test_values"]) \
+            if ok and r is not best else None
+        r["vs_baseline"] = stats.welch(r["test_values"], base["test_values"]) \
+            if ok and base is not None and r is not base else None
+
+
+def verdict(d: stats.Difference, mode: str) -> str:
+    """``"better"``, ``"worse"`` (significant, in the sense of ``mode``: ``"max"`` = larger
+    is better), ``"same"`` (not significant) or ``"untested"`` (too few seeds)."""
+    if not d.tested:
+        return "untested"
+    if not d.significant:
+        return "same"
+    return "better" if (d.diff > 0) == (mode == "max") else "worse"
+
+
+def seeds_text(d: stats.Difference) -> str:
+    """``"2 seeds"`` when both sides have as many, else ``"3 vs 2 seeds"``."""
+    if d.n_a == d.n_b:
+        return f"{d.n_a} seed" + ("s" if d.n_a != 1 else "")
+    return f"{d.n_a} vs {d.n_b} seeds"
 
 
 def _sorted(rows: list[dict]) -> list[dict]:
@@ -214,11 +265,26 @@ def _crossover_text(r: dict) -> str:
 
 
 def quality_text(r: dict) -> str:
-    """``mean ± std`` of a row's test metric (no std for one seed), ``-`` without one."""
+    """``mean ± half-width of the 95% CI`` of a row's test metric, ``-`` without one; one
+    seed has no interval, and the text says so."""
     if r["test_mean"] is None:
         return "-"
-    std = f" ± {r['test_std']:.2g}" if r["test_std"] is not None else ""
-    return f"{r['test_mean']:.4g}{std}"
+    if r["test_ci_low"] is None:
+        why = "1 seed" if r["n_seeds"] == 1 else "non-finite value"
+        return f"{r['test_mean']:.4g} ({why}: no CI)"
+    return f"{r['test_mean']:.4g} ± {(r['test_ci_high'] - r['test_ci_low']) / 2:.2g}"
+
+
+_MARK = {"better": "▲", "worse": "▼", "same": "="}
+
+
+def _vs_text(r: dict, d: stats.Difference | None, itself: bool, name: str) -> str:
+    if r["test_mean"] is None or (d is None and not itself):
+        return "-"
+    if itself:
+        return name
+    v = verdict(d, r["mode"])
+    return f"untested ({seeds_text(d)})" if v == "untested" else f"{_MARK[v]} {stats.format_p(d.p)}"
 
 
 def _opt(v, fmt) -> str:
@@ -227,19 +293,24 @@ def _opt(v, fmt) -> str:
 
 def render_leaderboard(rows: Sequence[dict], lengths: Sequence[int]
                        ) -> tuple[list[str], list[list[str]]]:
-    """Column titles and one list of strings per row: the quality columns, then time and
-    memory (MiB) per length in ``lengths``, roofline fraction, exponent and crossover.
-    A non-ok point shows its status word (``OOM``, ``FAILED``, ...), a missing one ``-``."""
+    """Column titles and one list of strings per row: the quality columns (test metric as
+    mean ± 95% CI, its significance against the best and :data:`BASELINE` as
+    :data:`LEGEND` says), then time and memory (MiB) per length in ``lengths``, roofline
+    fraction, exponent and crossover. A non-ok point shows its status word (``OOM``,
+    ``FAILED``, ...), a missing one ``-``."""
     ns = sorted(set(lengths))
     metrics = sorted({r["metric"] for r in rows if r["metric"]})
-    cols = ["mechanism", f"test {'/'.join(metrics) or 'metric'}", "seeds", "parameters",
-            "conv. step", "conv. time", "throughput"]
+    base = baseline_row(rows)
+    cols = ["mechanism", f"test {'/'.join(metrics) or 'metric'}", "vs best", f"vs {BASELINE}",
+            "seeds", "parameters", "conv. step", "conv. time", "throughput"]
     cols += [f"time N={format_length(n)}" for n in ns]
     cols += [f"mem N={format_length(n)}" for n in ns]
     cols += ["roof", "t ~ N^a", f"crossover vs {BASELINE}"]
     out = []
     for r in rows:
         cells = [r["name"] if r["model"] == _MODEL else f"{r['name']} (baseline)", quality_text(r),
+                 _vs_text(r, r["vs_best"], r["is_best"], "best"),
+                 _vs_text(r, r["vs_baseline"], r is base, BASELINE),
                  str(r["n_seeds"]) if r["n_seeds"] else "-",
                  _opt(r["parameters"], lambda p: f"{p:,}"),
                  _opt(r["convergence_step"], lambda s: f"{s:.0f}"),

@@ -1,6 +1,9 @@
-"""The report's later sections: attention maps, sparsity patterns, inpainting, advisor and
-the reproduction record. Each takes the :class:`~attnlab.report.document.Report` being
-built and adds its section; :mod:`attnlab.report.build` calls them in order."""
+"""The report's sections and the text they share: the quality sentences of the summary, the
+every-test-metric table, attention maps, sparsity patterns, inpainting, advisor and the
+reproduction record. Each section function takes the
+:class:`~attnlab.report.document.Report` being built and adds to it;
+:mod:`attnlab.report.build` calls them in order (once per task, so nothing here reads the
+plan's task list)."""
 
 from __future__ import annotations
 
@@ -9,20 +12,128 @@ from pathlib import Path
 
 from rich.console import Console
 
-from attnlab.report.advisor import Advice, advise, fit_rows
+from attnlab import stats
+from attnlab.report.advisor import Advice, advise, answers, fit_rows
 from attnlab.report.document import Report
+from attnlab.report.leaderboard import (
+    BASELINE,
+    baseline_row,
+    quality_text,
+    seeds_text,
+    verdict,
+)
 
-__all__ = ["advice", "attention", "inpainting", "patterns", "render_advice", "reproduce"]
+__all__ = ["advice", "all_test_metrics", "attention", "inpainting", "patterns",
+           "quality_sentences", "render_advice", "reproduce"]
 
 PATTERN_N = 64  # long enough to show a window and its blocks, short enough to see cells
 
 
-def advice(rows: list[dict], lb: list[dict], questions, pass_: str) -> list[Advice]:
-    """One :class:`Advice` per ``(N, budget)`` question, with the leaderboard's quality."""
+def advice(rows: list[dict], lb: list[dict], questions, pass_: str,
+           causal: bool = False) -> list[Advice]:
+    """One :class:`Advice` per ``(N, budget)`` question, with the leaderboard's quality
+    (its per-seed values too, so that the advisor can test differences)."""
     quality = {r["name"]: {"mean": r["test_mean"], "std": r["test_std"], "metric": r["metric"],
-                           "mode": r["mode"]}
+                           "mode": r["mode"], "values": r["test_values"]}
                for r in lb if r.get("test_mean") is not None}
-    return [advise(rows, n, budget, quality=quality, pass_=pass_) for n, budget in questions]
+    return [advise(rows, n, budget, quality=quality, pass_=pass_, causal=causal)
+            for n, budget in questions]
+
+
+def _listing(rows: list[dict], key: str) -> str:
+    return ", ".join(f"{r['name']} ({stats.format_p(r[key].p)}, {seeds_text(r[key])})"
+                     for r in rows)
+
+
+def _by_verdict(rows: list[dict], key: str) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {"better": [], "worse": [], "same": [], "untested": []}
+    for r in rows:
+        if r.get(key) is not None:
+            out[verdict(r[key], r["mode"])].append(r)
+    return out
+
+
+def quality_sentences(lb: list[dict], task: str) -> list[str]:
+    """The summary's words on quality: the best, and which differences from it and from
+    :data:`~attnlab.report.leaderboard.BASELINE` are significant (Welch's t-test over
+    seeds, ``p < ALPHA``) and which are not, each with its p-value and seeds."""
+    trained = [r for r in lb if r.get("test_mean") is not None]
+    if not trained:
+        return []
+    best, a = trained[0], f"p < {stats.ALPHA:g}"
+    ci = f" (mean ± 95% confidence interval over {best['n_seeds']} seeds)" \
+        if best["n_seeds"] > 1 else ""
+    out = [f"Best test {best['metric']} on {task}: {best['name']} at {quality_text(best)}{ci}. "
+           f"A difference is a finding only when Welch's t-test over the seeds finds it "
+           f"significant ({a}); one within the seed-to-seed spread is not."]
+    # when the best is the baseline itself, the comparisons with it below say it all
+    vb = _by_verdict(trained if best is not baseline_row(trained) else [], "vs_best")
+    if vb["same"]:
+        out.append(f"{best['name']} is not significantly better than "
+                   f"{_listing(vb['same'], 'vs_best')}.")
+    if vb["worse"]:
+        out.append(f"Significantly worse than {best['name']} ({a}): "
+                   f"{_listing(vb['worse'], 'vs_best')}.")
+    untested = sorted({r["name"] for k in ("vs_best", "vs_baseline")
+                       for r in _by_verdict(trained, k)["untested"]})
+    if untested:
+        out.append(f"Too few seeds for a test (fewer than 2 on a side): {', '.join(untested)}; "
+                   f"ranked by the mean only.")
+    vs = _by_verdict(trained, "vs_baseline")
+    same = vs["same"]
+    if len(same) == 1:
+        r = same[0]
+        out.append(f"{r['name']} and {BASELINE} do not differ significantly on {task} "
+                   f"({stats.format_p(r['vs_baseline'].p)}, {seeds_text(r['vs_baseline'])}).")
+    elif same:
+        out.append(f"Not significantly different from {BASELINE} on {task}: "
+                   f"{_listing(same, 'vs_baseline')}.")
+    for word in ("better", "worse"):
+        if vs[word]:
+            out.append(f"Significantly {word} than {BASELINE} on {task} ({a}): "
+                       f"{_listing(vs[word], 'vs_baseline')}.")
+    return out
+
+
+def _ci_text(vals: list[float]) -> str:
+    ci = stats.confidence_interval(vals)
+    if ci.low is None:
+        return f"{ci.mean:.4g} ({ci.note})"
+    return f"{ci.mean:.4g} ± {ci.half_width:.2g}"
+
+
+def all_test_metrics(rep: Report, lb: list[dict], trainings: list[dict]) -> None:
+    """Every scalar test metric (accuracy and macro-F1, PSNR and SSIM, perplexity, ...) as
+    mean ± 95% CI over the seeds, in the leaderboard's order, each marked where it differs
+    significantly from :data:`~attnlab.report.leaderboard.BASELINE`'s."""
+    by: dict[str, dict[str, list[float]]] = {}
+    for t in sorted(trainings, key=lambda t: (t["mechanism"], t["seed"])):
+        if t["model"] != "transformer":
+            continue
+        for k, v in t["summary"]["test"].items():
+            # "n" counts the test examples: the same for every run, not a quality
+            if k != "n" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                by.setdefault(t["mechanism"], {}).setdefault(k, []).append(float(v))
+    keys = sorted({k for per in by.values() for k in per})
+    if not keys:
+        return
+    base = by.get(BASELINE, {})
+    rows = []
+    for m in dict.fromkeys(r["mechanism"] for r in lb if r["mechanism"] in by):
+        cells = []
+        for k in keys:
+            vals = by[m].get(k)
+            mark = ""
+            if vals and base.get(k) and m != BASELINE:
+                d = stats.welch(vals, base[k])
+                mark = (" ▲" if d.diff > 0 else " ▼") if d.significant else ""
+            cells.append(_ci_text(vals) + mark if vals else "-")
+        rows.append([m, *cells])
+    rep.table(["mechanism", *keys], rows, caption=(
+        f"Every test metric: mean ± half-width of the 95% confidence interval over seeds "
+        f"(Student t); ▲/▼ significantly higher/lower than {BASELINE} (Welch's t-test, "
+        f"p < {stats.ALPHA:g}; whether higher is better depends on the metric), no mark: no "
+        f"significant difference or too few seeds for a test."))
 
 
 def attention(rep: Report, figs: Path, plan, dirs: dict[str, list[Path]],
@@ -96,19 +207,23 @@ def inpainting(rep: Report, figs: Path, plan, dirs: dict[str, list[Path]],
                                  "mechanism's reconstruction (PSNR on the missing pixels).")
 
 
-def render_advice(rep: Report, advices: list[Advice]) -> None:
+def render_advice(rep: Report, advices: list[Advice], *, title: str = "Advisor",
+                  anchor: str = "advisor") -> None:
     from attnlab.bench.analysis import format_length
-    rep.section("Advisor", "advisor")
+    rep.section(title, anchor)
     rep.paragraph("Which mechanism to use at a sequence length and memory budget, from the "
                   "measured points (interpolated in log-log between lengths, extrapolated "
-                  "with the fitted exponent beyond them) and the trained quality. Recommended "
-                  "= the fastest whose quality is within 1% of the best. Ask other questions "
-                  "with `attnlab report RUN_DIR --advise N[:BUDGET]`.")
+                  "with the fitted exponent beyond them; every figure says which) and the "
+                  "trained quality. Recommended = the fastest of the mechanisms as accurate "
+                  "as the most accurate one, i.e. not significantly worse by Welch's t-test "
+                  f"over seeds (p < {stats.ALPHA:g}); where there are too few seeds for a "
+                  "test the advice says so and compares the means (within 1%). Ask other "
+                  "questions with `attnlab report RUN_DIR --advise N[:BUDGET]`.")
     for a in advices:
         budget = "no memory budget" if a.memory_budget_bytes is None else \
             f"memory budget {a.memory_budget_bytes / 2**20:.0f} MiB"
-        rep.paragraph(f"N = {format_length(a.n)}, {budget}: fastest {a.fastest or '-'}, most "
-                      f"accurate {a.most_accurate or '-'}, recommended {a.recommended or '-'}.")
+        rep.paragraph(f"N = {format_length(a.n)}, {budget}. " + " ".join(
+            f"{what}: {text}." for what, text in answers(a)))
         rows = fit_rows(a) + [[e["name"], "-", "-", "excluded", e["reason"]]
                               for e in a.excluded]
         rep.table(["mechanism", "time", "memory", "estimate", "quality / why excluded"], rows,

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as nnf
 
+from attnlab import stats
+
 __all__ = [
     "Convergence",
     "accuracy",
@@ -330,9 +332,8 @@ def convergence(steps: Sequence, times: Sequence, values: Sequence, *, mode: str
 def mean_std(values) -> tuple[float, float]:
     """``(mean, sample standard deviation)`` (divide by ``n - 1``) of a sequence of numbers;
     a single value has std 0. Empty input raises."""
-    x = _tensor("values", values, "mean_std").reshape(-1).double()
-    if x.numel() == 0:
+    x = _tensor("values", values, "mean_std").reshape(-1).double().tolist()
+    if not x:
         raise ValueError("mean_std: values is empty")
-    mean = float(x.mean())
-    std = float(x.std(correction=1)) if x.numel() > 1 else 0.0
-    return mean, std
+    s = stats.std(x)
+    return stats.mean(x), 0.0 if s is None else s

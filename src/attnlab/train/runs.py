@@ -1,11 +1,11 @@
 """Several seeds of one configuration: one run directory each, one summary for all.
 
 ``run_dir/seed-<s>/`` is an ordinary run (see :mod:`attnlab.train.loop`);
-``run_dir/summary.json`` gathers the seeds: mean and sample standard deviation of the test
-metrics, best validation score, training time, throughput and convergence. Each finished
-seed is also a row of the results database's ``trainings`` table when a database is given
-(a seed kept by ``--resume`` too, when its row is missing: a resumed run's database ends as
-an uninterrupted run's).
+``run_dir/summary.json`` gathers the seeds: mean and sample standard deviation (0 for a
+single seed; :mod:`attnlab.stats`) of the test metrics, best validation score, training
+time, throughput and convergence. Each finished seed is also a row of the results
+database's ``trainings`` table when a database is given (a seed kept by ``--resume`` too,
+when its row is missing: a resumed run's database ends as an uninterrupted run's).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 
 from rich.console import Console
 
+from attnlab import stats
 from attnlab.bench.store import Store
 from attnlab.files import read_json, writable_database, writable_dir, write_json
 from attnlab.train.config import TrainConfig
@@ -23,12 +24,12 @@ __all__ = ["train_seeds", "aggregate", "record", "record_if_missing"]
 
 
 def _mean_std(values: list[float]) -> dict[str, float] | None:
-    from attnlab.train.metrics import mean_std
     values = [float(v) for v in values if v is not None]
     if not values:
         return None
-    m, s = mean_std(values)
-    return {"mean": float(m), "std": float(s), "n": len(values)}
+    s = stats.std(values)
+    # summary.json has always said 0 for one seed; its readers check "n" before the spread
+    return {"mean": stats.mean(values), "std": 0.0 if s is None else s, "n": len(values)}
 
 
 def aggregate(summaries: list[dict[str, Any]]) -> dict[str, Any]:
