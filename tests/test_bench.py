@@ -113,10 +113,11 @@ def test_a_database_from_a_newer_schema_is_refused_and_untouched(tmp_path):
 
 
 def test_a_v1_database_gains_the_trainings_table_and_keeps_its_runs(tmp_path):
-    from attnlab.bench.store import _SCHEMA
+    from test_bench_flops import V2_MEASUREMENTS  # v1 = v2 without the trainings table
+
     db = tmp_path / "v1.db"
     con = sqlite3.connect(db)
-    v1 = _SCHEMA.split("CREATE TABLE IF NOT EXISTS trainings")[0]  # runs + measurements
+    v1 = V2_MEASUREMENTS.split("CREATE TABLE trainings")[0]  # runs + measurements
     con.executescript(v1)
     con.execute("INSERT INTO runs (started_at, status, grid, grid_digest, machine, fingerprint,"
                 " versions, points_total) VALUES ('t', 'done', '{}', 'd', '{}', 'f', '{}', 0)")
@@ -126,7 +127,9 @@ def test_a_v1_database_gains_the_trainings_table_and_keeps_its_runs(tmp_path):
     with Store(db) as s:
         assert [r["id"] for r in s.runs()] == [1]
         assert s.trainings() == []
-        assert s.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert s.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        cols = {r[1] for r in s.db.execute("PRAGMA table_info(measurements)")}
+        assert {"flops_method", "effective_hparams"} <= cols  # v3's, added to the old table
 
 
 @pytest.mark.parametrize("content", [b"not a database at all" * 100, None])
@@ -170,11 +173,15 @@ def test_tiny_sweep_rows_flops_and_statuses(tmp_path):
         assert r["status"] == "ok", r
         assert r["time_s"] > 0 and r["time_iqr_s"] >= 0 and r["peak_mem_bytes"] >= 0
         assert r["gate_error"] <= r["gate_tol"]
-        if name in ("reference", "sdpa") and p == "fwd":
-            # Q K^T and P V: 2 N^2 D multiply-adds each -> 4 B H N^2 D FLOPs (causal too:
-            # both kernels compute the full square and mask it).
-            assert r["flops"] == 4 * 1 * 2 * n * n * 8
+        if name in ("reference", "sdpa"):
+            # Q K^T and P V: 2 D FLOPs per (query, key) pair each -> 4 B H N^2 D forward;
+            # causal: only the N (N + 1) / 2 allowed pairs; backward = 2 x forward.
+            pairs = n * (n + 1) // 2 if causal else n * n
+            assert r["flops"] == 4 * 1 * 2 * pairs * 8 * (3 if p == "fwd+bwd" else 1)
+            assert r["flops_method"] == "analytic:softmax_attention"
             assert r["error"] < 1e-5
+        else:
+            assert r["flops_method"] == "FlopCounterMode"
         assert r["gflops_per_s"] == pytest.approx(r["flops"] / r["time_s"] / 1e9)
 
 

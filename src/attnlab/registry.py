@@ -23,6 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from attnlab.flops import resolve_flop_model
+
 __all__ = [
     "HParam",
     "Limit",
@@ -199,6 +201,9 @@ class MechanismSpec:
     # is derived from it, not stored, so that dataclasses.replace(spec, arbitrary_mask=False)
     # does not keep a True that only followed from arbitrary_mask.
     declared_key_padding: bool | None = None
+    # The work it needs, analytically: f(*, B, H, Nq, Nk, D, Dv, causal, pass_, hparams)
+    # -> FLOPs (attnlab.flops). None: the benchmark lab counts with FlopCounterMode.
+    flops: Callable[..., float] | None = None
     # Takes a bool key-padding attn_mask (B, H, 1, Nk) (True = may attend), arbitrary or not.
     key_padding: bool = field(init=False)
 
@@ -298,13 +303,15 @@ def register_mechanism(
     limit: Limit | None = None,
     kv_cache: bool = False,
     key_padding: bool | None = None,
+    flops: str | Callable[..., float] | None = None,
 ) -> Callable[[type], type]:
     """Class decorator: register a :class:`~attnlab.mechanisms.base.Mechanism` subclass.
 
     ``kv_cache``: incremental decoding with cached keys/values equals the full causal
     forward (needs ``causal`` and ``cross``). ``key_padding``: takes a bool key-padding
     mask ``(B, H, 1, Nk)`` even without ``arbitrary_mask`` (``None``: same as
-    ``arbitrary_mask``, which implies it).
+    ``arbitrary_mask``, which implies it). ``flops``: the work it needs, a model name from
+    :data:`attnlab.flops.FLOP_MODELS` or a callable (see :mod:`attnlab.flops`).
     """
 
     if kv_cache and not (causal and cross):
@@ -318,6 +325,7 @@ def register_mechanism(
     if limit is not None and not isinstance(limit, Limit):
         raise TypeError(f"register_mechanism({name!r}): limit must be a Limit or None; got "
                         f"{type(limit).__name__}")
+    flop_model = resolve_flop_model(flops, name)
 
     def deco(cls: type) -> type:
         spec = MechanismSpec(
@@ -327,7 +335,7 @@ def register_mechanism(
             half_precision=half_precision, learnable=learnable, aliases=tuple(aliases),
             hparams=tuple(hparams), summary=summary or (cls.__doc__ or "").strip().split("\n")[0],
             tiny_hparams=dict(tiny_hparams or {}), limit=limit, kv_cache=kv_cache,
-            declared_key_padding=key_padding,
+            declared_key_padding=key_padding, flops=flop_model,
         )
         for key in (name, *aliases):
             if key in _REGISTRY or key in _ALIASES:

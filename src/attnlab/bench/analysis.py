@@ -19,12 +19,21 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from rich.table import Table
 
+from attnlab.bench.formatting import (
+    describe_hparams,
+    format_bytes,
+    format_length,
+    format_time,
+    status_word,
+)
+
 __all__ = [
     "CONFIG_KEYS",
     "FIT_MIN_N",
     "compare_runs",
     "crossover",
     "describe_crossover",
+    "describe_hparams",
     "fit_exponent",
     "format_bytes",
     "format_length",
@@ -32,6 +41,7 @@ __all__ = [
     "pareto_front",
     "render_compare",
     "render_table",
+    "row_hparams",
     "status_word",
     "summarise",
 ]
@@ -41,15 +51,8 @@ FIT_MIN_N = 4096
 #: What a configuration is, apart from the mechanism: one plot (and one baseline) per value.
 CONFIG_KEYS = ("pass_", "causal", "dtype", "batch", "heads", "head_dim", "device")
 _REQUIRED = ("mechanism", "label", "N", *CONFIG_KEYS, "status", "time_s", "peak_mem_bytes")
-_WORDS = {"oom": "OOM", "FAILED": "FAILED", "timeout": "timeout", "error": "error",
-          "unsupported": "unsupported", "skipped": "skipped"}
 _STYLES = {"FAILED": "bold red", "error": "red", "OOM": "yellow", "timeout": "yellow",
            "unsupported": "dim", "skipped": "dim"}
-
-
-def status_word(status: str) -> str:
-    """The word a table or plot shows in place of a number for a non-ok point."""
-    return _WORDS.get(status, status)
 
 
 def fit_exponent(ns: Sequence[float], ys: Sequence[float | None],
@@ -141,7 +144,9 @@ def summarise(rows: Iterable[dict], baseline: str = "sdpa") -> list[dict]:
     """One entry per configuration group: label plus ``CONFIG_KEYS``.
 
     Each entry holds the group keys, ``mechanism``, ``hparams`` and:
-    ``time``, ``time_iqr``, ``memory``, ``error``, ``roof`` (dicts N -> value, ok points only),
+    ``time``, ``time_iqr``, ``memory``, ``error``, ``roof`` (dicts N -> value, ok points only;
+    a roof fraction above 1 is a measurement error and left out), ``effective_hparams``
+    (N -> the built module's hyperparameters, where the store has them),
     ``status`` (N -> status of every non-ok point), ``message`` (N -> reason),
     ``time_exponent`` / ``memory_exponent`` with ``time_fit_range`` / ``memory_fit_range``
     (the (min N, max N) used), ``baseline`` (the baseline's label in the same configuration,
@@ -172,7 +177,10 @@ def summarise(rows: Iterable[dict], baseline: str = "sdpa") -> list[dict]:
         e["time_iqr"] = {r["N"]: r.get("time_iqr_s") for r in ok if r["time_s"] is not None}
         e["memory"] = {r["N"]: r["peak_mem_bytes"] for r in ok if r["peak_mem_bytes"] is not None}
         e["error"] = {r["N"]: r["error"] for r in ok if r.get("error") is not None}
-        e["roof"] = {r["N"]: r["roof_fraction"] for r in ok if r.get("roof_fraction") is not None}
+        e["roof"] = {r["N"]: r["roof_fraction"] for r in ok
+                     if r.get("roof_fraction") is not None and r["roof_fraction"] <= 1}
+        e["effective_hparams"] = {r["N"]: r["effective_hparams"] for r in rs
+                                  if r.get("effective_hparams") is not None}
         e["status"] = {r["N"]: r["status"] for r in rs if not _ok(r)}
         e["message"] = {r["N"]: r.get("message", "") for r in rs if not _ok(r)}
         e["time_exponent"], e["time_fit_range"] = _fit(e["time"])
@@ -232,34 +240,6 @@ def _sorted(entries: list[dict]) -> list[dict]:
 
 # ----------------------------------------------------------------------------- rendering
 
-def format_time(s: float) -> str:
-    """Seconds in human units with 3 significant digits: ``12.3 us``, ``4.56 ms``, ``1.20 s``."""
-    for unit, scale, limit in (("ns", 1e9, 999.5e-9), ("us", 1e6, 999.5e-6), ("ms", 1e3, 0.9995)):
-        if s < limit:
-            return _sig3(s * scale) + " " + unit
-    return _sig3(s) + " s"
-
-
-def format_bytes(b: float) -> str:
-    """Bytes in binary units: ``512 B``, ``1.50 KiB``, ``12.0 MiB``, ``3.00 GiB``."""
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(b) >= scale:
-            return _sig3(b / scale) + " " + unit
-    return f"{b:.0f} B"
-
-
-def _sig3(v: float) -> str:
-    return f"{v:.0f}" if abs(v) >= 99.95 else f"{v:.1f}" if abs(v) >= 9.995 else f"{v:.2f}"
-
-
-def format_length(n: float) -> str:
-    """A sequence length, compactly: multiples of 1024 as ``4k``, ``16k``; anything else
-    (an interpolated crossover) as a plain number to 3 significant digits: ``3330``."""
-    if n >= 1024 and n % 1024 == 0:
-        return f"{int(n) // 1024}k"
-    return f"{float(f'{n:.3g}'):.0f}" if n >= 1 else f"{n:.3g}"
-
-
 def _word_cell(status: str) -> str:
     w = status_word(status)
     return f"[{_STYLES.get(w, 'red')}]{w}[/]"
@@ -290,14 +270,21 @@ def _pass(e: dict) -> str:
     return e["pass_"] + (" causal" if e["causal"] else "")
 
 
+def row_hparams(e: dict) -> str:
+    """A :func:`summarise` entry's hyperparameters as built (see
+    :func:`~attnlab.bench.formatting.describe_hparams`); the label stays the grid's."""
+    return describe_hparams(e.get("effective_hparams") or {}, e.get("hparams"))
+
+
 def _config_text(e: dict) -> str:
     return f"{e['dtype']} B={e['batch']} H={e['heads']} D={e['head_dim']} {e['device']}"
 
 
 def render_table(summary: Sequence[dict], lengths: Sequence[int] | None = None,
                  title: str | None = None) -> Table:
-    """A rich table of a :func:`summarise` result: time per length, memory at the largest
-    length, exponents, crossover, max error. Non-ok points show their status word
+    """A rich table of a :func:`summarise` result: the hyperparameters each row ran with (as
+    built, :func:`row_hparams`), time per length, memory at the largest length, exponents,
+    crossover, max error. Non-ok points show their status word
     (``OOM``, ``FAILED``, ``timeout``, ...), never a number."""
     ns = sorted(set(lengths) if lengths is not None else
                 {n for e in summary for n in (*e["time"], *e["status"])})
@@ -309,6 +296,7 @@ def render_table(summary: Sequence[dict], lengths: Sequence[int] | None = None,
     table = Table(title=title)
     table.add_column("mechanism", no_wrap=True)  # labels are copied into commands
     table.add_column("pass")
+    table.add_column("hparams (as built)")
     if len(configs) > 1:
         table.add_column("config")
     for n in ns:
@@ -319,7 +307,8 @@ def render_table(summary: Sequence[dict], lengths: Sequence[int] | None = None,
                 "max error"):
         table.add_column(col, justify="right")
     for e in summary:
-        cells = [e["label"], _pass(e)] + ([_config_text(e)] if len(configs) > 1 else [])
+        cells = [e["label"], _pass(e), row_hparams(e)]
+        cells += [_config_text(e)] if len(configs) > 1 else []
         cells += [_point_cell(e, n, e["time"], format_time) for n in ns]
         if ns:
             cells.append(_point_cell(e, ns[-1], e["memory"], format_bytes))

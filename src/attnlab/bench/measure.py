@@ -9,8 +9,17 @@ must not count).
   ``min(N, 256)`` tokens: the mechanism in its limit case against its reference.
 * **Peak memory**: CPU: the peak RSS (``VmHWM``, reset just before the call) above the
   RSS at that moment. CUDA: ``torch.cuda.max_memory_allocated`` above the allocated bytes.
-* **FLOPs**: :class:`torch.utils.flop_counter.FlopCounterMode` around one call of the
-  mechanism itself (matmuls and SDPA; elementwise work is not counted).
+* **FLOPs**: the work the point needs. A mechanism with a FLOP model in the registry
+  (``spec.flops``: the exact softmax-attention family) is counted analytically
+  (:mod:`attnlab.flops`: ``4 B H Nq Nk D`` forward, only the allowed pairs when causal,
+  backward = 2 x forward); any other is counted by
+  :class:`torch.utils.flop_counter.FlopCounterMode` around one call (its matmuls and SDPA;
+  elementwise work is not counted). ``flops_method`` says which.
+* **Hyperparameters**: the built module's own (``mech.hp``: registry defaults filled in,
+  including any derived from ``max_seq_len``), with those it decides per call (a ``None``
+  or ``"auto"`` value whose module has ``<name>_for``: ``sparse_transformer``'s
+  ``stride_for(n)``, the sparse engine's ``backend_for(q, k, v)``) as decided for this
+  point, returned as ``effective_hparams``.
 * **Time**: median and IQR of :meth:`torch.utils.benchmark.Timer.blocked_autorange`.
 * **Error**: ``||out - exact|| / ||exact||`` with ``exact = F.scaled_dot_product_attention``
   in float32 on the same inputs (skipped above ``error_max_n``: exact costs O(N^2)).
@@ -18,23 +27,32 @@ must not count).
 
 from __future__ import annotations
 
+import inspect
+import json
+import math
 import resource
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from attnlab.bench import peers
+from attnlab.flops import model_name
+from attnlab.registry import create_for, get
+
 __all__ = ["measure_point", "warm_up", "peak_rss_bytes", "reset_peak_rss", "rss_bytes"]
 
 GATE_MAX_N = 256
 
 
-def _count_cpu_sdpa_flops() -> None:
-    """Teach ``FlopCounterMode`` the CPU flash-attention kernel behind SDPA.
+def _teach_flop_counter() -> None:
+    """Teach ``FlopCounterMode`` what it misses on CPU, for the mechanisms it counts.
 
     torch counts the CUDA SDPA kernels but not ``_scaled_dot_product_flash_attention_for_cpu``
-    (and its backward): without this, ``sdpa`` on CPU would count 0 FLOPs. Same formulas as
-    torch's own for the CUDA kernels (4 N^2 D forward, 8 N^2 D backward per head, matmuls).
+    (and its backward): without this, SDPA on CPU would count 0 FLOPs (same formulas as
+    torch's own for the CUDA kernels, matmuls only). Nor does it count the in-place
+    ``baddbmm_`` / ``addmm_`` (the causal kernel-attention scan accumulates with them): they
+    get the formulas of their out-of-place forms.
     """
     from torch.utils import flop_counter as fc
 
@@ -49,9 +67,12 @@ def _count_cpu_sdpa_flops() -> None:
         @fc.register_flop_formula(bwd)
         def _bwd(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
             return fc.sdpa_backward_flop_count(grad_out, query, key, value)
+    for inplace, formula in ((aten.baddbmm_, fc.baddbmm_flop), (aten.addmm_, fc.addmm_flop)):
+        if inplace not in fc.flop_registry:  # formula: already taking shapes, hence raw
+            fc.register_flop_formula(inplace, get_raw=True)(formula)
 
 
-_count_cpu_sdpa_flops()
+_teach_flop_counter()
 
 
 def warm_up() -> None:
@@ -117,11 +138,71 @@ def _peak(step, device: str) -> int:
     return max(0, peak_rss_bytes() - base)
 
 
+def _build(p: dict, dtype: torch.dtype):
+    """The mechanism as the point runs it, and its effective hyperparameters: the built
+    module's ``hp`` (registry defaults and anything derived from ``max_seq_len`` filled
+    in), or a peer's validated over its defaults."""
+    N, D, H, device = p["N"], p["head_dim"], p["heads"], p["device"]
+    if peers.is_peer(p["mechanism"]):  # a PyPI peer, called as mech(q, k, v, is_causal=)
+        mech = peers.build(p["mechanism"], p["hparams"], n=N, head_dim=D, num_heads=H,
+                           device=device, dtype=dtype)
+        return mech, peers.validate_hparams(p["mechanism"], dict(p["hparams"]))
+    mech = create_for(p["mechanism"], head_dim=D, num_heads=H, max_seq_len=N,
+                      **p["hparams"]).to(device=device, dtype=dtype).eval()
+    return mech, dict(mech.hp)
+
+
+def resolved_hparams(mech, hp: dict, n: int, q, k, v) -> dict:
+    """``hp`` with the values decided at call time filled in: a ``None`` or ``"auto"``
+    hyperparameter whose module has a ``<name>_for`` method taking ``n`` or ``(q, k, v)``
+    gets what that method says this call uses (``stride_for(n)``, ``backend_for(q, k,
+    v)``). Anything else is kept as built."""
+    out = dict(hp)
+    for key, value in hp.items():
+        decide = getattr(mech, f"{key}_for", None)
+        if not (value is None or value == "auto") or not callable(decide):
+            continue
+        try:
+            first = next(iter(inspect.signature(decide).parameters), None)
+            if first == "n":
+                out[key] = decide(n)
+            elif first == "q":
+                out[key] = decide(q, k, v)
+        except (TypeError, ValueError, RuntimeError):
+            pass  # only the row's description: the timed call itself reports a real problem
+    return out
+
+
+def _jsonable(hp: dict) -> dict:
+    # A value JSON cannot hold (a dtype, a tensor) is stored as its text: the row shows
+    # what was used, and the store never fails on it.
+    return json.loads(json.dumps(hp, sort_keys=True, default=str))
+
+
+def count_flops(p: dict, hparams: dict, step) -> tuple[float, str]:
+    """The point's FLOPs and how they were counted: ``analytic:MODEL`` from the registry's
+    FLOP model when the mechanism has one (the work it needs), else ``FlopCounterMode``
+    around one ``step()`` (the matmuls it runs)."""
+    model = None if peers.is_peer(p["mechanism"]) else get(p["mechanism"]).flops
+    if model is None:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as fc:
+            step()
+        return float(fc.get_total_flops()), "FlopCounterMode"
+    D = p["head_dim"]
+    flops = model(B=p["batch"], H=p["heads"], Nq=p["N"], Nk=p["N"], D=D, Dv=D,
+                  causal=p["causal"], pass_=p["pass_"], hparams=hparams)
+    if isinstance(flops, bool) or not isinstance(flops, (int, float)) or \
+            not math.isfinite(flops) or flops < 0:
+        raise ValueError(f"{p['mechanism']}: its FLOP model {model_name(model)} returned "
+                         f"{flops!r}; expected a finite number >= 0")
+    return float(flops), f"analytic:{model_name(model)}"
+
+
 def measure_point(p: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
     """Measure point ``p`` (a :class:`~attnlab.bench.grid.Point` as a dict, ``hparams`` a
     dict); ``cfg`` holds ``threads``, ``min_run_time``, ``error_max_n`` and ``gate``."""
-    import attnlab
-
     torch.set_num_threads(cfg["threads"])
     dtype, device = getattr(torch, p["dtype"]), p["device"]
     out: dict[str, Any] = {}
@@ -131,17 +212,12 @@ def measure_point(p: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
         if failed is not None:
             return failed
     B, H, N, D = p["batch"], p["heads"], p["N"], p["head_dim"]
-    if p["mechanism"].startswith("peer:"):  # a PyPI peer, called as mech(q, k, v, is_causal=)
-        from attnlab.bench.peers import build
-
-        mech = build(p["mechanism"], p["hparams"], n=N, head_dim=D, num_heads=H, device=device,
-                     dtype=dtype)
-    else:
-        mech = attnlab.create_for(p["mechanism"], head_dim=D, num_heads=H, max_seq_len=N,
-                                  **p["hparams"]).to(device=device, dtype=dtype).eval()
+    mech, hparams = _build(p, dtype)
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(B, H, N, D, generator=g, device=device, dtype=dtype)
                for _ in range(3))
+    hparams = resolved_hparams(mech, hparams, N, q, k, v)
+    out["effective_hparams"] = _jsonable(hparams)
     backward = p["pass_"] == "fwd+bwd"
     grad_out = torch.randn(B, H, N, D, generator=g, device=device, dtype=dtype)
     params = [t for t in mech.parameters() if t.requires_grad]
@@ -160,11 +236,7 @@ def measure_point(p: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
         return o
 
     out["peak_mem_bytes"] = _peak(step, device)
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as fc:
-        step()
-    out["flops"] = float(fc.get_total_flops())
+    out["flops"], out["flops_method"] = count_flops(p, hparams, step)
     from torch.utils.benchmark import Timer
 
     m = Timer("step()", globals={"step": step}, num_threads=cfg["threads"]).blocked_autorange(

@@ -320,6 +320,7 @@ def _pareto(ctx: _Ctx, es: list[dict]) -> list[Path]:
 
 
 def _roof(ctx: _Ctx, es: list[dict], meta: dict) -> list[Path]:
+    # e["roof"] holds fractions <= 1 only (summarise): one above 1 is a measurement error.
     have = [e for e in es if e["roof"]]
     if not have:
         return []
@@ -334,5 +335,5 @@ def _roof(ctx: _Ctx, es: list[dict], meta: dict) -> list[Path]:
     roof = ((meta or {}).get("machine") or {}).get("roof_gflops")
     roof_txt = f" ({roof:.0f} GFLOP/s)" if isinstance(roof, (int, float)) and math.isfinite(
         roof) else ""
-    ax.set_ylabel(f"achieved / measured fp32 matmul roof{roof_txt}")
+    ax.set_ylabel(f"achieved / best measured fp32 matmul roof{roof_txt}")
     return ctx.save(fig, ax, "roof_vs_n", len(have))

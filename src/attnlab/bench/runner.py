@@ -13,6 +13,13 @@ count impossible). The process measuring a run holds it (``store.locks``, an OS
 lock that dies with the process): a second process that would resume it is refused.
 A mechanism's correctness gate runs in its first child; if it fails, every point of that
 mechanism and configuration is stored ``FAILED`` without running.
+
+Roof: the matmul roof (:func:`attnlab.bench.machine.matmul_roof_gflops`, on the grid's
+threads, as the points) is measured when a run starts, when it resumes and when it ends;
+the best sample is the run's roof (:mod:`attnlab.bench.roof`). Each point's fraction is
+checked against the best roof known when it is stored, and all of them are recomputed
+against the final best when the run ends (and on resume), so a stored fraction is never
+above 1, an interrupted run's included: one above 1 is stored as NULL with a message.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from dataclasses import asdict
 
 from attnlab.bench import machine as mach
 from attnlab.bench.grid import Grid, Point
+from attnlab.bench.roof import best_roof, check_fraction, record_roof, with_roof_note
 from attnlab.bench.store import Store
 
 __all__ = ["run_sweep"]
@@ -126,13 +134,24 @@ def _row(point: Point, res: dict, roof: float | None, wall: float) -> dict:
     row = {**asdict(point), "hparams": dict(point.hparams), **res, "wall_s": wall}
     if res.get("status") == "ok" and res.get("flops") and res.get("time_s"):
         row["gflops_per_s"] = res["flops"] / res["time_s"] / 1e9
-        if roof:
-            row["roof_fraction"] = row["gflops_per_s"] / roof
+        row["roof_fraction"], note = check_fraction(row["gflops_per_s"], roof)
+        row["message"] = with_roof_note(res.get("message"), note)
     if res.get("status") != "ok":  # a point that did not pass is never a number
         for k in ("time_s", "time_iqr_s", "runs", "peak_mem_bytes", "flops", "gflops_per_s",
-                  "roof_fraction", "error", "timed_s"):
+                  "roof_fraction", "error", "timed_s", "flops_method"):
             row[k] = None
     return row
+
+
+def _sample_roof(grid: Grid, store: Store, run_id: int, when: str) -> float | None:
+    """Measure the roof now (``resume`` or ``end``), add it to the run's machine JSON and
+    recompute the stored fractions against the best sample; returns that best."""
+    machine = record_roof(store.run(run_id)["machine"], when,
+                          mach.matmul_roof_gflops(grid.threads, grid.device))
+    store.set_machine(run_id, machine)
+    roof = best_roof(machine)
+    store.set_roof_fractions(run_id, roof)
+    return roof
 
 
 def _gate_record(r: dict) -> dict:
@@ -171,8 +190,10 @@ def _start_run(grid: Grid, store: Store, command: str, resume: bool,
         if run_id is not None:
             store.locks.claim(run_id)
             store.set_status(run_id, "running")
+            _sample_roof(grid, store, run_id, "resume")
             return run_id, machine["ram_gib"]
-        machine["roof_gflops"] = mach.matmul_roof_gflops(grid.threads, grid.device)
+        machine = record_roof(machine, "start",
+                              mach.matmul_roof_gflops(grid.threads, grid.device))
         run_id = store.new_run(grid=grid.to_json(), digest=digest, machine=machine,
                                fingerprint=fp, versions=mach.versions(),
                                commit=mach.git_commit(), command=command,
@@ -201,7 +222,7 @@ def _history(stored: list[dict]) -> tuple[dict, dict, dict]:
 def _sweep(grid: Grid, store: Store, run_id: int, points: list[Point], ram_gib: float, *,
            progress: bool, console, test_hook: dict | None,
            on_row: Callable[[dict], None] | None) -> int:
-    roof = store.run(run_id)["machine"].get("roof_gflops")
+    roof = best_roof(store.run(run_id)["machine"])
     done = store.done_keys(run_id)
     dead, gates, walls = _history(store.measurements(run_id))
     mem_cap = int((grid.mem_cap_gib or 0.9 * ram_gib) * 2**30)
@@ -244,6 +265,7 @@ def _sweep(grid: Grid, store: Store, run_id: int, points: list[Point], ram_gib: 
                 if on_row is not None:
                     on_row(row)
                 bar.advance()
+        _sample_roof(grid, store, run_id, "end")
         store.set_status(run_id, "done")
     except KeyboardInterrupt:
         store.set_status(run_id, "interrupted")

@@ -5,11 +5,12 @@ grid, start and end); a measurement is one point of it, keyed by ``(run_id, poin
 so that a resumed sweep can never store a point twice. Every measurement is committed as
 soon as it exists: a sweep killed at any moment leaves a consistent database.
 
-The schema version lives in ``PRAGMA user_version``. A database written by a newer attnlab,
-or one that fails ``PRAGMA quick_check``, is refused before anything is written to it; a
-command that only reads opens the database read-only (``readonly=True``), so a read-only
-file or directory still shows its runs. Every SQLite error a method meets is re-raised as a
-:class:`StoreError` that names the file.
+The schema (:mod:`attnlab.bench.schema`) version lives in ``PRAGMA user_version``; an
+older database opened for writing is upgraded in place (v2 -> v3 adds two columns). A
+database written by a newer attnlab, or one that fails ``PRAGMA quick_check``, is refused
+before anything is written to it; a command that only reads opens the database read-only
+(``readonly=True``), so a read-only file or directory still shows its runs. Every SQLite
+error a method meets is re-raised as a :class:`StoreError` that names the file.
 
 One process at a time measures a run: ``store.locks`` (:class:`~attnlab.bench.runlock.RunLocks`)
 claims it with an OS lock that dies with the process.
@@ -25,61 +26,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from attnlab.bench.roof import check_fraction, with_roof_note
 from attnlab.bench.runlock import RunLocks
+from attnlab.bench.schema import MEASUREMENT_COLUMNS, SCHEMA_VERSION, upgrade
 
 __all__ = ["SCHEMA_VERSION", "Store", "StoreError", "MEASUREMENT_COLUMNS"]
-
-SCHEMA_VERSION = 2  # v2 added the trainings table (one row per trained seed)
-MEASUREMENT_COLUMNS = (
-    "mechanism", "label", "hparams", "N", "batch", "heads", "head_dim", "dtype", "pass_",
-    "causal", "device", "status", "time_s", "time_iqr_s", "runs", "peak_mem_bytes", "flops",
-    "gflops_per_s", "roof_fraction", "error", "gate_error", "gate_tol", "message", "wall_s",
-    "timed_s",
-)
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    started_at TEXT NOT NULL,
-    finished_at TEXT,
-    status TEXT NOT NULL,               -- running | done | interrupted
-    profile TEXT,
-    command TEXT,
-    grid TEXT NOT NULL,                 -- JSON
-    grid_digest TEXT NOT NULL,
-    machine TEXT NOT NULL,              -- JSON: cpu, cores, ram_gib, gpu, roof_gflops
-    fingerprint TEXT NOT NULL,
-    versions TEXT NOT NULL,             -- JSON: python, torch, attnlab
-    git_commit TEXT,
-    points_total INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS measurements (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    run_id INTEGER NOT NULL REFERENCES runs(id),
-    point_key TEXT NOT NULL,
-    mechanism TEXT NOT NULL, label TEXT NOT NULL, hparams TEXT NOT NULL,
-    N INTEGER NOT NULL, batch INTEGER NOT NULL, heads INTEGER NOT NULL,
-    head_dim INTEGER NOT NULL, dtype TEXT NOT NULL, pass_ TEXT NOT NULL,
-    causal INTEGER NOT NULL, device TEXT NOT NULL,
-    status TEXT NOT NULL,  -- ok | FAILED | oom | timeout | error | unsupported | skipped
-    time_s REAL, time_iqr_s REAL, runs INTEGER, peak_mem_bytes INTEGER, flops REAL,
-    gflops_per_s REAL, roof_fraction REAL, error REAL, gate_error REAL, gate_tol REAL,
-    message TEXT NOT NULL DEFAULT '', wall_s REAL, timed_s REAL, finished_at TEXT NOT NULL,
-    UNIQUE (run_id, point_key)
-);
-""" + """
-CREATE TABLE IF NOT EXISTS trainings (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    run_dir TEXT NOT NULL UNIQUE,       -- a re-finished run replaces its row
-    task TEXT NOT NULL, model TEXT NOT NULL, mechanism TEXT NOT NULL, seed INTEGER NOT NULL,
-    status TEXT NOT NULL,               -- done | early_stopped | time_budget
-    steps INTEGER NOT NULL, train_time_s REAL NOT NULL, throughput REAL,
-    metric TEXT NOT NULL, mode TEXT NOT NULL, best_validation REAL, test_value REAL,
-    parameters INTEGER, summary TEXT NOT NULL,   -- JSON: the run's summary.json
-    config TEXT NOT NULL, versions TEXT NOT NULL, machine TEXT NOT NULL,
-    git_commit TEXT, finished_at TEXT NOT NULL
-);
-"""
-
 
 class StoreError(RuntimeError):
     """The database cannot be used (newer schema, not a database, corrupt, read-only,
@@ -164,9 +115,7 @@ class Store:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA foreign_keys=ON")
             if db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
-                with db:  # new database, or v1: CREATE IF NOT EXISTS adds what is new
-                    db.executescript(_SCHEMA)
-                    db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                upgrade(db)  # new database, v1 or v2: one transaction
         except sqlite3.DatabaseError as e:
             db.close()
             raise self._error(e, f"{self.path} is not an attnlab results database ({e})") from e
@@ -301,6 +250,22 @@ class Store:
             "ORDER BY id DESC LIMIT 1", (digest, fingerprint)).fetchone()
         return None if row is None else int(row["id"])
 
+    def set_machine(self, run_id: int, machine: dict) -> None:
+        """Replace a run's machine JSON (a roof sample was added to it)."""
+        with self.db:
+            self.db.execute("UPDATE runs SET machine=? WHERE id=?", (json.dumps(machine), run_id))
+
+    def set_roof_fractions(self, run_id: int, roof: float | None) -> None:
+        """Recompute every stored fraction of the run against ``roof`` (its best so far),
+        in one transaction: a fraction above 1 becomes NULL with the message saying so."""
+        rows = self.db.execute("SELECT id, gflops_per_s, message FROM measurements WHERE "
+                               "run_id=? AND gflops_per_s IS NOT NULL", (run_id,)).fetchall()
+        with self.db:
+            for r in rows:
+                fraction, note = check_fraction(r["gflops_per_s"], roof)
+                self.db.execute("UPDATE measurements SET roof_fraction=?, message=? WHERE id=?",
+                                (fraction, with_roof_note(r["message"], note), r["id"]))
+
     def set_status(self, run_id: int, status: str) -> None:
         with self.db:
             self.db.execute("UPDATE runs SET status=?, finished_at=? WHERE id=?",
@@ -347,7 +312,9 @@ class Store:
         """Store one point; False (and nothing changed) if the run already holds it: the
         same key is the same point, and the first measurement of it is kept."""
         values = {c: row.get(c) for c in MEASUREMENT_COLUMNS}
-        values["hparams"] = json.dumps(values["hparams"] or {}, sort_keys=True)
+        for k in ("hparams", "effective_hparams"):
+            if values[k] is not None or k == "hparams":
+                values[k] = json.dumps(values[k] or {}, sort_keys=True)
         values["causal"] = int(bool(values["causal"]))
         values["message"] = values["message"] or ""
         cols = ", ".join(values)
@@ -390,6 +357,12 @@ class Store:
         for r in rows:
             d = dict(r)
             d["hparams"] = json.loads(d["hparams"])
+            eff = d.get("effective_hparams")  # absent from a v2 file read as it stands
+            d["effective_hparams"] = json.loads(eff) if eff else None
+            d.setdefault("flops_method", None)
             d["causal"] = bool(d["causal"])
+            if (d["roof_fraction"] or 0) > 1:  # an older run's: an error, never a result
+                d["roof_fraction"], note = check_fraction(d["roof_fraction"], 1.0)
+                d["message"] = with_roof_note(d["message"], note)
             out.append(d)
         return out

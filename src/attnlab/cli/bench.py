@@ -146,18 +146,20 @@ def cmd_run(args, console: Console) -> int:
 
 
 def markdown_table(summary: list[dict]) -> str:
-    """The run's table as Markdown (for docs): time per N, peak memory at the longest
-    length, fitted exponents, crossover against sdpa, max error; statuses in words."""
+    """The run's table as Markdown (for docs): the hyperparameters each row ran with (as
+    built), time per N, peak memory at the longest length, fitted exponents, crossover
+    against sdpa, max error; statuses in words."""
     from attnlab.bench.analysis import (
         describe_crossover,
         format_bytes,
         format_length,
         format_time,
+        row_hparams,
         status_word,
     )
 
     lengths = sorted({n for e in summary for n in (*dict(e["time"]), *dict(e["status"]))})
-    head = (["mechanism", "pass"] + [format_length(n) for n in lengths]
+    head = (["mechanism", "pass", "hparams (as built)"] + [format_length(n) for n in lengths]
             + [f"mem @ {format_length(lengths[-1])}", "time ~ N^a", "mem ~ N^a",
                "crossover vs sdpa", "max error"])
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -170,7 +172,8 @@ def markdown_table(summary: list[dict]) -> str:
         exps = [f"{x:.2f}" if x is not None else "-"
                 for x in (e["time_exponent"], e["memory_exponent"])]
         err = "-" if e["max_error"] is None else f"{e['max_error']:.1e}"
-        cells = ([f"`{e['label']}`", e["pass_"]]
+        hp = row_hparams(e).replace("|", "\\|")  # a '|' would split the Markdown cell
+        cells = ([f"`{e['label']}`", e["pass_"] + (" causal" if e["causal"] else ""), hp]
                  + [cell(e, "time", n, format_time) for n in lengths]
                  + [cell(e, "memory", lengths[-1], format_bytes), *exps,
                     describe_crossover(e), err])
@@ -188,9 +191,23 @@ def _show(store, run_id, console: Console, markdown: bool = False) -> None:
         print(markdown_table(summarise(rows)))
         return
     console.print(render_table(summarise(rows)))
-    console.print(f"run {run['id']} ({run['status']}): {m['cpu']}, {m['cores']} cores, roof "
-                  f"{m.get('roof_gflops', float('nan')):.0f} GFLOP/s, torch "
-                  f"{run['versions']['torch']}, commit {run['git_commit']}")
+    console.print(f"run {run['id']} ({run['status']}): {m['cpu']}, {m['cores']} cores, "
+                  f"{roof_text(m)}, torch {run['versions']['torch']}, commit "
+                  f"{run['git_commit']}")
+
+
+def roof_text(machine: dict) -> str:
+    """``roof 182 GFLOP/s (best of start 175, end 182)``: the run's roof and its samples
+    (a run from before the roof was sampled twice has only the one)."""
+    roof = machine.get("roof_gflops")
+    if not isinstance(roof, (int, float)):
+        return "roof not measured"
+    start, end = machine.get("roof_start_gflops"), machine.get("roof_end_gflops")
+    samples = [f"{w} {v:.0f}" for w, v in (("start", start), ("end", end)) if v is not None]
+    resumes = sum(1 for s in machine.get("roof_samples_gflops") or [] if s[0] == "resume")
+    if resumes:
+        samples.append(f"{resumes} resume{'s' if resumes > 1 else ''}")
+    return f"roof {roof:.0f} GFLOP/s" + (f" (best of {', '.join(samples)})" if samples else "")
 
 
 def _plot(store, run_id, out, console: Console) -> None:
@@ -247,8 +264,10 @@ def cmd_export(args, console: Console) -> int:
     with Store(_db_path(args), readonly=True) as store:
         rid = store.resolve(args.run)
         rows = store.measurements(rid)
-    for r in rows:
+    for r in rows:  # one JSON text per cell: CSV and Parquet hold no nested values
         r["hparams"] = json.dumps(r["hparams"], sort_keys=True)
+        if r["effective_hparams"] is not None:
+            r["effective_hparams"] = json.dumps(r["effective_hparams"], sort_keys=True)
     out = Path(args.out) if args.out else None
     if args.format == "parquet":
         if out is None:

@@ -173,6 +173,7 @@ class AdditiveAttention(Mechanism):
     ],
     limit=Limit(hparams=lambda n: {}, note="exact: its own formula, q^T W_a k (unscaled)",
                 reference=general_reference, inputs=unit_logit_inputs),
+    flops="bilinear_attention",
     **_FLAGS,
 )
 class GeneralAttention(Mechanism):
@@ -213,6 +214,7 @@ class GeneralAttention(Mechanism):
     aliases=("luong_dot",),
     limit=Limit(hparams=lambda n: {}, note="exact: softmax(q^T k) V, unscaled",
                 reference=dot_reference, inputs=unit_logit_inputs),
+    flops="softmax_attention",
     **_FLAGS,
 )
 class DotAttention(Mechanism):
@@ -235,6 +237,7 @@ class DotAttention(Mechanism):
     equation="softmax(Q K^T / sqrt(d_k) + M) V",
     aliases=("scaled_dot_product",),
     limit=EXACT,
+    flops="softmax_attention",
     **_FLAGS,
 )
 class ScaledDotAttention(Mechanism):

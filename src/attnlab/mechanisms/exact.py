@@ -61,6 +61,7 @@ def softmax_attention(q, k, v, mask, scale, dropout_p=0.0):
     kv_cache=True,
     aliases=("naive", "vanilla", "softmax"),
     limit=EXACT,
+    flops="softmax_attention",
     hparams=[
         HParam("precision", str, "native", "compute dtype: the inputs' own, or float64",
                choices=("native", "float64")),
@@ -92,6 +93,7 @@ class ReferenceAttention(Mechanism):
     kv_cache=True,
     aliases=("torch", "fused"),
     limit=EXACT,
+    flops="softmax_attention",
     summary="PyTorch's fused scaled_dot_product_attention kernels (fastest exact path).",
 )
 class SDPAttention(Mechanism):

@@ -215,6 +215,7 @@ def flash_attention(q, k, v, attn_mask=None, is_causal=False, scale=None, dropou
     aliases=("blockwise", "online_softmax"),
     # The user's tiles stay: the gate checks the tiling the benchmark runs.
     limit=Limit(hparams=lambda n: {}, note="exact: softmax attention, tiled"),
+    flops="softmax_attention",  # FlopCounterMode misses its in-place baddbmm_ (P V)
     hparams=[
         HParam("block_q", int, 256, "query rows per tile", low=1),
         HParam("block_k", int, 512, "key rows per tile", low=1),
