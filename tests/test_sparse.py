@@ -55,6 +55,8 @@ def dense_allowed(name, mech, n, causal):
             return base or (name == "bigbird" and R[i // b][j // b])
         if name == "sparse_transformer":
             l = hp["stride"]
+            if l is None:  # documented default: the multiple of b nearest sqrt(n), >= b, c
+                l = max(b * round(n ** 0.5 / b), b, hp["c"])
             if hp["pattern"] == "strided":
                 return abs(i - j) <= l or (i - j) % l == 0
             return i // l == j // l or j % l >= l - hp["c"]
@@ -81,8 +83,8 @@ def hparams_for(name, data, n):
         hp["seed"] = data.draw(st.integers(0, 100), label="seed")
     if name == "sparse_transformer":
         hp["pattern"] = data.draw(st.sampled_from(["strided", "fixed"]), label="pattern")
-        hp["stride"] = data.draw(st.integers(1, 10), label="stride")
-        hp["c"] = data.draw(st.integers(1, hp["stride"]), label="c")
+        hp["stride"] = data.draw(st.one_of(st.none(), st.integers(1, 10)), label="stride")
+        hp["c"] = data.draw(st.integers(1, hp["stride"] or 10), label="c")
     if name == "block_sparse":
         nb = -(-n // hp["block_size"]) + data.draw(st.integers(0, 2), label="extra blocks")
         seed = data.draw(st.integers(0, 1000), label="layout seed")
@@ -138,6 +140,30 @@ def test_blocked_path_equals_exact_attention_under_the_dense_mask(data):
     ref.backward(dout)
     for got, want in ((q.grad, q2.grad), (k.grad, k2.grad), (v.grad, v2.grad)):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=40)
+@given(data=st.data())
+def test_forward_without_autograd_equals_exact_attention_under_the_dense_mask(data):
+    # Its own path: each chunk gathers its blocks and writes its rows into the output,
+    # and a query block seeing too many keys goes a few heads at a time (chunk = 1).
+    name = data.draw(st.sampled_from(NAMES), label="name")
+    n = data.draw(st.integers(1, 40), label="N")
+    B, H, D = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 3)), data.draw(st.integers(1, 5))
+    causal = data.draw(st.booleans(), label="causal")
+    kind = data.draw(st.sampled_from(["none", "bool", "float", "per-head"]), label="mask")
+    mech = attnlab.create(name, backend="blocked", **hparams_for(name, data, n))
+    g = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(B, H, n, D, generator=g, dtype=torch.float64) for _ in range(3))
+    if kind == "per-head":
+        mask = torch.rand(B, H, n, n, generator=g) < 0.6
+    else:
+        mask = user_mask(kind, B, n, seed=n)
+    chunk = data.draw(st.sampled_from([blocksparse._CHUNK, 1]), label="chunk")
+    with mock.patch.object(blocksparse, "_CHUNK", chunk), torch.no_grad():
+        out = mech(q, k, v, attn_mask=mask, is_causal=causal)
+    ref = naive_attention_f64(q, k, v, combined(dense_allowed(name, mech, n, causal), mask))
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
 
 
 def test_float_mask_gradient_reaches_only_allowed_pairs():
@@ -260,6 +286,22 @@ def test_limit_cases_equal_full_attention(name, hp, causal):
     out.pow(2).sum().backward()
     for t, want in zip((q, k, v), grads, strict=True):
         torch.testing.assert_close(t.grad.double(), want, rtol=0, atol=1e-5)
+
+
+def test_sparse_transformer_stride_scales_with_the_length():
+    # Child et al. 2019, sec. 4.3: the stride l is "chosen to be close to sqrt(n)"; here the
+    # multiple of block_size (16) nearest sqrt(N), at least block_size and c.
+    lengths = (16, 256, 1024, 2000, 4096, 16384, 65536)
+    mech = attnlab.create("sparse_transformer")
+    assert mech.hp["stride"] is None
+    assert [mech.stride_for(n) for n in lengths] == [16, 16, 32, 48, 64, 128, 256]
+    assert attnlab.create("sparse_transformer", stride=100).stride_for(16384) == 100
+    assert attnlab.create("sparse_transformer", c=40).stride_for(1024) == 40  # c <= l
+    assert mech.pattern(4096, False).summary == (64, 8)
+    # Keys scored per query grow as sqrt(N): its own window of l, plus one block of b for
+    # each other window's c <= b summary columns, l + b (N/l - 1) = 17 sqrt(N) - 16.
+    keys = [mech.pattern(n, False).block_layout().sum(1).max().item() * 16 for n in (1024, 4096)]
+    assert keys == [17 * 32 - 16, 17 * 64 - 16]
 
 
 def test_dilation_one_is_the_sliding_window():

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnlab.contract import masked_softmax, work_dtype
-from attnlab.mechanisms.base import Mechanism
+from attnlab.mechanisms.base import Mechanism, by_heads
 from attnlab.registry import REQUIRED, HParam, Limit, Paper, register_mechanism
 
 __all__ = ["AdaptiveSpanAttention"]
@@ -71,7 +71,7 @@ class _Band:
     ``j = blk*b + c - (W - 1)`` and its distance to local query ``r`` is ``r - c + W - 1``."""
 
     def __init__(self, n: int, w: int, b: int, causal: bool) -> None:
-        self.n, self.w, self.b = n, w, b
+        self.n, self.w, self.b, self.causal = n, w, b, causal
         self.nb = -(-n // b)
         self.L = b + (w - 1) * (1 if causal else 2)
         self.left = w - 1
@@ -180,17 +180,30 @@ class AdaptiveSpanAttention(Mechanism):
                 f"adaptive_span: num_heads={self.hp['num_heads']} (one span per head) does "
                 f"not match the H={H} heads of q; build it with num_heads={H}"
             )
+        band = _Band(N, self.window(N), min(self.hp["block_size"], N), is_causal)
+        if need_weights:  # dense (B, H, N, N) weights: O(N^2) anyway, all heads at once
+            return self._attend_heads(q, k, v, attn_mask, slice(None), band, scale,
+                                      dropout_p, True)
+
+        # A few heads at a time (the band W is every head's): one slice's (N, b + W)
+        # scores and weights, not all H heads', set the peak.
+        def heads(q, k, v, mask, s):
+            return self._attend_heads(q, k, v, mask, s, band, scale, dropout_p, False)[0]
+
+        return by_heads(heads, q, k, v, attn_mask, band.nb * band.b * band.L), None
+
+    def _attend_heads(self, q, k, v, attn_mask, heads, band, scale, dropout_p, need_weights):
+        """The cropped band for these ``heads`` (a slice of the spans): ``(out, weights)``."""
+        B, H, N, _ = q.shape
         wdt = work_dtype(q.dtype)
-        W = self.window(N)
-        band = _Band(N, W, min(self.hp["block_size"], N), is_causal)
-        nb, b, L = band.nb, band.b, band.L
+        nb, b, L, W, is_causal = band.nb, band.b, band.L, band.w, band.causal
 
         # Soft mask per head over the band, (1, H, 1, b, L); the hard limits (future keys
         # when causal, distance >= W) are folded in as m = 0.
         x = band.distance(q.device)
         dist = x if is_causal else x.abs()
         R = float(self.hp["ramp"])
-        z = self.hp["max_span"] * self.span_frac.to(wdt).clamp(0.0, 1.0)
+        z = self.hp["max_span"] * self.span_frac[heads].to(wdt).clamp(0.0, 1.0)
         m = ((R + z.view(H, 1, 1) - dist.to(wdt)) / R).clamp(0.0, 1.0)
         m = m * ((dist >= 0) & (dist < W)).to(wdt)
         # log m, with -inf (and no NaN gradient) where m = 0.

@@ -29,7 +29,49 @@ from torch import nn
 from attnlab.contract import check_inputs, is_key_padding_mask
 from attnlab.registry import MechanismSpec
 
-__all__ = ["Mechanism", "empty_attention", "is_key_padding_mask", "key_padding_keep"]
+__all__ = ["SLICE_ELEMENTS", "Mechanism", "by_heads", "empty_attention", "head_slices",
+           "is_key_padding_mask", "key_padding_keep"]
+
+# Elements (16 MiB in float32) of the largest intermediate one slice of heads may make in
+# by_heads: what the forward's peak is, above its output, rather than H times it.
+SLICE_ELEMENTS = 1 << 22
+
+
+def head_slices(B: int, H: int, per_head: int, budget: int | None = None) -> list[slice]:
+    """Slices of the head dim with ``B * heads * per_head <= budget`` (one head at least;
+    ``budget`` defaults to :data:`SLICE_ELEMENTS`, read at each call)."""
+    budget = SLICE_ELEMENTS if budget is None else budget
+    h = max(1, budget // max(1, B * per_head))
+    return [slice(h0, min(h0 + h, H)) for h0 in range(0, H, h)]
+
+
+def by_heads(fn, q, k, v, attn_mask, per_head: int) -> torch.Tensor:
+    """``fn(q, k, v, attn_mask, heads)`` a few heads at a time, joined along the head dim.
+
+    For mechanisms whose heads are independent: slicing changes nothing but the peak, as
+    intermediates of ``per_head`` elements per (batch, head) then exist for one slice at a
+    time. ``heads`` is the slice (for per-head parameters); one slice gets the inputs
+    themselves. Without autograd the slices are written into one output (no concatenation
+    copy); with it they are concatenated (a slice assignment's backward clones the whole
+    gradient once per slice, and autograd keeps every slice's intermediates anyway).
+    """
+    B, H = q.shape[:2]
+    slices = head_slices(B, H, per_head)
+    if len(slices) == 1:
+        return fn(q, k, v, attn_mask, slice(None))
+    grad = torch.is_grad_enabled()
+    outs, out = [], None
+    for s in slices:
+        m = attn_mask if attn_mask is None or attn_mask.shape[1] == 1 else attn_mask[:, s]
+        o = fn(q[:, s], k[:, s], v[:, s], m, s)
+        if grad:
+            outs.append(o)
+            continue
+        if out is None:
+            out = o.new_empty(B, H, *o.shape[2:])
+        out[:, s] = o
+    return torch.cat(outs, dim=1) if grad else out
+
 
 def key_padding_keep(attn_mask: torch.Tensor | None, B: int, H: int, nk: int):
     """``(B, H, Nk)`` bool (an expanded view), ``True`` for the keys that may be attended,

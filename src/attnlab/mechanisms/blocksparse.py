@@ -30,9 +30,13 @@ Two backends, both sparse (hyperparameter ``backend``):
   ``(B, H, r, c*b, D)``), scores them, applies the predicate and the caller's ``attn_mask``
   tile (gathered at the same positions: both must allow a pair), a masked softmax (a row
   with no allowed key gives 0, with zero gradient) and the weighted sum. With ``K`` keys
-  scored per query, time is ``O(N K D)`` and memory ``O(N K)`` for the scores plus
-  ``O(N K D / b)`` for the gathered blocks; groups run in chunks of at most ``_CHUNK``
-  scores, which bounds the forward's peak without autograd.
+  scored per query, time is ``O(N K D)``. With autograd, memory is ``O(N K)`` for the
+  scores plus ``O(N K D / b)`` for the gathered blocks (the backward needs them): each
+  group gathers its blocks once and scores them in chunks of at most ``_CHUNK``. Without
+  autograd each chunk gathers its own blocks and writes its rows straight into the
+  output, so the forward's peak is the output plus one chunk (``_CHUNK`` scores, and as
+  many gathered key/value elements), ``O(N D)`` whatever ``K``: a pattern whose ``K``
+  grows with ``N`` (``sparse_transformer``) then costs time, not memory.
 * ``flex`` (in :mod:`attnlab.mechanisms.sparse_flex`):
   ``torch.nn.attention.flex_attention`` compiled once per process, with a
   ``BlockMask`` built straight from the layout (``BlockMask.from_kv_blocks``; blocks whose
@@ -181,6 +185,21 @@ class SparsePattern:
                     blocks.to(device=device, dtype=torch.bool).contiguous())
 
 
+def _blocked_tiles(rule: Rule, qc, kc, real_k) -> torch.Tensor:
+    """``(r, b, c*b)`` bool, True where the pair is NOT allowed (pattern or padded key),
+    ``_CHUNK / 2`` pairs at a time: :func:`allows` makes int64 temporaries of the tile's
+    shape, 8x its bool size (35M pairs for ``sparse_transformer`` at 16K)."""
+    r, b = qc.shape
+    cb = kc.shape[1]
+    out = torch.empty(r, b, cb, dtype=torch.bool)
+    step = max(1, (_CHUNK // 2) // (b * cb))
+    for r0 in range(0, r, step):
+        s = slice(r0, r0 + step)
+        ok = allows(rule, qc[s].unsqueeze(-1), kc[s].unsqueeze(1)) & real_k[s].unsqueeze(1)
+        out[s] = ok.logical_not_()
+    return out
+
+
 @dataclass
 class _Group:
     """Query blocks that need the same number ``c`` of key blocks."""
@@ -214,10 +233,10 @@ class _Plan:
             q_tok = rows.unsqueeze(1) * b + ar  # (r, b)
             k_tok = (self.kidx[rows, :c].unsqueeze(-1) * b + ar).reshape(len(rows), c * b)
             qc, kc = q_tok.clamp(max=n - 1), k_tok.clamp(max=n - 1)
-            ok = allows(rule_cpu, qc.unsqueeze(-1), kc.unsqueeze(1)) & (k_tok < n).unsqueeze(1)
-            dead = ~ok.any(-1, keepdim=True)
+            blocked = _blocked_tiles(rule_cpu, qc, kc, k_tok < n)
+            dead = blocked.all(-1, keepdim=True)
             self.groups.append(_Group(rows.to(device), qc.flatten().to(device),
-                                      kc.flatten().to(device), (~ok).to(device),
+                                      kc.flatten().to(device), blocked.to(device),
                                       dead.to(device) if dead.any() else None, c))
         order = torch.cat([g.rows.cpu() for g in self.groups])
         self.inverse = torch.argsort(order).to(device)  # from group order back to block order
@@ -289,43 +308,94 @@ def _softmax(s, blocked, dead):
     return torch.softmax(s.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
 
 
-def blocked_attention(q, k, v, p: SparsePattern, attn_mask, scale, dropout_p=0.0):
-    """Sparse attention by gathering, per query block, only the key blocks it needs."""
-    B, H, N, D = q.shape
-    Dv, b, dtype = v.shape[-1], p.block_size, q.dtype
-    plan = plan_for(p, q.device)
-    wdt = work_dtype(dtype)  # half inputs: computed in float32
-    q, k, v = q.to(wdt) * scale, k.to(wdt), v.to(wdt)
-    if attn_mask is not None and attn_mask.dtype != torch.bool:
-        attn_mask = attn_mask.to(wdt)
-    outs = []
-    for g in plan.groups:
-        r_all, cb = len(g.rows), g.c * b
-        per_chunk = max(1, _CHUNK // (B * H * b * cb))
-        # One gather per group, then split into chunks: the backward of ``split`` is one
-        # concatenation and that of ``index_select`` one scatter per group. (Gathering per
-        # chunk would scatter each chunk's gradient into its own full-length buffer.)
+def _chunks(q, k, v, g: _Group, b: int, grad: bool):
+    """``(rows, heads, qs, ks, vs)`` for each chunk of group ``g``: its query blocks
+    ``rows`` (a slice of the group) and ``heads`` (a slice), with their queries
+    ``(B, h, r, b, D)`` and key/value blocks ``(B, h, r, c*b, D|Dv)``.
+
+    With autograd: one gather per group, then split. The backward of ``split`` is one
+    concatenation and that of ``index_select`` one scatter per group (gathering per chunk
+    would scatter each chunk's gradient into its own full-length buffer); autograd keeps
+    every chunk's blocks anyway. Without it, each chunk gathers its own blocks, never all
+    at once (``sparse_transformer`` at 16K gathered 9 GiB), sized by the larger of its
+    scores and its gathered elements; a query block that alone exceeds that (a global
+    token's sees every key) goes a few heads at a time.
+    """
+    B, H, _, D = q.shape
+    Dv, r_all, cb = v.shape[-1], len(g.rows), g.c * b
+    per_col = b if grad else max(b, (D + Dv + 1) // 2)
+    if grad:
+        per_chunk = max(1, _CHUNK // (B * H * cb * per_col))
         sizes = [min(per_chunk, r_all - r0) for r0 in range(0, r_all, per_chunk)]
         qg = q.index_select(2, g.q_tok).view(B, H, r_all, b, D).split(sizes, dim=2)
         kg = k.index_select(2, g.k_tok).view(B, H, r_all, cb, D).split(sizes, dim=2)
         vg = v.index_select(2, g.k_tok).view(B, H, r_all, cb, Dv).split(sizes, dim=2)
         r0 = 0
         for qs, ks, vs in zip(qg, kg, vg, strict=True):
-            rows = slice(r0, r0 + qs.shape[2])
-            r0 = rows.stop
-            s = torch.matmul(qs, ks.transpose(-1, -2))  # (B, H, r, b, c*b), scale in q
-            blocked, dead = g.blocked[rows], None if g.dead is None else g.dead[rows]
-            if attn_mask is not None:
-                tile = _mask_tile(attn_mask, g, rows, b)
-                if tile.dtype == torch.bool:
-                    blocked = blocked | ~tile
-                else:
-                    s = s + tile
-                    blocked = blocked | torch.isneginf(tile)
-                dead = blocked.all(-1, keepdim=True)
-            w = _softmax(s, blocked, dead)
-            if dropout_p > 0:
-                w = torch.nn.functional.dropout(w, dropout_p)
-            outs.append(torch.matmul(w, vs))
-    out = torch.cat(outs, dim=2).index_select(2, plan.inverse)  # back to block order
+            yield slice(r0, r0 + qs.shape[2]), slice(None), qs, ks, vs
+            r0 += qs.shape[2]
+        return
+    h = min(H, max(1, _CHUNK // (B * cb * per_col)))
+    per_chunk = max(1, _CHUNK // (B * h * cb * per_col))
+    for h0 in range(0, H, h):
+        heads = slice(h0, h0 + h)
+        qh, kh, vh = q[:, heads], k[:, heads], v[:, heads]
+        n_h = qh.shape[1]
+        for r0 in range(0, r_all, per_chunk):
+            r = min(per_chunk, r_all - r0)
+            qs = qh.index_select(2, g.q_tok[r0 * b: (r0 + r) * b]).view(B, n_h, r, b, D)
+            k_tok = g.k_tok[r0 * cb: (r0 + r) * cb]
+            ks = kh.index_select(2, k_tok).view(B, n_h, r, cb, D)
+            vs = vh.index_select(2, k_tok).view(B, n_h, r, cb, Dv)
+            yield slice(r0, r0 + r), heads, qs, ks, vs
+
+
+def _attend_chunk(qs, ks, vs, g: _Group, rows: slice, b: int, attn_mask, dropout_p):
+    """``softmax(qs ks^T + mask) vs`` over the chunk's allowed pairs: ``(B, h, r, b, Dv)``;
+    ``attn_mask`` already cut to the chunk's heads."""
+    s = torch.matmul(qs, ks.transpose(-1, -2))  # (B, h, r, b, c*b), scale in q
+    blocked, dead = g.blocked[rows], None if g.dead is None else g.dead[rows]
+    if attn_mask is not None:
+        tile = _mask_tile(attn_mask, g, rows, b)
+        if tile.dtype == torch.bool:
+            blocked = blocked | ~tile
+        else:
+            s = s + tile
+            blocked = blocked | torch.isneginf(tile)
+        dead = blocked.all(-1, keepdim=True)
+    w = _softmax(s, blocked, dead)
+    if dropout_p > 0:
+        w = torch.nn.functional.dropout(w, dropout_p)
+    return torch.matmul(w, vs)
+
+
+def blocked_attention(q, k, v, p: SparsePattern, attn_mask, scale, dropout_p=0.0):
+    """Sparse attention by gathering, per query block, only the key blocks it needs."""
+    B, H, N, D = q.shape
+    Dv, b, dtype = v.shape[-1], p.block_size, q.dtype
+    plan = plan_for(p, q.device)
+    wdt = work_dtype(dtype)  # half inputs: computed in float32
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, attn_mask))
+    q, k, v = q.to(wdt), k.to(wdt), v.to(wdt)
+    if grad:
+        q = q * scale
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        attn_mask = attn_mask.to(wdt)
+    outs = []
+    out = None if grad else q.new_empty(B, H, p.num_blocks, b, Dv)
+    for g in plan.groups:
+        for rows, heads, qs, ks, vs in _chunks(q, k, v, g, b, grad):
+            if not grad:
+                qs.mul_(scale)  # a fresh gather: scaled in place
+            mask = attn_mask
+            if mask is not None and mask.shape[1] > 1:
+                mask = mask[:, heads]
+            o = _attend_chunk(qs, ks, vs, g, rows, b, mask, dropout_p)
+            if grad:
+                outs.append(o)
+            else:  # each query block lies in exactly one group: every block is written
+                out[:, heads].index_copy_(2, g.rows[rows], o)
+    if grad:
+        out = torch.cat(outs, dim=2).index_select(2, plan.inverse)  # back to block order
     return out.reshape(B, H, -1, Dv)[:, :, :N].to(dtype)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from attnlab.contract import work_dtype
-from attnlab.mechanisms.base import Mechanism, key_padding_keep
+from attnlab.mechanisms.base import Mechanism, by_heads, key_padding_keep
 from attnlab.registry import HParam, Limit, Paper, register_mechanism
 from attnlab.verify import causal_allowed, dense_softmax_f64
 
@@ -254,14 +254,27 @@ class ReformerAttention(Mechanism):
 
     def _attend(self, q, k, v, attn_mask, is_causal, scale, dropout_p, need_weights):
         B, H, N, D = q.shape
-        Dv = v.shape[-1]
-        r, shared = self.hp["n_hashes"], self.hp["shared_qk"]
-        mask_self = shared if self.hp["mask_self"] is None else self.hp["mask_self"]
-        if is_causal and not shared:
+        if is_causal and not self.hp["shared_qk"]:
             raise ValueError("reformer: is_causal=True needs shared_qk=True (with separate "
                              "query and key hashes, future tokens would move past keys in "
                              "and out of a query's chunks); got shared_qk=False")
         c = group_size("reformer", "bucket_size", self.hp["bucket_size"], N)
+        nc, r = N // c, self.hp["n_hashes"]
+        # One draw per call (the counter advances once), then a few heads at a time: each
+        # head's (r, N, L) scores, bias and weights, not all H heads', set the peak.
+        rot = None if nc == 1 else self.rotations(H, D, nc, q.device, work_dtype(q.dtype))
+
+        def heads(q, k, v, mask, s):
+            return self._attend_heads(q, k, v, mask, is_causal, scale, dropout_p, c,
+                                      None if rot is None else rot[s])
+
+        return by_heads(heads, q, k, v, attn_mask, r * N * (c if nc == 1 else 2 * c)), None
+
+    def _attend_heads(self, q, k, v, attn_mask, is_causal, scale, dropout_p, c, rot):
+        """LSH attention of these heads with their rotations ``rot`` (None: one chunk)."""
+        B, H, N, D = q.shape
+        r, shared = self.hp["n_hashes"], self.hp["shared_qk"]
+        mask_self = shared if self.hp["mask_self"] is None else self.hp["mask_self"]
         nc = N // c
         L = c if nc == 1 else 2 * c
         dtype = q.dtype
@@ -272,7 +285,6 @@ class ReformerAttention(Mechanism):
         keep = key_padding_keep(attn_mask, B, H, N)
         if keep is not None:  # finite padding content then meets only zero weights
             v = v.masked_fill(~keep.unsqueeze(-1), 0.0)
-        rot = None if nc == 1 else self.rotations(H, D, nc, q.device, work)
         bq, order_q, inv_q = self._sort(q, rot, keep)
         bk, order_k, inv_k = (bq, order_q, inv_q) if shared else self._sort(k, rot, keep)
         # Flat row numbers of the sorted tokens: index_select on (B*H*N, E) rows. Keys and
@@ -306,7 +318,15 @@ class ReformerAttention(Mechanism):
         if keep is not None:  # after the self score: a padded position is never attended
             pad_k = ~keep.unsqueeze(2).expand(B, H, r, N).gather(-1, tk.flatten(3))
             scores = scores.masked_fill_(pad_k.view(tk.shape).unsqueeze(-2), -_INF)
-        if shared and keep is None:  # every row holds its own finite score: fused softmax
+        fused = shared and keep is None  # every row holds its own finite score
+        return self._combine(scores, v_s, inv_q, fused, dropout_p).to(dtype)
+
+    def _combine(self, scores, v_s, inv_q, fused: bool, dropout_p: float):
+        """Per round, the softmax over each chunk's keys and its outputs back in token
+        order; rounds combined by eqs. 6-7: ``(B, H, N, Dv)``."""
+        B, H, r, N = inv_q.shape
+        Dv = v_s.shape[-1]
+        if fused:
             p = torch.softmax(scores, dim=-1)
             lse = None
             if r > 1:  # z = s_m - ln p_m at the row's max m (p_m >= 1/L): no second exp pass
@@ -318,11 +338,10 @@ class ReformerAttention(Mechanism):
             p = F.dropout(p, dropout_p)
         o = torch.matmul(p, v_s).view(B * H * r * N, Dv)
         # Undo the sort: slot inv_q[t] of each round holds token t.
-        rows_o = (inv_q + torch.arange(B * H * r, device=q.device).view(B, H, r, 1) * N)
+        rows_o = (inv_q + torch.arange(B * H * r, device=inv_q.device).view(B, H, r, 1) * N)
         o = o.index_select(0, rows_o.flatten()).view(B, H, r, N, Dv)
         if r == 1:
-            return o[:, :, 0].to(dtype), None
+            return o[:, :, 0]
         lse = lse.view(B, H, r, N).gather(3, inv_q)
         w, _ = _safe_softmax(lse.transpose(2, 3))  # exp(z(i, P^(r)) - z(i, P)), (B, H, N, r)
-        out = torch.einsum("bhnr,bhrnd->bhnd", w, o)
-        return out.to(dtype), None
+        return torch.einsum("bhnr,bhrnd->bhnd", w, o)

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from attnlab.contract import work_dtype
-from attnlab.mechanisms.base import Mechanism, key_padding_keep
+from attnlab.mechanisms.base import Mechanism, by_heads, key_padding_keep
 from attnlab.mechanisms.kernel_causal import kernel_attention  # re-exported
 from attnlab.registry import REQUIRED, HParam, Limit, Paper, register_mechanism
 from attnlab.verify import causal_allowed
@@ -149,11 +149,26 @@ class _KernelMechanism(Mechanism):
         (``(B, H, Nk)`` bool or None) marks the real keys, whose rows alone must matter."""
         raise NotImplementedError
 
+    def _feature_size(self, d: int) -> int:
+        """``F``, the size of ``phi(x)`` for a head of size ``d``."""
+        return d
+
     def _attend(self, q, k, v, attn_mask, is_causal, scale, dropout_p, need_weights):
         name = self.spec.name
         if dropout_p > 0:
             raise ValueError(f"{name}: dropout_p={dropout_p} is not supported: kernel attention "
                              f"never forms the attention weights it would drop; pass 0")
+        # Heads are independent: a few at a time, so that the (N, F) feature maps of one
+        # slice, not of all H heads, set the peak (the Performer's 256 features at 16K
+        # tokens and 8 heads made 650 MiB of them).
+        per_head = max(q.shape[2], k.shape[2]) * self._feature_size(q.shape[-1])
+
+        def heads(q, k, v, mask, _):
+            return self._attend_heads(q, k, v, mask, is_causal, scale)
+
+        return by_heads(heads, q, k, v, attn_mask, per_head), None
+
+    def _attend_heads(self, q, k, v, attn_mask, is_causal, scale):
         dtype, work = q.dtype, work_dtype(q.dtype)
         q, k, v = q.to(work), k.to(work), v.to(work)
         keep = key_padding_keep(attn_mask, *k.shape[:3])
@@ -164,7 +179,7 @@ class _KernelMechanism(Mechanism):
             phi_k = phi_k * keep.unsqueeze(-1).to(phi_k.dtype)
         out = kernel_attention(phi_q, phi_k, v, is_causal, self.hp["eps"],
                                self.hp["chunk_size"], log_scale)
-        return out.to(dtype), None
+        return out.to(dtype)
 
 
 @register_mechanism(
@@ -278,14 +293,20 @@ class PerformerAttention(_KernelMechanism):
         """Replace ``projection`` by a fresh draw (same device and dtype)."""
         self.projection.copy_(self._draw())
 
+    def _feature_size(self, d: int) -> int:
+        return self.hp["num_features"]
+
+    def _attend(self, q, *args):
+        if self.hp["redraw"] and self.training:
+            self.redraw_features()  # once per call: every slice of heads shares the draw
+        return super()._attend(q, *args)
+
     def _features(self, q, k, is_causal, scale, keep):
         if q.shape[-1] != self.hp["head_dim"]:
             raise ValueError(
                 f"performer: q head dim {q.shape[-1]} does not match head_dim="
                 f"{self.hp['head_dim']} the features were drawn for; create it with "
                 f"head_dim={q.shape[-1]}")
-        if self.hp["redraw"] and self.training:
-            self.redraw_features()
         # x scaled by scale^(1/2) is folded into w (an (m, D) matrix, not an (N, D) copy).
         w = self.projection.to(device=q.device, dtype=q.dtype) * math.sqrt(scale)
         log_norm = -0.5 * math.log(self.hp["num_features"])  # 1/sqrt(m), inside the exp
@@ -355,6 +376,9 @@ class CosFormerAttention(_KernelMechanism):
 
     def default_scale(self, d: int) -> float:
         return 1.0
+
+    def _feature_size(self, d: int) -> int:
+        return 2 * d
 
     def _features(self, q, k, is_causal, scale, keep):
         nq, nk = q.shape[-2], k.shape[-2]

@@ -40,7 +40,7 @@ import torch.nn.functional as nnf
 from torch import nn
 
 from attnlab.contract import masked_softmax, work_dtype
-from attnlab.mechanisms.base import Mechanism, key_padding_keep
+from attnlab.mechanisms.base import Mechanism, by_heads, key_padding_keep
 from attnlab.registry import REQUIRED, HParam, Limit, Paper, register_mechanism
 
 __all__ = ["Linformer", "Nystromformer", "iterative_pinv", "segment_means"]
@@ -190,13 +190,24 @@ class Linformer(Mechanism):
 
     def _attend(self, q, k, v, attn_mask, is_causal, scale, dropout_p, need_weights):
         E, F = self._projections(k.shape[-2])
-        keep = key_padding_keep(attn_mask, *k.shape[:3])
-        if keep is not None:
-            k, v = (t.masked_fill(~keep.unsqueeze(-1), 0.0) for t in (k, v))
         per_head = E.dim() == 3
         if per_head and q.shape[1] != E.shape[0]:
             raise ValueError(f"linformer: sharing='none' was built for num_heads="
                              f"{E.shape[0]}; got H={q.shape[1]}")
+
+        # A few heads at a time: one slice's (Nq, k) scores and weights, not all H heads',
+        # set the peak (k = 256 at 16K tokens and 8 heads: 256 MiB of them).
+        def heads(q, k, v, mask, s):
+            Es, Fs = (E[s], F[s]) if per_head else (E, F)
+            return self._attend_heads(q, k, v, mask, Es, Fs, scale, dropout_p)
+
+        return by_heads(heads, q, k, v, attn_mask, q.shape[2] * self.hp["k"]), None
+
+    def _attend_heads(self, q, k, v, attn_mask, E, F, scale, dropout_p):
+        keep = key_padding_keep(attn_mask, *k.shape[:3])
+        if keep is not None:
+            k, v = (t.masked_fill(~keep.unsqueeze(-1), 0.0) for t in (k, v))
+        per_head = E.dim() == 3
         # einsum lets the shared projection fold into one matmul (no (B, H, k, n) copy).
         # Mixed in float32 for half inputs: a sum of n keys can leave float16's range.
         eq = "hkn,bhnd->bhkd" if per_head else "kn,bhnd->bhkd"
@@ -204,7 +215,7 @@ class Linformer(Mechanism):
         k_bar = torch.einsum(eq, E.to(work), k.to(work))                 # (B, H, k, D)
         v_bar = torch.einsum(eq, F.to(work), v.to(work))
         out = self.attend_projected(q.to(work), k_bar, v_bar, scale, dropout_p)
-        return out.to(q.dtype), None
+        return out.to(q.dtype)
 
 
 # ------------------------------------------------------------------------- Nyströmformer

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnlab.contract import masked_softmax, work_dtype
-from attnlab.mechanisms.base import Mechanism, key_padding_keep
+from attnlab.mechanisms.base import Mechanism, by_heads, key_padding_keep
 from attnlab.mechanisms.hashing import group_size
 from attnlab.registry import REQUIRED, HParam, Limit, Paper, register_mechanism
 from attnlab.verify import dense_softmax_f64, param_f64
@@ -199,6 +199,18 @@ class SinkhornAttention(Mechanism):
         return sinkhorn_log(r / self.hp["temperature"], self.hp["sinkhorn_iters"])
 
     def _attend(self, q, k, v, attn_mask, is_causal, scale, dropout_p, need_weights):
+        b, _ = self._blocks(q)
+        # Heads are independent (the sorting network's weights are shared, its input is
+        # per head): a few at a time, so that one slice's (N, 2b) scores and (N, 2D) local
+        # + sorted keys and values, not all H heads', set the peak.
+        per_head = 2 * q.shape[2] * max(b, q.shape[-1], v.shape[-1])
+
+        def heads(q, k, v, mask, _):
+            return self._attend_heads(q, k, v, mask, scale, dropout_p)
+
+        return by_heads(heads, q, k, v, attn_mask, per_head), None
+
+    def _attend_heads(self, q, k, v, attn_mask, scale, dropout_p):
         b, nb = self._blocks(q)
         B, H, N, D = q.shape
         Dv = v.shape[-1]
@@ -229,4 +241,4 @@ class SinkhornAttention(Mechanism):
         if dropout_p > 0:
             p = F.dropout(p, dropout_p)
         out = torch.matmul(p, vb).reshape(B, H, N, Dv)
-        return out.to(dtype), None
+        return out.to(dtype)

@@ -28,13 +28,16 @@ when causal, as causal local attention does. Every mechanism accepts any ``N`` (
 block is padded internally) and any ``attn_mask`` (a pair must be allowed by both).
 
 Cost: with ``K`` keys scored per query (the pattern's keys rounded out to whole blocks),
-time is ``O(N K D)`` and memory ``O(N K (1 + D/b))``: the scores, plus the key/value
-blocks each query block gathers (``N K D / b``); the complexity strings spell ``K`` out.
+time is ``O(N K D)`` and memory ``O(N K (1 + D/b))`` with autograd: the scores, plus the
+key/value blocks each query block gathers (``N K D / b``); the complexity strings spell
+``K`` out. A forward without autograd holds one chunk of them at a time (see
+:mod:`attnlab.mechanisms.blocksparse`): ``O(N D)`` above its inputs.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 
@@ -240,13 +243,16 @@ class BigBirdAttention(_GlobalTokensMixin, SparseMechanism):
 
 
 @register_mechanism(
-    "sparse_transformer", paper=CHILD_2019, time="O(N (l + max(b, c) N/l) D)",
-    memory="O(N (l + max(b, c) N/l) (1 + D/b))",
+    "sparse_transformer", paper=CHILD_2019,
+    time="O(N (l + max(b, c) N/l) D), l = stride ~ sqrt(N) by default: O(N^1.5 max(b, c) D)",
+    memory="O(N (l + max(b, c) N/l) (1 + D/b)); forward without autograd: O(N D)",
     equation=_SOFTMAX + "strided: S_i = {j : |i-j| <= l} u {j : (i-j) mod l = 0}; "
     "fixed: S_i = {j : floor(j/l) = floor(i/l)} u {j : j mod l >= l - c}",
     aliases=("sparse_factorized",),
     hparams=[HParam("pattern", str, "fixed", "factorised pattern", choices=("strided", "fixed")),
-             HParam("stride", int, 128, "stride l (about sqrt(N) in the paper)", low=1),
+             HParam("stride", int, None, "stride l; None = scaled with N, as the paper's "
+                    "l ~ sqrt(N): at each call, the multiple of block_size nearest sqrt(N), "
+                    "at least block_size and c", low=1, nullable=True),
              HParam("c", int, 8, "summary width c of the fixed pattern (<= stride)", low=1),
              _block(16), _BACKEND],
     tiny_hparams=dict(stride=4, c=1, block_size=4),
@@ -262,16 +268,32 @@ class SparseTransformerAttention(SparseMechanism):
     {l-c, ..., l-1}}``. The paper's causal form (``t = max(0, i - l)`` .. ``i``) is the
     intersection with ``j <= i``; without ``is_causal`` the same sets are bidirectional.
     At block granularity A(2) touches about N/l key blocks, hence ``max(b, c) N/l``.
+
+    The stride defaults to ``None``: ``l ~ sqrt(N)`` of the call's length, as the paper
+    chooses it ("the stride l ... chosen to be close to sqrt(n)", sec. 4.3), rounded to a
+    multiple of ``b`` so that its windows and summary columns fill whole blocks (at least
+    ``b`` and ``c``; :meth:`stride_for`). Then ``K ~ (1 + max(b, c)) sqrt(N)`` keys per
+    query and time is ``O(N^1.5 D)``; a fixed stride makes the ``N/l`` term, and the
+    mechanism, quadratic in ``N``.
     """
 
     def __init__(self, **hparams):
         super().__init__(**hparams)
-        if self.hp["pattern"] == "fixed" and self.hp["c"] > self.hp["stride"]:
+        l = self.hp["stride"]
+        if self.hp["pattern"] == "fixed" and l is not None and self.hp["c"] > l:
             raise ValueError(f"sparse_transformer: hyperparameter 'c' must be <= stride="
-                             f"{self.hp['stride']}; got {self.hp['c']}")
+                             f"{l}; got {self.hp['c']}")
+
+    def stride_for(self, n: int) -> int:
+        """The stride ``l`` at length ``n``: ``stride``, or the multiple of ``block_size``
+        nearest ``sqrt(n)`` (at least ``block_size`` and ``c``) when it is ``None``."""
+        if self.hp["stride"] is not None:
+            return self.hp["stride"]
+        b = self.hp["block_size"]
+        return max(b * round(math.sqrt(n) / b), b, self.hp["c"])
 
     def pattern(self, n, causal):
-        l, b = self.hp["stride"], self.hp["block_size"]
+        l, b = self.stride_for(n), self.hp["block_size"]
         if self.hp["pattern"] == "strided":
             return SparsePattern(n, b, causal, band=(-l, l, 1), stride=l)
         return SparsePattern(n, b, causal, local=l, summary=(l, self.hp["c"]))
