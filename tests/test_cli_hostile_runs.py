@@ -29,7 +29,7 @@ TRAIN = ["train", "--task", "copy", "--max-steps", "2", "--no-progress",
          "--task-opt", "length=4", *TINY_MODEL]
 # The smallest compare the command line makes: one mechanism, one seed, two steps (its
 # benchmark is the quick profile's three lengths of sdpa: a few seconds).
-COMPARE = ["compare", "--mechanisms", "sdpa", "--seeds", "0", "--max-steps", "2",
+COMPARE = ["compare", "--task", "listops", "--mechanisms", "sdpa", "--seeds", "0", "--max-steps", "2",
            "--jobs", "1", "--no-progress"]
 # SQLite's word for it, or the results store's
 CORRUPT = ("malformed", "corrupt")

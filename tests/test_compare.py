@@ -351,10 +351,11 @@ def test_a_copied_run_directory_rebuilds_the_same_report(compared, tmp_path):
 
 def test_cli_compare_runs_and_writes_the_report(tmp_path, capsys):
     out = tmp_path / "cli"
-    assert main(["compare", "--mechanisms", "sdpa", "--max-steps", "2", "--seeds", "0",
-                 "--jobs", "1", "--out", str(out), "--no-progress", "--advise",
+    assert main(["compare", "--task", "listops", "--mechanisms", "sdpa", "--max-steps", "2",
+                 "--seeds", "0", "--jobs", "1", "--out", str(out), "--no-progress", "--advise",
                  "2048:64MiB"]) == 0
     assert "open " + str(out / "report" / "report.html") in capsys.readouterr().out
     md = (out / "report" / "report.md").read_text()
     assert "Advice at N=2k (memory budget 64 MiB)" in md
-    assert main(["compare", "--mechanisms", "sdpa", "linear", "--out", str(out)]) == 2
+    assert main(["compare", "--task", "listops", "--mechanisms", "sdpa", "linear", "--out",
+                 str(out)]) == 2

@@ -129,6 +129,36 @@ def test_associative_recall_targets():
             assert found == [t]
 
 
+@pytest.mark.parametrize("length", [None, 40])
+def test_associative_recall_bound_pairs_are_the_same_recall_in_one_token(length):
+    """Each pair is one token K + k V + (v - K); decoding the tokens gives back the plain
+    task's pairs, and the target is the queried key's value, as a value token after every
+    pair token. With ``length`` the pairs keep their order among filler tokens."""
+    P, V, Q = 6, 16, 4
+    K, n_values = V // 2, V - V // 2
+    plain_x, plain_y = associative_recall(32, num_pairs=P, vocab=V, num_queries=Q, seed=3)
+    x, y = associative_recall(32, num_pairs=P, vocab=V, num_queries=Q, seed=3, bound=True,
+                              length=length)
+    filler = K + K * n_values + n_values
+    assert x.shape == (32, length or P + Q) and y.shape == (32, Q)
+    for row, tgt, prow, ptgt in zip(x.tolist(), y.tolist(), plain_x.tolist(),
+                                    plain_y.tolist(), strict=True):
+        pairs = [t for t in row[:-Q] if t != filler]
+        assert len(pairs) == P and row[-Q:] == prow[2 * P:]
+        decoded = [((t - K) // n_values, K + (t - K) % n_values) for t in pairs]
+        assert decoded == list(zip(prow[0:2 * P:2], prow[1:2 * P:2], strict=True))
+        assert [t - K * n_values for t in tgt] == ptgt
+        assert all(K + K * n_values <= t < filler for t in tgt)
+
+
+def test_associative_recall_length_must_hold_the_pairs():
+    with pytest.raises(ValueError, match=r"length must leave room .* at least 8; got length=7"):
+        associative_recall(4, num_pairs=3, vocab=8, num_queries=2, length=7, bound=False)
+    associative_recall(4, num_pairs=3, vocab=8, num_queries=2, length=8, bound=False)
+    with pytest.raises(TypeError, match="bound must be a bool"):
+        associative_recall(4, num_pairs=3, vocab=8, bound="yes")
+
+
 def test_copy_task_targets():
     L, V = 12, 7
     x, y = copy_task(32, length=L, vocab=V, seed=4)

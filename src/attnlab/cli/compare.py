@@ -1,8 +1,8 @@
 """``attnlab compare | report | show-attention``: the whole comparison, its report, one map.
 
-    attnlab compare                                   # every mechanism, ListOps, quick
-    attnlab compare --mechanisms sdpa linear performer --profile standard --out runs/cmp
-    attnlab report results/compare/listops-quick      # rebuild the report from the results
+    attnlab compare                                   # the default suite: recall, long recall
+    attnlab compare --task listops --mechanisms sdpa linear performer --profile standard
+    attnlab report results/compare/suite-quick        # rebuild the report from the results
     attnlab show-attention --checkpoint runs/emotions/sdpa/seed-0 --text "i feel calm"
 """
 
@@ -15,7 +15,12 @@ from pathlib import Path
 from rich.console import Console
 
 from attnlab.cli import command_line, positive_int
+from attnlab.compare.plan import make_plan
+from attnlab.compare.run import CompareInterrupted, run_compare
+from attnlab.compare.suite import Suite, is_suite, make_suite, run_suite
 from attnlab.files import writable_dir
+from attnlab.report.build import build_report
+from attnlab.report.suite import build_suite_report
 from attnlab.train.config import ConfigError, read_run_config
 
 __all__ = ["add_parsers", "HANDLERS", "parse_question"]
@@ -37,22 +42,32 @@ def parse_question(text: str) -> tuple[int, int | None]:
     return n, int(float(m.group(2)) * _UNITS[(m.group(3) or "").lower()])
 
 
-def cmd_compare(args, console: Console) -> int:
-    from attnlab.compare.plan import make_plan
-    from attnlab.compare.run import CompareInterrupted, run_compare
-    task_kwargs = {}
-    if args.data_dir:
-        task_kwargs["data_dir"] = args.data_dir
+def _plan_or_suite(args):
+    """The default suite (no --task, profile quick), else one task's plan."""
+    if args.task is None and args.profile == "quick":
+        if args.data_dir:
+            raise ConfigError("--data-dir: the default suite generates its data; give "
+                              "--task for a task that reads files")
+        suite = make_suite(profile=args.profile, mechanisms=args.mechanisms,
+                           seeds=args.seeds, max_steps=args.max_steps)
+        studies = ", ".join(f"{k} ({p.task})" for k, p in suite.studies.items())
+        return suite, f"{len(suite.mechanisms)} mechanisms on {studies}", "suite-quick"
+    task_kwargs = {"data_dir": args.data_dir} if args.data_dir else {}
     plan = make_plan(task=args.task, profile=args.profile, mechanisms=args.mechanisms,
                      seeds=args.seeds, max_steps=args.max_steps, task_kwargs=task_kwargs)
+    return plan, f"{len(plan.mechanisms)} mechanisms on {plan.task}", \
+        f"{plan.task}-{plan.profile}"
+
+
+def cmd_compare(args, console: Console) -> int:
+    what, title, name = _plan_or_suite(args)
     questions = [parse_question(q) for q in args.advise or []]
-    out = Path(args.out or f"results/compare/{plan.task}-{plan.profile}")
-    console.print(f"[bold]attnlab compare[/bold]: {len(plan.mechanisms)} mechanisms on "
-                  f"{plan.task} (profile {plan.profile}) -> {out}")
+    out = Path(args.out or f"results/compare/{name}")
+    console.print(f"[bold]attnlab compare[/bold]: {title} (profile {args.profile}) -> {out}")
+    run = run_suite if isinstance(what, Suite) else run_compare
     try:
-        state = run_compare(plan, out, jobs=args.jobs, progress=not args.no_progress,
-                            console=console, command=command_line(),
-                            advise=questions or None)
+        state = run(what, out, jobs=args.jobs, progress=not args.no_progress,
+                    console=console, command=command_line(), advise=questions or None)
     except (CompareInterrupted, KeyboardInterrupt):
         console.print(f"[yellow]interrupted[/yellow]: what finished is stored in {out}; run "
                       f"the same command again to resume")
@@ -63,10 +78,9 @@ def cmd_compare(args, console: Console) -> int:
 
 
 def cmd_report(args, console: Console) -> int:
-    from attnlab.report.build import build_report
     questions = [parse_question(q) for q in args.advise or []]
-    paths = build_report(args.run_dir, out=args.out, console=console,
-                         advise=questions or None)
+    build = build_suite_report if is_suite(args.run_dir) else build_report
+    paths = build(args.run_dir, out=args.out, console=console, advise=questions or None)
     if args.screenshot:
         from attnlab.report.browser import BrowserNotFound, open_in_browser
         try:
@@ -120,7 +134,8 @@ def add_parsers(sub) -> None:
     pc = sub.add_parser("compare", help="benchmark + train every mechanism, write the report",
                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     pc.add_argument("--mechanisms", nargs="+", help="names (default: every registered one)")
-    pc.add_argument("--task", help="a task of `attnlab tasks` (default listops, generated)")
+    pc.add_argument("--task", help="a task of `attnlab tasks` (default: the suite of "
+                                   "recall and long-range recall studies, generated)")
     pc.add_argument("--profile", default="quick", help=" | ".join(PROFILES))
     pc.add_argument("--out", help="run directory (default results/compare/TASK-PROFILE); "
                                   "an unfinished one is resumed")

@@ -103,6 +103,10 @@ class Plan:
     train: dict[str, Any]                      # TrainConfig fields shared by every run
     mechanism_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # mechanism -> why not trained
+    # A study of a suite (see SUITES): its name, and the directory (relative to its own)
+    # whose results.db holds the suite's one benchmark sweep; "" = its own sweep.
+    label: str = ""
+    bench_dir: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))

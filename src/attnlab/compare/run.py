@@ -3,7 +3,9 @@
 ``RUN_DIR/`` holds ``plan.json`` (what runs), ``state.json`` (the command, the benchmark
 run's id, timings), ``results.db`` (the benchmark lab's SQLite store: the sweep's
 measurements and one ``trainings`` row per finished seed), ``train/<mechanism>/seed-<s>/``
-(ordinary training runs: metrics, checkpoints, summary) and ``report/``.
+(ordinary training runs: metrics, checkpoints, summary) and ``report/``. A study of a
+suite (:mod:`attnlab.compare.suite`) keeps its trainings there too, and reads the suite's
+one sweep from ``plan.bench_dir``.
 
 Order: the benchmark sweep first, alone on the machine (timings measured next to training
 processes would be slowed by them); then the training runs, ``jobs`` at a time in separate
@@ -31,7 +33,7 @@ from attnlab.files import read_json, writable_database, writable_dir, write_json
 from attnlab.train.config import read_run_config
 from attnlab.train.runs import record
 
-__all__ = ["run_compare", "run_dir_of", "CompareInterrupted"]
+__all__ = ["bench_sweep", "run_compare", "run_dir_of", "CompareInterrupted"]
 
 
 class CompareInterrupted(KeyboardInterrupt):
@@ -76,33 +78,36 @@ def _train_one(cfg: dict, run_dir: str) -> dict[str, Any]:
     return {"status": res.status, "summary": res.summary}
 
 
-def _bench(plan: Plan, run_dir: Path, state: dict, command: str, progress: bool,
-           console: Console) -> None:
+def bench_sweep(settings: dict, run_dir: Path, command: str, progress: bool,
+                console: Console) -> int:
+    """The benchmark sweep of ``settings`` (make_grid's) in ``run_dir/results.db``; its run
+    id. A finished sweep of this very grid is kept; an unfinished one is resumed by
+    run_sweep itself (same grid digest, same machine)."""
     from attnlab.bench.grid import make_grid
     from attnlab.bench.runner import run_sweep
-    from attnlab.bench.store import Store
 
-    settings = dict(plan.bench)
+    settings = dict(settings)
     grid = make_grid(profile=settings.pop("profile", None), where="compare", **settings)
     with Store(run_dir / "results.db") as store:
-        # A finished sweep of this very grid is kept; an unfinished one is resumed by
-        # run_sweep itself (same grid digest, same machine).
         done = [r["id"] for r in store.runs()
                 if r["grid_digest"] == grid.digest() and r["status"] == "done"]
         if done:
-            state["bench_run"] = done[-1]
-            _save_state(run_dir, state)
             console.print(f"benchmark: run {done[-1]} already finished, kept")
-            return
+            return done[-1]
         console.print(f"[bold]benchmark[/bold]: {len(grid.points())} points "
-                      f"({len(plan.mechanisms)} mechanisms x N={list(grid.lengths)})")
-        t0 = time.perf_counter()
-        try:
-            state["bench_run"] = run_sweep(grid, store, command=command, resume=True,
-                                           progress=progress, console=console)
-        finally:
-            state["bench_s"] = state.get("bench_s", 0.0) + time.perf_counter() - t0
-            _save_state(run_dir, state)
+                      f"({len(grid.mechanisms)} mechanisms x N={list(grid.lengths)})")
+        return run_sweep(grid, store, command=command, resume=True, progress=progress,
+                         console=console)
+
+
+def _bench(plan: Plan, run_dir: Path, state: dict, command: str, progress: bool,
+           console: Console) -> None:
+    t0 = time.perf_counter()
+    try:
+        state["bench_run"] = bench_sweep(plan.bench, run_dir, command, progress, console)
+    finally:
+        state["bench_s"] = state.get("bench_s", 0.0) + time.perf_counter() - t0
+        _save_state(run_dir, state)
 
 
 def _record_missing(plan: Plan, run_dir: Path, db: Path) -> None:
@@ -200,10 +205,12 @@ def _pool(plan, run_dir, todo, jobs, bar, tid, finished) -> None:
 
 def run_compare(plan: Plan, run_dir: str | Path, *, jobs: int | None = None,
                 progress: bool = True, console: Console | None = None, command: str = "",
-                report: bool = True, advise: list[tuple[int, int | None]] | None = None
-                ) -> dict[str, Any]:
+                report: bool = True, advise: list[tuple[int, int | None]] | None = None,
+                bench_run: int | None = None) -> dict[str, Any]:
     """Run (or resume) ``plan`` in ``run_dir``; returns the state with the report's paths
     (``advise``: the advisor's questions, see :func:`~attnlab.report.build.build_report`).
+    A study of a suite (``plan.bench_dir``) runs no sweep of its own: ``bench_run`` is the
+    suite's, in ``run_dir / plan.bench_dir / "results.db"``.
     Raises :class:`CompareInterrupted` when stopped early (rerun to resume)."""
     run_dir = Path(run_dir)
     if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
@@ -219,7 +226,14 @@ def run_compare(plan: Plan, run_dir: str | Path, *, jobs: int | None = None,
     _save_state(run_dir, state)
     if resumed:
         console.print(f"resuming the comparison in {run_dir}")
-    _bench(plan, run_dir, state, command, progress, console)
+    if plan.bench_dir:
+        if bench_run is None:
+            raise ValueError(f"plan {plan.label!r} uses the sweep of {plan.bench_dir}: pass "
+                             f"its bench_run")
+        state["bench_run"] = bench_run
+        _save_state(run_dir, state)
+    else:
+        _bench(plan, run_dir, state, command, progress, console)
     t0 = time.perf_counter()
     # SIGTERM (a scheduler's stop) ends like Ctrl-C: running seeds checkpoint, state is saved.
     old = signal.signal(signal.SIGTERM, _raise_interrupt)

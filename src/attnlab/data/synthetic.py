@@ -206,7 +206,8 @@ def listops(n: int, *, max_depth: int = 10, max_args: int = 10, max_length: int 
 
 
 def associative_recall(n: int, *, num_pairs: int = 16, vocab: int = 32, num_queries: int = 1,
-                       seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                       seed: int = 0, bound: bool = False, length: int | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Multi-query associative recall (MQAR; Arora et al. 2023, "Zoology").
 
     Layout of one row of ``inputs`` (length ``2 * num_pairs + num_queries``)::
@@ -221,12 +222,29 @@ def associative_recall(n: int, *, num_pairs: int = 16, vocab: int = 32, num_quer
     Simplification of Zoology's MQAR: queries come as one block after the pairs (Zoology
     spreads them over the rest of the sequence, with power-law gaps) and there is no
     padding.
+
+    ``bound=True`` presents each pair as ONE token, ``K + k * V + (v - K)`` for key ``k``
+    and value ``v`` (``K = vocab // 2`` keys, ``V = vocab - K`` values), so a row is
+    ``(k_1 v_1) ... (k_P v_P) q_1 ... q_Q`` of length ``P + Q``, and the targets are the
+    value tokens ``K + K V + (v - K)``, after every pair token (vocabulary
+    ``K + K V + V``). The retrieval is the same (find the pair of the queried key among
+    ``P``, read its value), but one attention layer can do it: with separate tokens the
+    value sits one position after its key, and reading it takes an induction head (two
+    layers, and a long plateau before it forms). A fixed-size state (linear attention)
+    still has to hold ``P`` associations, and a window still sees only its neighbours.
+
+    ``length`` (optional) makes the rows that long: the pairs stand at random places (in
+    their random order) among filler tokens, one id after the vocabulary above, and the
+    queries still close the row. The answer is then up to ``length`` tokens back: the
+    long-range form of the task.
     """
     _check_int("n", n, low=0)
     _check_int("num_pairs", num_pairs, low=1)
     _check_int("num_queries", num_queries, low=1)
     _check_int("vocab", vocab, low=2)
     _check_int("seed", seed, low=0)
+    if not isinstance(bound, bool):
+        raise TypeError(f"bound must be a bool; got {type(bound).__name__} {bound!r}")
     if num_queries > num_pairs:
         raise ValueError(f"num_queries must be <= num_pairs (queries are distinct keys), got "
                          f"num_queries={num_queries} > num_pairs={num_pairs}")
@@ -241,8 +259,31 @@ def associative_recall(n: int, *, num_pairs: int = 16, vocab: int = 32, num_quer
     which = torch.rand(n, num_pairs, generator=g).argsort(dim=1)[:, :num_queries]
     queries = keys.gather(1, which)
     targets = values.gather(1, which)
-    pairs = torch.stack([keys, values], dim=2).reshape(n, 2 * num_pairs)
+    if bound:
+        n_values = vocab - half
+        pairs, width = half + keys * n_values + (values - half), 1
+        targets, filler = targets + half * n_values, half + half * n_values + n_values
+    else:
+        pairs, width, filler = torch.stack([keys, values], dim=2).reshape(n, -1), 2, vocab
+    if length is not None:
+        _check_int("length", length, low=1)
+        region = length - num_queries
+        if region // width < num_pairs:
+            raise ValueError(f"length must leave room for the pairs and queries: at least "
+                             f"{width * num_pairs + num_queries}; got length={length}")
+        pairs = _spread(pairs, width, region, filler, g)
     return torch.cat([pairs, queries], dim=1), targets
+
+
+def _spread(pairs: torch.Tensor, width: int, region: int, filler: int,
+            g: torch.Generator) -> torch.Tensor:
+    """``pairs`` (n, P*width) placed in P random slots of width ``width`` (in order) of a
+    row of ``region`` filler tokens."""
+    n, p = pairs.shape[0], pairs.shape[1] // width
+    slots = torch.rand(n, region // width, generator=g).argsort(dim=1)[:, :p].sort(1).values
+    cols = (slots.unsqueeze(-1) * width + torch.arange(width)).reshape(n, -1)
+    out = torch.full((n, region), filler, dtype=torch.long)
+    return out.scatter_(1, cols, pairs)
 
 
 def _check_vocab(vocab: int) -> None:

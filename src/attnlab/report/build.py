@@ -19,30 +19,39 @@ from rich.console import Console
 from attnlab.bench.store import Store
 from attnlab.compare.plan import read_plan
 from attnlab.files import read_json, readable_file, writable_dir
+from attnlab.report.advisor import answers
 from attnlab.report.document import Report
+from attnlab.report.leaderboard import LEGEND
+from attnlab.report.sections import quality_sentences
 from attnlab.train.checkpoint import check_checkpoint_file
 from attnlab.train.config import read_run_config
 
-__all__ = ["build_report", "DEFAULT_BUDGET"]
+__all__ = ["build_report", "load_run", "DEFAULT_BUDGET"]
 
 DEFAULT_BUDGET = 2**30  # the advisor's second question: what fits in 1 GiB at 4x the data
 
 
-def _load(run_dir: Path) -> tuple[Any, dict, dict, list[dict], list[dict]]:
+def load_run(run_dir: Path) -> tuple[Any, dict, dict, list[dict], list[dict]]:
+    """``(plan, state, bench run, measurements, trainings)`` of the compare in ``run_dir``."""
     for name in ("plan.json", "state.json", "results.db"):
         if not (run_dir / name).exists():
             raise FileNotFoundError(f"RUN_DIR: {run_dir} is not a compare run directory "
                                     f"({name} is missing); create one with `attnlab compare`")
     plan = read_plan(run_dir / "plan.json")
     state = read_json(run_dir / "state.json", "compare state")
-    # SQLite says only "unable to open database file" of a file it may not read
-    readable_file(run_dir / "results.db", "results database")
-    with Store(run_dir / "results.db", readonly=True) as store:
-        if state.get("bench_run") is None:
-            raise FileNotFoundError(f"RUN_DIR: {run_dir} has no finished benchmark yet; "
-                                    f"run the compare command again to resume it")
+    if state.get("bench_run") is None:
+        raise FileNotFoundError(f"RUN_DIR: {run_dir} has no finished benchmark yet; "
+                                f"run the compare command again to resume it")
+    # A study of a suite reads the suite's sweep; its own database holds its trainings.
+    bench_db = run_dir / plan.bench_dir / "results.db" if plan.bench_dir else \
+        run_dir / "results.db"
+    for db in {bench_db, run_dir / "results.db"}:
+        # SQLite says only "unable to open database file" of a file it may not read
+        readable_file(db, "results database")
+    with Store(bench_db, readonly=True) as store:
         bench = store.run(state["bench_run"])
         rows = store.measurements(state["bench_run"])
+    with Store(run_dir / "results.db", readonly=True) as store:
         trainings = store.trainings(plan.task)
     # The database stores absolute paths; a run directory copied elsewhere still holds its
     # seeds at train/<mechanism>/seed-<s>, so that is where they are looked for.
@@ -75,7 +84,6 @@ def _seed_dirs(plan, trainings: list[dict]) -> dict[str, list[Path]]:
 
 def _summary(rep: Report, plan, state, bench, rows, lb, advice, pass_) -> None:
     from attnlab.bench.analysis import format_length, format_time
-    from attnlab.report.leaderboard import quality_text
     from attnlab.tasks.base import get_task
     cls = get_task(plan.task)
     rep.section("Summary", "summary")
@@ -89,29 +97,21 @@ def _summary(rep: Report, plan, state, bench, rows, lb, advice, pass_) -> None:
         f"{len(plan.seeds)} seeds per mechanism. Benchmark {state.get('bench_s', 0):.0f} s, "
         f"training {state.get('train_s', 0):.0f} s (profile {plan.profile}).")
     if trained:
-        best = trained[0]
-        stds = [r["test_std"] for r in trained if r.get("test_std") is not None]
-        spread = abs(trained[0]["test_mean"] - trained[-1]["test_mean"])
-        rep.paragraph(f"Best test {best['metric']}: {best['name']} at {quality_text(best)} (mean ± "
-                      f"sample std over {best['n_seeds']} seeds). Best to worst spans "
-                      f"{spread:.3g}" + (f"; the median seed-to-seed std is "
-                                         f"{sorted(stds)[len(stds) // 2]:.2g}, so closer "
-                                         f"rankings than a few of those are noise"
-                                         if stds else "") + ".")
+        rep.paragraph(" ".join(quality_sentences(lb, plan.task)))
     n_max = max(ns)
     timed = [(r["time"][n_max], r["name"]) for r in lb
              if isinstance(r["time"].get(n_max), float)]
     if timed:
         t, name = min(timed)
         rep.paragraph(f"Fastest at N={format_length(n_max)} ({pass_}): {name}, "
-                      f"{format_time(t)} per call.")
+                      f"{format_time(t)} per call (measured).")
     if advice:
         a = advice[-1]
         within = "" if a.memory_budget_bytes is None else \
             f" within {a.memory_budget_bytes / 2**20:.0f} MiB"
-        rep.paragraph(f"The advisor's pick at N={format_length(a.n)}{within}: "
-                      f"{a.recommended or 'none fits'} (see the Advisor section for the "
-                      f"reasoning).")
+        pick = dict(answers(a))["Recommended"] if a.recommended else "none fits"
+        rep.paragraph(f"The advisor's pick at N={format_length(a.n)}{within}: {pick} (see "
+                      f"the Advisor section for the reasoning).")
     bad = sorted({(r["label"], r["status"]) for r in rows if r["status"] != "ok"})
     if bad:
         rep.paragraph("Benchmark points that did not run: " + "; ".join(
@@ -127,41 +127,16 @@ def _leaderboard(rep: Report, lb, rows, pass_, bench, trainings) -> None:
     r0 = next(iter(rows), {})
     unit = trainings[0]["summary"]["throughput_unit"] if trainings else "units/s"
     rep.table(cols, cells, caption=(
-        f"test metric: mean ± sample standard deviation over seeds, best validation weights; "
-        f"conv. step/time: first evaluation within 95% of the run's best validation score; "
-        f"throughput: training {unit}; time and memory: one "
+        f"test metric: mean ± half-width of the 95% confidence interval of the mean over "
+        f"seeds (Student t; one seed has none), best validation weights; {LEGEND}; "
+        f"conv. step/time: first evaluation within 95% of the run's best validation score "
+        f"(mean over seeds); throughput: training {unit} (mean over seeds); time and memory: "
+        f"one "
         f"{pass_} call at batch {r0.get('batch')}, {r0.get('heads')} heads, head dim "
         f"{r0.get('head_dim')}, {r0.get('dtype')} (peak memory above the inputs); roof: "
         f"achieved fraction of this machine's matmul peak "
         f"({bench['machine'].get('roof_gflops', float('nan')):.0f} GFLOP/s) at the largest "
         f"length; crossover: the length above which the mechanism is faster than {BASELINE}."))
-
-
-def _test_metrics(rep: Report, lb, trainings) -> None:
-    """Every scalar test metric (accuracy and macro-F1, PSNR and SSIM, perplexity, ...) as
-    mean ± sample std over the seeds, in the leaderboard's order."""
-    from attnlab.train.runs import aggregate
-    by: dict[str, list[dict]] = {}
-    for t in trainings:
-        by.setdefault(t["mechanism"], []).append(t["summary"])
-    tests = {m: aggregate(ss)["test"] for m, ss in by.items()}
-    keys = sorted({k for agg in tests.values() for k, v in agg.items() if v and k != "n"})
-    if not keys:
-        return
-    rows, seen = [], set()
-    for r in lb:
-        agg = tests.get(r["mechanism"]) if r["model"] == "transformer" else None
-        if not agg or r["mechanism"] in seen:
-            continue
-        seen.add(r["mechanism"])
-        cells = []
-        for k in keys:
-            ms = agg.get(k)
-            cells.append("-" if not ms else f"{ms['mean']:.4g}" + (
-                f" ± {ms['std']:.2g}" if ms["n"] > 1 else ""))
-        rows.append([r["mechanism"], *cells])
-    rep.table(["mechanism", *keys], rows, caption="Every test metric: mean ± sample standard "
-                                                  "deviation over seeds.")
 
 
 def _training(rep: Report, figs: Path, plan, dirs, lb) -> None:
@@ -212,7 +187,7 @@ def build_report(run_dir: str | Path, *, out: str | Path | None = None,
     from attnlab.report.leaderboard import leaderboard
     run_dir = Path(run_dir)
     console = console or Console(stderr=True)
-    plan, state, bench, rows, trainings = _load(run_dir)
+    plan, state, bench, rows, trainings = load_run(run_dir)
     what = "--out" if out is not None else "report"
     out = Path(out) if out is not None else run_dir / "report"
     figs = out / "figures"
@@ -220,18 +195,20 @@ def build_report(run_dir: str | Path, *, out: str | Path | None = None,
         writable_dir(d, what)
     passes = {r["pass_"] for r in rows if r["status"] == "ok"}
     pass_ = "fwd+bwd" if "fwd+bwd" in passes else "fwd"
-    lb = leaderboard(rows, trainings, pass_=pass_)
+    # A suite benchmarks causal attention only (its studies decode left to right).
+    causal = bool(rows) and all(r["causal"] for r in rows)
+    lb = leaderboard(rows, trainings, pass_=pass_, causal=causal)
     dirs = _seed_dirs(plan, trainings)
     _check_runs(dirs)
     n_max = max((r["N"] for r in rows), default=1024)
     questions = advise or [(n_max, None), (4 * n_max, DEFAULT_BUDGET)]
-    advice = sections.advice(rows, lb, questions, pass_)
+    advice = sections.advice(rows, lb, questions, pass_, causal=causal)
 
     rep = Report(f"attnlab compare: {len(plan.mechanisms)} mechanisms on {plan.task}")
     console.print(f"report: {len(rows)} measurements, {len(trainings)} training runs")
     _summary(rep, plan, state, bench, rows, lb, advice, pass_)
     _leaderboard(rep, lb, rows, pass_, bench, trainings)
-    _test_metrics(rep, lb, trainings)
+    sections.all_test_metrics(rep, lb, trainings)
     _training(rep, figs, plan, dirs, lb)
     _scaling(rep, figs, rows, bench, pass_)
     # attention maps and inpainting images use the same trained models: load each once

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as nnf
 
+from attnlab.data.synthetic import associative_recall
 from attnlab.tasks.base import Task, register_task
 from attnlab.tasks.common import LazyBatches, chunks, epoch_order, eval_mode, transformer_kwargs
 from attnlab.train.config import ConfigError
@@ -128,6 +129,10 @@ class CausalTokenTask(Task):
     def generate(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def total_vocab(self) -> int:
+        """Token ids the generated rows use (the model's vocabulary)."""
+        return self.opts["vocab"]
+
     def setup(self) -> None:
         o = self.opts
         for k in ("n_train", "n_validation", "n_test"):
@@ -137,7 +142,7 @@ class CausalTokenTask(Task):
         self.data = {s: self.generate(n, o["data_seed"] * 3 + i)
                      for i, (s, n) in enumerate(sizes.items())}
         x, y = self.data["train"]
-        self.vocab = o["vocab"]  # the generators' total vocabulary, specials included
+        self.vocab = self.total_vocab()  # the generator's, specials included
         self._info = {"sizes": sizes, "length": x.shape[1], "answers": y.shape[1],
                       "vocab": self.vocab, "options": dict(o)}
         self.save_json("data.json", self._info)
@@ -187,13 +192,22 @@ class MQAR(CausalTokenTask):
 
     name = "mqar"
     summary = "Multi-query associative recall: return the value paired with each queried key"
-    options = {**CausalTokenTask.options, "num_pairs": 16, "num_queries": 4, "vocab": 64}
+    options = {**CausalTokenTask.options, "num_pairs": 16, "num_queries": 4, "vocab": 64,
+               "bound_pairs": False, "length": None}
 
     def generate(self, n, seed):
-        from attnlab.data.synthetic import associative_recall
         o = self.opts
         return associative_recall(n, num_pairs=o["num_pairs"], vocab=o["vocab"],
-                                  num_queries=o["num_queries"], seed=seed)
+                                  num_queries=o["num_queries"], seed=seed,
+                                  bound=o["bound_pairs"], length=o["length"])
+
+    def total_vocab(self) -> int:
+        o = self.opts
+        filler = o["length"] is not None  # one more id: the filler between the pairs
+        if not o["bound_pairs"]:
+            return o["vocab"] + filler
+        half = o["vocab"] // 2  # keys, then a token per (key, value) pair, then the values
+        return half + half * (o["vocab"] - half) + (o["vocab"] - half) + filler
 
 
 @register_task
