@@ -53,7 +53,7 @@ import torch
 import attnlab
 from attnlab.bench.measure import peak_rss_bytes, reset_peak_rss, rss_bytes
 from attnlab.mechanisms import base
-from attnlab.mechanisms.sparse_flex import SparseMechanism
+from attnlab.mechanisms._engines.sparse_flex import SparseMechanism
 
 LENGTHS = (1024, 4096)
 B, H, D = 1, 2, 32

@@ -8,10 +8,14 @@ Fully masked rows, numerical stability, half precision, and clear errors on bad 
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
 from conftest import build, naive_attention_f64, softmax_equivalent_mechanisms
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import attnlab
 
@@ -112,6 +116,16 @@ BAD = [
      r"is_causal must be a bool; got str 'yes'"),
     ("is_causal tensor", lambda q, k, v: dict(is_causal=torch.tensor(True)), TypeError,
      r"is_causal must be a bool; got Tensor"),
+    ("enable_gqa str", lambda q, k, v: dict(enable_gqa="yes"), TypeError,
+     r"enable_gqa must be a bool; got str 'yes'"),
+    ("gqa hint", lambda q, k, v: dict(k=k[:, :1], v=v[:, :1]), ValueError,
+     r"k has 1 heads but q has 2 .*; pass enable_gqa=True for grouped-query heads"),
+    ("gqa more kv heads", lambda q, k, v: dict(k=k.repeat(1, 2, 1, 1), v=v.repeat(1, 2, 1, 1),
+                                               enable_gqa=True), ValueError,
+     r"enable_gqa=True needs q's heads to be a multiple of k's; got 2 query heads and 4 k heads"),
+    ("gqa v heads", lambda q, k, v: dict(q=q.repeat(1, 2, 1, 1), k=k[:, :1],
+                                         v=torch.cat([v, v[:, :1]], 1), enable_gqa=True),
+     ValueError, r"multiple of v's; got 4 query heads and 3 v heads"),
 ]
 
 
@@ -170,3 +184,69 @@ def test_causal_and_mask_combine_as_both():
         mech = build(name, 4, 2)
         torch.testing.assert_close(mech(q, k, v, attn_mask=mask, is_causal=True, scale=0.5),
                                    mech(q, k, v, attn_mask=both, scale=0.5))
+
+
+# ---------------------------------------------------------------- the signature
+SDPA_ARGS = ("attn_mask", "is_causal", "scale", "dropout_p", "need_weights", "enable_gqa")
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_everything_after_v_is_keyword_only(name):
+    """SDPA's contract: ``forward(q, k, v, *, attn_mask=None, ...)``; a mask passed by
+    position is a TypeError, never read as another argument."""
+    mech = build(name, 4, 2)
+    params = list(inspect.signature(mech.forward).parameters.values())
+    assert [p.name for p in params] == ["q", "k", "v", *SDPA_ARGS]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params[3:])
+    q, k, v = qkv()
+    for extra in (None, torch.ones(16, 16, dtype=torch.bool), True):
+        with pytest.raises(TypeError, match=r"takes 4 positional arguments but 5 were given"):
+            mech(q, k, v, extra)
+
+
+# ---------------------------------------------------------------- grouped-query heads
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@pytest.mark.parametrize("name", ALL)
+@settings(max_examples=6, deadline=None)
+@given(data=st.data())
+def test_enable_gqa_equals_repeated_keys_and_values(name, data):
+    """``enable_gqa=True`` with ``Hk, Hv`` dividing ``H`` is the mechanism on ``k, v`` whose
+    heads are repeated (``torch.repeat_interleave``) to ``H``: outputs and gradients."""
+    spec = attnlab.get(name)
+    H = data.draw(st.sampled_from([1, 2, 4, 6]), label="H")
+    Hk = data.draw(st.sampled_from(divisors(H)), label="Hk")
+    Hv = data.draw(st.sampled_from(divisors(H)), label="Hv")
+    causal = spec.causal and data.draw(st.booleans(), label="causal")
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, H, 16, 4, generator=g, requires_grad=True)
+    k = torch.randn(2, Hk, 16, 4, generator=g, requires_grad=True)
+    v = torch.randn(2, Hv, 16, 4, generator=g, requires_grad=True)
+
+    def run(k_, v_, **kw):  # a fresh module from the same seed: the same parameters and
+        torch.manual_seed(seed)  # draws (reformer's rotations follow a call counter)
+        return build(name, 4, H)(q, k_, v_, is_causal=causal, **kw)
+
+    out = run(k, v, enable_gqa=True)
+    want = run(k.repeat_interleave(H // Hk, dim=1), v.repeat_interleave(H // Hv, dim=1))
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    dout = torch.randn(out.shape, generator=g)
+    got = torch.autograd.grad(out, (q, k, v), dout, allow_unused=True)
+    ref = torch.autograd.grad(want, (q, k, v), dout, allow_unused=True)
+    for a, b in zip(got, ref, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_enable_gqa_is_a_no_op_for_equal_heads():
+    q, k, v = qkv()
+    for name in ALL:
+        torch.manual_seed(0)
+        out = build(name, 4, 2)(q, k, v, enable_gqa=True)
+        torch.manual_seed(0)
+        torch.testing.assert_close(out, build(name, 4, 2)(q, k, v))
+

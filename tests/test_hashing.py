@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attnlab
-from attnlab.mechanisms.hashing import SELF_SCORE
-from attnlab.mechanisms.sinkhorn import sinkhorn_normalise
+from attnlab.mechanisms.hashing.reformer import SELF_SCORE
+from attnlab.mechanisms.hashing.sinkhorn import sinkhorn_normalise
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 

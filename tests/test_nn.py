@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import attnlab
+import attnlab.nn.length_fold as fold_module
 import attnlab.nn.multihead as mh_module
 from attnlab.nn import MultiheadAttention, RotaryEmbedding, alibi_bias, alibi_slopes
 from attnlab.registry import REQUIRED
@@ -175,9 +176,10 @@ def test_gqa_with_all_kv_heads_equals_standard():
     close(gqa(x), std(x))
 
 
+@pytest.mark.parametrize("mech", ["sdpa", "flash"])  # GQA native to SDPA / repeated heads
 @pytest.mark.parametrize("kv", [1, 2])
-def test_gqa_and_mqa_equal_hand_written(kv):
-    m = make("sdpa", num_kv_heads=kv)
+def test_gqa_and_mqa_equal_hand_written(kv, mech):
+    m = make(mech, num_kv_heads=kv)
     assert m.k_proj.weight.shape == (kv * E // H, E)
     x = x_()
     D, g = E // H, H // kv
@@ -376,7 +378,7 @@ def test_dropout_only_in_training():
     ((16, 4), {"num_kv_heads": 3}, ValueError, "num_kv_heads must divide num_heads=4.*3"),
     ((16, 4), {"positions": "rop"}, ValueError, "did you mean 'rope'"),
     ((16, 4), {"positions": "alibii"}, ValueError, "did you mean 'alibi'"),
-    ((16, 4), {"dropout": 1.0}, ValueError, r"dropout must be in \[0, 1\)"),
+    ((16, 4), {"dropout": 1.0}, ValueError, r"dropout must be a finite number in \[0.0, 1.0\); got 1.0"),
     ((12, 4), {"positions": "rope"}, ValueError, "even head_dim"),
     ((16, 4, "sdpaa"), {}, ValueError, "did you mean 'sdpa'"),
 ])
@@ -491,8 +493,9 @@ def unfolded(layer: MultiheadAttention, x, key):
     def heads(t, h):
         return t.view(t.shape[0], t.shape[1], h, layer.head_dim).transpose(1, 2)
     q = heads(layer.q_proj(x), layer.num_heads)
-    k = layer._expand_kv(heads(layer.k_proj(key), layer.num_kv_heads))
-    v = layer._expand_kv(heads(layer.v_proj(key), layer.num_kv_heads))
+    g = layer.num_heads // layer.num_kv_heads  # grouped-query heads, repeated as SDPA does
+    k = heads(layer.k_proj(key), layer.num_kv_heads).repeat_interleave(g, dim=1)
+    v = heads(layer.v_proj(key), layer.num_kv_heads).repeat_interleave(g, dim=1)
     out = layer.attn(q, k, v)
     return layer.out_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
@@ -513,8 +516,8 @@ def test_linformer_layer_folds_the_length_projection_exactly(bias, num_kv_heads,
         for lin in (layer.q_proj, layer.k_proj, layer.v_proj):
             torch.nn.init.normal_(lin.bias)
     calls = []
-    real = mh_module._mixed_linear
-    monkeypatch.setattr(mh_module, "_mixed_linear", lambda *a: calls.append(1) or real(*a))
+    real = fold_module.mixed_linear
+    monkeypatch.setattr(fold_module, "mixed_linear", lambda *a: calls.append(1) or real(*a))
     x = torch.randn(B, 5, E, dtype=DT)
     key = torch.randn(B, n, kdim or E, dtype=DT)
     out = layer(x, key)
@@ -542,7 +545,7 @@ def test_linformer_layer_does_not_fold_per_head_projections_or_rope():
 # ------------------------------------------- effective weights of mechanisms without them
 def _values(layer: MultiheadAttention, x):
     v = layer.v_proj(x).view(x.shape[0], x.shape[1], layer.num_kv_heads, layer.head_dim)
-    return layer._expand_kv(v.transpose(1, 2))
+    return v.transpose(1, 2).repeat_interleave(layer.num_heads // layer.num_kv_heads, dim=1)
 
 
 @pytest.mark.parametrize("name", attnlab.list_mechanisms(returns_weights=False))
@@ -574,8 +577,8 @@ def test_effective_weights_through_linformers_length_fold(monkeypatch):
     """With the fold (E, F mixed into the inputs) A = P_bar F, still out = A v."""
     layer = MultiheadAttention(E, H, mechanism="linformer", k=4, max_seq_len=32, dtype=DT)
     calls = []
-    real = mh_module._mixed_linear
-    monkeypatch.setattr(mh_module, "_mixed_linear", lambda *a: calls.append(1) or real(*a))
+    real = fold_module.mixed_linear
+    monkeypatch.setattr(fold_module, "mixed_linear", lambda *a: calls.append(1) or real(*a))
     x = torch.randn(B, 24, E, dtype=DT)
     pad = torch.zeros(B, 24, dtype=torch.bool)
     pad[0, 20:] = True

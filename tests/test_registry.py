@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import pkgutil
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
 import attnlab
+import attnlab.mechanisms
 from attnlab.registry import HParam, Paper, register_mechanism
+
+TESTS = Path(__file__).parent
 
 
 @pytest.mark.parametrize("name", attnlab.list_mechanisms())
@@ -29,6 +34,29 @@ def test_every_mechanism_has_complete_metadata(name):
     assert type(mech).spec is s
     has_params = any(True for _ in mech.parameters())
     assert has_params == s.learnable, f"{name}: learnable flag disagrees with its parameters"
+
+
+@pytest.mark.parametrize("name", attnlab.list_mechanisms())
+def test_family_is_the_module_and_the_test_file(name):
+    """A mechanism of family ``f`` is defined in ``attnlab.mechanisms.f`` (the module, or a
+    module inside the package of that name) and tested in ``tests/test_f.py`` (or
+    ``tests/f/``)."""
+    s = attnlab.get(name)
+    home, module = f"attnlab.mechanisms.{s.family}", s.cls.__module__
+    assert module == home or module.startswith(home + "."), (
+        f"{name}: family {s.family!r}, but defined in {module}, not {home}")
+    assert (TESTS / f"test_{s.family}.py").is_file() or (TESTS / s.family).is_dir(), (
+        f"{name}: no tests/test_{s.family}.py for its family {s.family!r}")
+
+
+def test_mechanisms_holds_exactly_the_families():
+    """Every module of ``attnlab.mechanisms`` but ``base`` and the ``_engines`` is a family
+    of registered mechanisms, and every family has one."""
+    modules = {m.name for m in pkgutil.iter_modules(attnlab.mechanisms.__path__)}
+    built_in = [attnlab.get(n) for n in attnlab.list_mechanisms()
+                if attnlab.get(n).cls.__module__.startswith("attnlab.")]  # not a test's own
+    assert modules - {"base", "_engines"} == {s.family for s in built_in}
+    assert not any(s.cls.__module__.startswith("attnlab.mechanisms._engines") for s in built_in)
 
 
 def test_aliases_resolve_and_names_normalise():

@@ -3,9 +3,13 @@
 It is the contract of ``torch.nn.functional.scaled_dot_product_attention``:
 
 * ``q``: ``(B, H, Nq, D)``, ``k``: ``(B, H, Nk, D)``, ``v``: ``(B, H, Nk, Dv)``;
-  the output is ``(B, H, Nq, Dv)``. ``B`` and ``H`` must agree exactly between q, k, v
-  (grouped-query heads are expanded by :class:`attnlab.nn.MultiheadAttention`, never
-  silently broadcast here).
+  the output is ``(B, H, Nq, Dv)``. ``B`` and ``H`` must agree exactly between q, k, v,
+  unless ``enable_gqa=True``: then ``k`` and ``v`` may have fewer heads, each a divisor of
+  ``H``, and key/value head ``j`` serves query heads ``j*g .. j*g + g - 1`` (``g = H / Hk``,
+  SDPA's ``repeat_interleave``; :func:`repeat_kv_heads`). Nothing is silently broadcast.
+* Everything after ``v`` is keyword-only, as in :meth:`attnlab.Mechanism.forward`:
+  ``forward(q, k, v, *, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0,
+  need_weights=False, enable_gqa=False)``.
 * ``attn_mask``: ``bool`` (``True`` = may attend) or floating (added to the scores, same
   dtype as ``q``), 2-D to 4-D and broadcastable to ``(B, H, Nq, Nk)`` by the usual rules:
   each of its trailing dimensions is 1 or the full size (a ``(Nq, Nk)`` mask is shared by
@@ -26,8 +30,8 @@ zeros, never NaN, and zero gradient, the same as SDPA does in PyTorch >= 2.5.
 **Empty inputs** are valid: ``B``, ``H`` or ``Nq`` of 0 gives an empty ``(B, H, Nq, Dv)``
 output, and ``Nk = 0`` (every query row fully masked, as no key exists) gives zeros; both
 stay connected to the inputs for autograd (see :class:`attnlab.mechanisms.base.Mechanism`).
-Flags (``is_causal``, ``need_weights``) must be bools (NumPy's ``bool_`` too): a truthy
-string such as ``"no"`` is a ``TypeError``, never a silent ``True``.
+Flags (``is_causal``, ``need_weights``, ``enable_gqa``) must be bools (NumPy's ``bool_``
+too): a truthy string such as ``"no"`` is a ``TypeError``, never a silent ``True``.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ __all__ = [
     "format_shape",
     "masked_softmax",
     "merge_masks",
+    "repeat_kv_heads",
     "slice_mask",
     "work_dtype",
 ]
@@ -97,11 +102,13 @@ def check_inputs(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    *,
     attn_mask: torch.Tensor | None = None,
     is_causal: bool = False,
     scale: float | None = None,
     dropout_p: float = 0.0,
     need_weights: bool = False,
+    enable_gqa: bool = False,
     spec=None,
 ) -> AttentionInputs:
     """Validate the contract; raise ``TypeError``/``ValueError`` naming the argument.
@@ -110,11 +117,26 @@ def check_inputs(
     causal, arbitrary masks, cross-attention, returning weights, half precision.
     """
     who = f"{spec.name}: " if spec is not None else ""
+    _check_tensors(q, k, v, who)
+    check_flag("enable_gqa", enable_gqa, who)
+    sizes = _check_shapes(q, k, v, bool(enable_gqa), who)
+    check_flag("is_causal", is_causal, who)
+    check_flag("need_weights", need_weights, who)
+    _check_scalars(scale, dropout_p, who)
+    if attn_mask is not None:
+        _check_mask(attn_mask, q, (sizes.B, sizes.H, sizes.Nq, sizes.Nk), who)
+    if spec is not None:
+        _check_spec(spec, q, sizes, attn_mask, is_causal, need_weights)
+    return sizes
+
+
+def _check_tensors(q, k, v, who: str) -> None:
+    """Tensors of rank 4, floating, of q's dtype and device."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{who}{name} must be a torch.Tensor; got {type(t).__name__}")
         if t.dim() != 4:
-            want = {"q": "(B, H, Nq, D)", "k": "(B, H, Nk, D)", "v": "(B, H, Nk, Dv)"}[name]
+            want = {"q": "(B, H, Nq, D)", "k": "(B, Hk, Nk, D)", "v": "(B, Hk, Nk, Dv)"}[name]
             raise ValueError(
                 f"{who}{name} must be 4-D {want}; got {t.dim()}-D shape {format_shape(t)}"
             )
@@ -125,6 +147,24 @@ def check_inputs(
             raise TypeError(f"{who}{name} dtype {t.dtype} does not match q dtype {q.dtype}")
         if t.device != q.device:
             raise ValueError(f"{who}{name} is on {t.device} but q is on {q.device}")
+
+
+def _check_heads(name: str, q, t, enable_gqa: bool, who: str) -> None:
+    """``t``'s heads: those of ``q``, or (``enable_gqa``) a divisor of them, as SDPA's."""
+    H, h = q.shape[1], t.shape[1]
+    if h == H:
+        return
+    shapes = f"(q {format_shape(q)}, {name} {format_shape(t)})"
+    if not enable_gqa:
+        hint = ("; pass enable_gqa=True for grouped-query heads" if h and H % h == 0
+                else "")
+        raise ValueError(f"{who}{name} has {h} heads but q has {H} {shapes}{hint}")
+    if h == 0 or h > H or H % h:
+        raise ValueError(f"{who}enable_gqa=True needs q's heads to be a multiple of {name}'s; "
+                         f"got {H} query heads and {h} {name} heads {shapes}")
+
+
+def _check_shapes(q, k, v, enable_gqa: bool, who: str) -> AttentionInputs:
     B, H, Nq, D = q.shape
     for name, t in (("k", k), ("v", v)):
         if t.shape[0] != B:
@@ -132,11 +172,7 @@ def check_inputs(
                 f"{who}{name} batch size {t.shape[0]} does not match q batch size {B} "
                 f"(q {format_shape(q)}, {name} {format_shape(t)})"
             )
-        if t.shape[1] != H:
-            raise ValueError(
-                f"{who}{name} has {t.shape[1]} heads but q has {H} (q {format_shape(q)}, "
-                f"{name} {format_shape(t)}); expand grouped-query heads before calling"
-            )
+        _check_heads(name, q, t, enable_gqa, who)
     if k.shape[-1] != D:
         raise ValueError(
             f"{who}k head dim {k.shape[-1]} does not match q head dim {D} "
@@ -150,8 +186,10 @@ def check_inputs(
         )
     if D == 0 or v.shape[-1] == 0:
         raise ValueError(f"{who}head dims must be >= 1; got D={D}, Dv={v.shape[-1]}")
-    check_flag("is_causal", is_causal, who)
-    check_flag("need_weights", need_weights, who)
+    return AttentionInputs(B, H, Nq, Nk, D, v.shape[-1])
+
+
+def _check_scalars(scale, dropout_p, who: str) -> None:
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
             raise TypeError(f"{who}scale must be a float or None; got {type(scale).__name__}")
@@ -161,28 +199,40 @@ def check_inputs(
         raise TypeError(f"{who}dropout_p must be a float; got {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{who}dropout_p must be in [0, 1); got {dropout_p!r}")
-    if attn_mask is not None:
-        _check_mask(attn_mask, q, (B, H, Nq, Nk), who)
-    if spec is not None:
-        if is_causal and not spec.causal:
-            raise ValueError(f"{spec.name} has no causal form; is_causal=True is not supported")
-        # A padding-only mechanism (spec.key_padding) takes bool masks that depend on the key
-        # alone (Nq dimension 1); every other mask needs spec.arbitrary_mask.
-        if attn_mask is not None and not spec.arbitrary_mask and not (
-                spec.key_padding and is_key_padding_mask(attn_mask)):
-            raise ValueError(f"{spec.name} cannot take an arbitrary attn_mask; pass attn_mask=None")
-        if Nq != Nk and not spec.cross:
-            raise ValueError(
-                f"{spec.name} needs Nq == Nk (self-attention); got Nq={Nq}, Nk={Nk}"
-            )
-        if need_weights and not spec.returns_weights:
-            raise ValueError(
-                f"{spec.name} cannot return attention weights (it never forms them); "
-                f"use mechanism='reference' or 'sdpa' for need_weights=True"
-            )
-        if q.dtype in HALF_DTYPES and not spec.half_precision:
-            raise TypeError(f"{spec.name} does not support {q.dtype}; use float32 or float64")
-    return AttentionInputs(B, H, Nq, Nk, D, v.shape[-1])
+
+
+def _check_spec(spec, q, sizes: AttentionInputs, attn_mask, is_causal, need_weights) -> None:
+    """The mechanism's own limits, from its registry flags."""
+    if is_causal and not spec.causal:
+        raise ValueError(f"{spec.name} has no causal form; is_causal=True is not supported")
+    # A padding-only mechanism (spec.key_padding) takes bool masks that depend on the key
+    # alone (Nq dimension 1); every other mask needs spec.arbitrary_mask.
+    if attn_mask is not None and not spec.arbitrary_mask and not (
+            spec.key_padding and is_key_padding_mask(attn_mask)):
+        raise ValueError(f"{spec.name} cannot take an arbitrary attn_mask; pass attn_mask=None")
+    if sizes.Nq != sizes.Nk and not spec.cross:
+        raise ValueError(
+            f"{spec.name} needs Nq == Nk (self-attention); got Nq={sizes.Nq}, Nk={sizes.Nk}"
+        )
+    if need_weights and not spec.returns_weights:
+        raise ValueError(
+            f"{spec.name} cannot return attention weights (it never forms them); "
+            f"use mechanism='reference' or 'sdpa' for need_weights=True"
+        )
+    if q.dtype in HALF_DTYPES and not spec.half_precision:
+        raise TypeError(f"{spec.name} does not support {q.dtype}; use float32 or float64")
+
+
+def repeat_kv_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """``(B, Hk, N, D) -> (B, heads, N, D)``: head ``j`` serves the ``heads // Hk`` query
+    heads ``j * g ..``, as SDPA's ``enable_gqa`` (``repeat_interleave`` on the head dim).
+    ``t`` itself when it has ``heads`` already."""
+    h = t.shape[1]
+    if h == heads:
+        return t
+    B, _, N, D = t.shape
+    # expand is a view; the reshape copies once, as repeat_interleave(g, dim=1) does.
+    return t[:, :, None].expand(B, h, heads // h, N, D).reshape(B, heads, N, D)
 
 
 def _check_mask(mask, q: torch.Tensor, full: tuple[int, int, int, int], who: str) -> None:

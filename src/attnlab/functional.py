@@ -97,9 +97,11 @@ def attention(
     *,
     mechanism: str | None = None,
     need_weights: bool = False,
+    enable_gqa: bool = False,
     **hparams: Any,
 ):
-    """Attention with the SDPA contract (see :mod:`attnlab.contract`).
+    """Attention with the SDPA contract (see :mod:`attnlab.contract`); ``enable_gqa`` lets
+    ``k, v`` have fewer heads than ``q``, as in SDPA.
 
     Returns ``out`` ``(B, H, Nq, Dv)``, or ``(out, weights)`` when ``need_weights``.
     """
@@ -115,5 +117,5 @@ def attention(
         name = resolve_name(mechanism)
     return _module(name, hparams)(
         q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
-        dropout_p=dropout_p, need_weights=need_weights,
+        dropout_p=dropout_p, need_weights=need_weights, enable_gqa=enable_gqa,
     )

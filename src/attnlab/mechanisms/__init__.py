@@ -1,18 +1,21 @@
 """Built-in mechanisms. Importing a module registers what it defines.
 
-One file per family; adding a file here (and importing it below) is all it takes
-for a mechanism to appear in ``attnlab list``.
+One module per family, named after it: ``<family>.py``, or a package ``<family>/`` for a
+family too large for one file (``hashing``); every mechanism registered with
+``family="x"`` is defined in :mod:`attnlab.mechanisms.x` and tested in ``tests/test_x.py``.
+Adding a module here (and importing it below) is all it takes for a mechanism to appear in
+``attnlab list``. :mod:`attnlab.mechanisms._engines` holds the computational cores that
+mechanisms are built on (block-sparse, FlexAttention, causal kernel attention); it
+registers nothing.
 """
 
 from attnlab.mechanisms import (
-    adaptive_span,  # noqa: F401
+    adaptive,  # noqa: F401
     classic,  # noqa: F401
     exact,  # noqa: F401
-    flash,  # noqa: F401
     hashing,  # noqa: F401
     kernel,  # noqa: F401
-    lowrank,  # noqa: F401
-    sinkhorn,  # noqa: F401
+    low_rank,  # noqa: F401
     sparse,  # noqa: F401
     synthesizer,  # noqa: F401
 )

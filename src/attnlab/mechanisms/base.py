@@ -7,6 +7,10 @@ broadcast dims of size 1 added, nothing expanded). Hyperparameters are validated
 at construction, from the typed :class:`~attnlab.registry.HParam` list the mechanism
 registered with, and are available as ``self.hp``.
 
+Grouped-query heads (``enable_gqa=True``, ``k`` and ``v`` with fewer heads than ``q``) are
+repeated to ``q``'s heads before :meth:`Mechanism._attend` (SDPA's ``repeat_interleave``),
+unless the class sets ``native_gqa = True`` and takes them as they are.
+
 A mechanism whose spec has ``key_padding`` but not ``arbitrary_mask`` receives only one
 kind of mask: a bool key-padding mask, ``(B|1, H|1, 1, Nk|1)`` once 4-D (see
 :func:`key_padding_keep`); any other mask is refused by the contract check.
@@ -26,7 +30,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from attnlab.contract import check_inputs, is_key_padding_mask
+from attnlab.contract import check_inputs, is_key_padding_mask, repeat_kv_heads
 from attnlab.registry import MechanismSpec
 
 __all__ = ["SLICE_ELEMENTS", "Mechanism", "by_heads", "empty_attention", "head_slices",
@@ -99,6 +103,9 @@ def empty_attention(q, k, v, need_weights: bool, params=()):
 
 class Mechanism(nn.Module):
     spec: ClassVar[MechanismSpec]
+    # True: _attend takes k and v with fewer heads than q (enable_gqa) as they are; False:
+    # forward repeats them to q's heads first.
+    native_gqa: ClassVar[bool] = False
 
     def __init__(self, **hparams: Any) -> None:
         super().__init__()
@@ -116,20 +123,27 @@ class Mechanism(nn.Module):
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
+        *,
         attn_mask: torch.Tensor | None = None,
         is_causal: bool = False,
         scale: float | None = None,
         dropout_p: float = 0.0,
         need_weights: bool = False,
+        enable_gqa: bool = False,
     ):
         """Attend; returns ``out`` ``(B, H, Nq, Dv)``, or ``(out, weights)`` if
-        ``need_weights`` (weights ``(B, H, Nq, Nk)``)."""
-        check_inputs(q, k, v, attn_mask, is_causal, scale, dropout_p, need_weights, self.spec)
+        ``need_weights`` (weights ``(B, H, Nq, Nk)``). Everything after ``v`` is
+        keyword-only, as in SDPA; ``enable_gqa`` lets ``k, v`` have fewer heads than ``q``."""
+        check_inputs(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                     dropout_p=dropout_p, need_weights=need_weights, enable_gqa=enable_gqa,
+                     spec=self.spec)
         # NumPy bools passed the check; the kernels below want Python's.
         is_causal, need_weights = bool(is_causal), bool(need_weights)
         if q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] == 0:
             out, weights = empty_attention(q, k, v, need_weights, tuple(self.parameters()))
             return (out, weights) if need_weights else out
+        if not self.native_gqa:  # grouped-query heads: each k/v head serves its query heads
+            k, v = repeat_kv_heads(k, q.shape[1]), repeat_kv_heads(v, q.shape[1])
         s = self.default_scale(q.shape[-1]) if scale is None else float(scale)
         if attn_mask is not None and attn_mask.dim() < 4:
             # A view with leading 1s: mechanisms only ever see 4-D masks.
@@ -140,6 +154,26 @@ class Mechanism(nn.Module):
 
     def _attend(self, q, k, v, attn_mask, is_causal, scale, dropout_p, need_weights):
         raise NotImplementedError
+
+    # ------------------------------------------------------------ a hook for layers
+    def length_projections(self, n: int):
+        """``(E, F)``, each ``(r, n)``, when the mechanism's first step mixes keys and values
+        along the length with one pair of matrices shared by every head (``E K``, ``F V``:
+        Linformer); ``None``, the default, when it does not.
+
+        Mixing along the length commutes with a layer's feature projection, ``E (X W) =
+        (E X) W``, so a layer may mix its inputs instead and project ``r`` rows, not ``n``
+        (:mod:`attnlab.nn.length_fold`), then call :meth:`attend_projected`.
+        """
+        return None
+
+    def attend_projected(self, q, k_bar, v_bar, scale: float | None = None,
+                         dropout_p: float = 0.0):
+        """The rest of the forward pass, for keys and values already mixed along the length
+        to ``(B, H, r, D)``: only for a mechanism whose :meth:`length_projections` is not
+        ``None``."""
+        raise NotImplementedError(f"{self.spec.name} mixes nothing along the length "
+                                  f"(length_projections(n) is None); call the module itself")
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.hp.items())

@@ -11,7 +11,7 @@ With a feature map ``phi`` (``D -> F``, positive), attention becomes associative
 
 so the ``(Nq, Nk)`` matrix is never formed: ``O(N F Dv)`` time. The causal form takes
 prefix sums ``S_i = sum_{j<=i} phi(K_j) V_j^T``, ``z_i = sum_{j<=i} phi(K_j)``, chunk by
-chunk with a hand-written backward (:mod:`attnlab.mechanisms.kernel_causal`):
+chunk with a hand-written backward (:mod:`attnlab.mechanisms._engines.kernel_causal`):
 ``O(N (F + Dv))`` memory.
 
 * ``linear``    -- Katharopoulos et al. 2020: ``phi(x) = elu(x) + 1``.
@@ -48,8 +48,8 @@ import torch
 import torch.nn.functional as F
 
 from attnlab.contract import work_dtype
+from attnlab.mechanisms._engines.kernel_causal import kernel_attention  # re-exported
 from attnlab.mechanisms.base import Mechanism, by_heads, key_padding_keep
-from attnlab.mechanisms.kernel_causal import kernel_attention  # re-exported
 from attnlab.registry import REQUIRED, HParam, Limit, Paper, register_mechanism
 from attnlab.verify import causal_allowed
 

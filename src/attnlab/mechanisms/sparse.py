@@ -5,10 +5,10 @@
     \\mathrm{out}_i = \\mathrm{softmax}_{j \\in S_i}(\\tau\\, q_i \\cdot k_j + M_{ij})\\, v_j
 
 Each mechanism only says which pairs ``(i, j)`` are in ``S_i`` (and ``is_causal`` adds
-``j <= i``); :mod:`attnlab.mechanisms.blocksparse` computes them without ever forming the
-``N x N`` matrix. ``b`` is ``block_size``, ``w`` the window, ``d`` the dilation, ``g`` the
-number of global tokens, ``r`` the number of random blocks, ``l``/``c`` the Sparse
-Transformer's stride and summary width.
+``j <= i``); the engine :mod:`attnlab.mechanisms._engines.blocksparse` computes them
+without ever forming the ``N x N`` matrix. ``b`` is ``block_size``, ``w`` the window,
+``d`` the dilation, ``g`` the number of global tokens, ``r`` the number of random blocks,
+``l``/``c`` the Sparse Transformer's stride and summary width.
 
 * ``local``           (Parmar et al. 2018):  ``floor(i/b) = floor(j/b)``
 * ``sliding_window``  (Beltagy et al. 2020): ``|i - j| <= w//2``; causal ``i-w < j <= i``
@@ -31,7 +31,7 @@ Cost: with ``K`` keys scored per query (the pattern's keys rounded out to whole 
 time is ``O(N K D)`` and memory ``O(N K (1 + D/b))`` with autograd: the scores, plus the
 key/value blocks each query block gathers (``N K D / b``); the complexity strings spell
 ``K`` out. A forward without autograd holds one chunk of them at a time (see
-:mod:`attnlab.mechanisms.blocksparse`): ``O(N D)`` above its inputs.
+:mod:`attnlab.mechanisms._engines.blocksparse`): ``O(N D)`` above its inputs.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ import math
 
 import torch
 
-from attnlab.mechanisms.blocksparse import SparsePattern
-from attnlab.mechanisms.sparse_flex import BACKENDS, SparseMechanism
+from attnlab.mechanisms._engines.blocksparse import SparsePattern
+from attnlab.mechanisms._engines.sparse_flex import BACKENDS, SparseMechanism
 from attnlab.registry import HParam, Limit, Paper, register_mechanism
 
 __all__ = ["BigBirdAttention", "BlockSparseAttention", "DilatedWindowAttention",

@@ -9,73 +9,43 @@ in training mode. The score computation itself is whatever ``attnlab.create(mech
 
 from __future__ import annotations
 
-import difflib
-
 import torch
-import torch.nn.functional as nnf
 from torch import nn
 
-from attnlab.contract import check_flag, format_shape
+from attnlab.contract import format_shape
 from attnlab.nn.cache import KVCache, check_decoding, decoding_mask
-from attnlab.nn.positional import RotaryEmbedding, alibi_bias
+from attnlab.nn.length_fold import attend_folded, length_fold
+from attnlab.nn.masks import combine, layer_mask
+from attnlab.nn.positional import RotaryEmbedding
 from attnlab.registry import CONTEXT_HPARAMS, REQUIRED, create, get
+from attnlab.util.checks import check_bool, check_choice, check_float, check_int
 
 __all__ = ["MultiheadAttention"]
 
 POSITIONS = ("rope", "alibi")
-_W = "MultiheadAttention: "  # every error names the layer
+_WHO = "MultiheadAttention"
+_W = f"{_WHO}: "  # every error names the layer
 
 
-def _int(name: str, value, *, nullable: bool = False) -> int | None:
-    if value is None and nullable:
-        return None
-    # bool is an int subclass: True must not silently mean "1 head".
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{_W}{name} must be an int; got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{_W}{name} must be >= 1; got {value!r}")
-    return value
-
-
-def _bool(name: str, value) -> bool:
-    return check_flag(name, value, _W)
+def _sizes(embed_dim, num_heads, num_kv_heads) -> tuple[int, int, int]:
+    """``(E, H, Hkv)``, checked: ``H`` divides ``E`` and ``Hkv`` divides ``H``."""
+    E, H = check_int("embed_dim", embed_dim, who=_WHO), check_int("num_heads", num_heads, who=_WHO)
+    if E % H:
+        raise ValueError(f"{_W}embed_dim must be divisible by num_heads; got "
+                         f"embed_dim={E}, num_heads={H} (remainder {E % H})")
+    Hkv = H if num_kv_heads is None else check_int("num_kv_heads", num_kv_heads, who=_WHO)
+    if H % Hkv:
+        valid = [d for d in range(1, H + 1) if H % d == 0]
+        raise ValueError(f"{_W}num_kv_heads must divide num_heads={H}; got "
+                         f"num_kv_heads={Hkv} (valid: {valid})")
+    return E, H, Hkv
 
 
 def _positions(value) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str):
-        raise TypeError(f"{_W}positions must be a str or None; got {type(value).__name__}")
-    if value.lower() in POSITIONS:
-        return value.lower()
-    close = difflib.get_close_matches(value.lower(), POSITIONS, n=2, cutoff=0.4)
-    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
-    raise ValueError(f"{_W}positions must be one of {[*POSITIONS, None]}; got {value!r}{hint}")
-
-
-def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Float form of a mask: bool ``True`` (may attend) -> 0, ``False`` -> ``-inf``."""
-    if mask.dtype != torch.bool:
-        return mask.to(dtype)
-    zeros = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
-    return zeros.masked_fill(~mask, float("-inf"))
-
-
-def _combine(a: torch.Tensor | None, b: torch.Tensor | None, dtype) -> torch.Tensor | None:
-    """One contract mask allowing a pair only if both allow it (bool AND, float sum)."""
-    if a is None or b is None:
-        return a if b is None else b
-    if a.dtype == torch.bool and b.dtype == torch.bool:
-        return a & b
-    return _additive(a, dtype) + _additive(b, dtype)
-
-
-def _mixed_linear(x: torch.Tensor, M: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
-    """``M lin(x)`` as ``lin(M x)``: ``(k, n)`` mixing of ``x`` ``(B, n, d)`` along the length
-    first; the bias, mixed too, becomes ``(M 1) b^T``."""
-    M = M.to(x.dtype)
-    out = nnf.linear(torch.matmul(M, x), lin.weight)
-    return out if lin.bias is None else out + M.sum(-1, keepdim=True) * lin.bias
+    return check_choice("positions", value.lower() if isinstance(value, str) else value,
+                        POSITIONS, who=_WHO)
 
 
 class MultiheadAttention(nn.Module):
@@ -138,27 +108,16 @@ class MultiheadAttention(nn.Module):
         **hparams,
     ) -> None:
         super().__init__()
-        E, H = _int("embed_dim", embed_dim), _int("num_heads", num_heads)
-        if E % H:
-            raise ValueError(f"{_W}embed_dim must be divisible by num_heads; got "
-                             f"embed_dim={E}, num_heads={H} (remainder {E % H})")
-        Hkv = H if num_kv_heads is None else _int("num_kv_heads", num_kv_heads)
-        if H % Hkv:
-            valid = [d for d in range(1, H + 1) if H % d == 0]
-            raise ValueError(f"{_W}num_kv_heads must divide num_heads={H}; got "
-                             f"num_kv_heads={Hkv} (valid: {valid})")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
-            raise TypeError(f"{_W}dropout must be a float; got {type(dropout).__name__}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"{_W}dropout must be in [0, 1); got {dropout!r}")
+        E, H, Hkv = _sizes(embed_dim, num_heads, num_kv_heads)
         self.embed_dim, self.num_heads, self.num_kv_heads = E, H, Hkv
+        self.dropout = check_float("dropout", dropout, low=0.0, high=1.0, high_inclusive=False,
+                                   who=_WHO)
         self.head_dim = E // H
-        self.kdim = E if kdim is None else _int("kdim", kdim)
-        self.vdim = E if vdim is None else _int("vdim", vdim)
-        self.max_seq_len = _int("max_seq_len", max_seq_len, nullable=True)
-        self.dropout = float(dropout)
-        self.is_causal = _bool("is_causal", is_causal)
-        self.batch_first = _bool("batch_first", batch_first)
+        self.kdim = E if kdim is None else check_int("kdim", kdim, who=_WHO)
+        self.vdim = E if vdim is None else check_int("vdim", vdim, who=_WHO)
+        self.max_seq_len = check_int("max_seq_len", max_seq_len, nullable=True, who=_WHO)
+        self.is_causal = check_bool("is_causal", is_causal, who=_WHO)
+        self.batch_first = check_bool("batch_first", batch_first, who=_WHO)
         self.positions = _positions(positions)
 
         self.spec = get(mechanism)  # unknown name -> ValueError with close matches
@@ -168,11 +127,16 @@ class MultiheadAttention(nn.Module):
         self.attn = create(self.spec.name, **self._mechanism_hparams(hparams))
         if device is not None or dtype is not None:
             self.attn.to(device=device, dtype=dtype)
+        self._build(check_bool("bias", bias, who=_WHO), rope_base, device, dtype)
+        self.reset_parameters()
 
-        f = {"bias": _bool("bias", bias), "device": device, "dtype": dtype}
+    def _build(self, bias: bool, rope_base: float, device, dtype) -> None:
+        """The four projections, and RoPE's rotation when ``positions="rope"``."""
+        E, d_kv = self.embed_dim, self.num_kv_heads * self.head_dim
+        f = {"bias": bias, "device": device, "dtype": dtype}
         self.q_proj = nn.Linear(E, E, **f)
-        self.k_proj = nn.Linear(self.kdim, Hkv * self.head_dim, **f)
-        self.v_proj = nn.Linear(self.vdim, Hkv * self.head_dim, **f)
+        self.k_proj = nn.Linear(self.kdim, d_kv, **f)
+        self.v_proj = nn.Linear(self.vdim, d_kv, **f)
         self.out_proj = nn.Linear(E, E, **f)
         self.rotary = None
         if self.positions == "rope":
@@ -182,7 +146,6 @@ class MultiheadAttention(nn.Module):
             self.rotary = RotaryEmbedding(self.head_dim, rope_base)
             if self.max_seq_len is not None:  # build the tables once, up front
                 self.rotary.tables(self.max_seq_len, device)
-        self.reset_parameters()
 
     def reset_parameters(self) -> None:
         # torch.nn.MultiheadAttention's initialisation: Xavier inputs, zero biases.
@@ -254,71 +217,88 @@ class MultiheadAttention(nn.Module):
             raise ValueError(f"{_W}{name} batch size {x.shape[0]} does not match the "
                              f"query's {batch} (shape {format_shape(x)})")
 
-    def _mask(self, attn_mask, kpm, B: int, Nq: int, Nk: int, causal: bool, dtype, device,
-              offset: int = 0):
-        """attn_mask, key_padding_mask, ALiBi (query i at offset + i) as one mask (or None)."""
-        full = (B, self.num_heads, Nq, Nk)
-        mask = None
-        for name, m in (("attn_mask", attn_mask), ("key_padding_mask", kpm)):
-            if m is None:
-                continue
-            if not isinstance(m, torch.Tensor):
-                raise TypeError(f"{_W}{name} must be a torch.Tensor or None; "
-                                f"got {type(m).__name__}")
-            if m.dtype != torch.bool and not m.is_floating_point():
-                what = "True = pad" if name == "key_padding_mask" else "True = may attend"
-                raise TypeError(f"{_W}{name} must be bool ({what}) or float (additive); "
-                                f"got dtype {m.dtype}")
-        if attn_mask is not None:
-            if not 1 <= attn_mask.dim() <= 4 or any(
-                g not in (1, n)
-                for g, n in zip(reversed(attn_mask.shape), reversed(full), strict=False)
-            ):
-                raise ValueError(f"{_W}attn_mask must be broadcastable to (B, H, Nq, Nk) = "
-                                 f"{full}, e.g. (Nq, Nk); got {format_shape(attn_mask)}")
-            mask = attn_mask if attn_mask.dtype == torch.bool else attn_mask.to(dtype)
-        if kpm is not None:
-            if tuple(kpm.shape) != (B, Nk):
-                raise ValueError(f"{_W}key_padding_mask must have shape (B, Nk) = ({B}, {Nk}); "
-                                 f"got {format_shape(kpm)}")
-            if kpm.dtype != torch.bool and not self.spec.arbitrary_mask:
-                raise TypeError(f"{_W}mechanism {self.spec.name!r} takes only bool key "
-                                f"padding (True = pad), not an additive float "
-                                f"key_padding_mask; got dtype {kpm.dtype}")
-            # torch's True = pad becomes the contract's True = may attend.
-            pad = ~kpm if kpm.dtype == torch.bool else kpm.to(dtype)
-            mask = _combine(mask, pad[:, None, None, :], dtype)
-        if self.positions == "alibi":
-            mask = _combine(mask, alibi_bias(self.num_heads, Nq, Nk, device, dtype, causal,
-                                             offset=offset), dtype)
-        return mask
+    def _mask(self, attn_mask, kpm, Nq: int, Nk: int, causal: bool, like: torch.Tensor,
+              T: int, decoding: bool):
+        """``(mask, is_causal)`` for the mechanism: attn_mask, key_padding_mask, ALiBi (query
+        ``i`` at ``T + i``) and, when ``decoding``, the cache's causal constraint."""
+        mask = layer_mask(attn_mask, kpm, full=(like.shape[0], self.num_heads, Nq, Nk),
+                          spec=self.spec, alibi=self.positions == "alibi", causal=causal,
+                          dtype=like.dtype, device=like.device, offset=T, who=_W)
+        if not decoding:
+            return mask, causal
+        if self.positions == "alibi":  # ALiBi's causal bias (at offset T) is complete by itself
+            return mask, False
+        allowed, causal = decoding_mask(T, Nq, like.device)
+        return combine(mask, allowed, like.dtype), causal
 
     def _length_fold(self, n: int):
-        """The mechanism's shared ``(E, F)`` length projections when mixing the inputs along
-        the length before ``k_proj``/``v_proj`` is valid and cheaper, else ``None``.
+        """The mechanism's shared ``(E, F)`` when mixing the key/value inputs along the length
+        before ``k_proj``/``v_proj`` is valid and cheaper, else ``None``
+        (:func:`attnlab.nn.length_fold.length_fold`)."""
+        return length_fold(self.attn, n, rotary=self.rotary is not None,
+                           d_in=max(self.kdim, self.vdim),
+                           d_kv=self.num_kv_heads * self.head_dim)
 
-        Valid when keys are not rotated by position (RoPE acts per position, after the
-        projection). Cheaper when ``k kdim (n + D_kv) < n D_kv (kdim + k)``: mixing costs
-        ``k n kdim`` and then projects only ``k`` rows (``D_kv = num_kv_heads * head_dim``).
-        """
-        projections = getattr(self.attn, "length_projections", None)
-        if projections is None or self.rotary is not None:
-            return None
-        fold = projections(n)
-        if fold is None:
-            return None
-        r, d_kv, d_in = fold[0].shape[0], self.num_kv_heads * self.head_dim, max(self.kdim,
-                                                                                 self.vdim)
-        return fold if r * d_in * (n + d_kv) < n * d_kv * (d_in + r) else None
+    def _split(self, x: torch.Tensor, h: int) -> torch.Tensor:
+        """``(B, N, h * D) -> (B, h, N, D)``."""
+        return x.view(x.shape[0], x.shape[1], h, self.head_dim).transpose(1, 2)
 
-    def _expand_kv(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, Hkv, N, D) -> (B, H, N, D)``: kv head ``j`` serves query heads ``j*g ..``."""
-        g = self.num_heads // self.num_kv_heads
-        if g == 1:
-            return x
-        B, Hkv, N, D = x.shape
-        # expand is a view; the reshape copies once, as repeat_interleave(g, dim=1) would.
-        return x[:, :, None].expand(B, Hkv, g, N, D).reshape(B, Hkv * g, N, D)
+    def _inputs(self, query, key, value):
+        """``(query, key, value, self_attn)`` batch first, ``key``/``value`` filled in
+        (``key=None``: self-attention, ``value=None``: ``key``); checks the query."""
+        if key is None and value is not None:
+            raise ValueError(f"{_W}value was given without key")
+        self_attn = key is None
+        key = query if key is None else key
+        value = key if value is None else value
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) if isinstance(t, torch.Tensor) and t.dim() == 3
+                                 else t for t in (query, key, value))
+        self._check_input("query", query, self.embed_dim, None, self.q_proj)
+        if self_attn and (self.kdim, self.vdim) != (self.embed_dim,) * 2:
+            raise ValueError(f"{_W}key=None (self-attention) needs kdim == vdim == embed_dim; "
+                             f"this layer has kdim={self.kdim}, vdim={self.vdim}: pass key")
+        return query, key, value, self_attn
+
+    def _check_call(self, query, key, value, self_attn: bool, T: int, causal: bool,
+                    attn_mask, key_padding_mask) -> int:
+        """Keys and values, the lengths and what the mechanism supports; returns ``Nk``."""
+        B, Nq = query.shape[:2]
+        if not self_attn:
+            self._check_input("key", key, self.kdim, B, self.k_proj)
+            self._check_input("value", value, self.vdim, B, self.v_proj)
+            if value.shape[1] != key.shape[1]:
+                raise ValueError(f"{_W}key and value lengths differ: key {format_shape(key)}, "
+                                 f"value {format_shape(value)}")
+        Nk = T + key.shape[1]
+        if self.max_seq_len is not None and max(Nq, Nk) > self.max_seq_len:
+            raise ValueError(f"{_W}sequence length {max(Nq, Nk)} exceeds "
+                             f"max_seq_len={self.max_seq_len}")
+        self._check_spec(causal, {"key_padding_mask": key_padding_mask is not None,
+                                  "attn_mask": attn_mask is not None},
+                         f"Nq={Nq} != Nk={Nk}" if Nq != Nk else "")
+        return Nk
+
+    def _attend(self, q, key, value, mask, causal: bool, T: int, kv_cache, dropout_p: float,
+                need_weights: bool, effective: bool):
+        """The mechanism on the projected keys and values (appended to ``kv_cache`` if any);
+        ``Hkv < H`` heads go to it as they are, with ``enable_gqa``. ``effective``: the
+        weights ``A`` with ``out = A v``, as ``attend(q, k, I)``: every mechanism here is
+        linear in ``v``."""
+        k = self._split(self.k_proj(key), self.num_kv_heads)
+        v = self._split(self.v_proj(value), self.num_kv_heads)
+        if self.rotary is not None:
+            q, k = self.rotary(q, k, T)  # rotate the Hkv key heads, not H copies of them
+        if kv_cache is not None:
+            k, v = kv_cache.append(k, v)
+        gqa = self.num_kv_heads != self.num_heads
+        res = self.attn(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p,
+                        need_weights=need_weights and not effective, enable_gqa=gqa)
+        if not effective:
+            return res
+        Nk = k.shape[2]
+        eye = torch.eye(Nk, dtype=v.dtype, device=v.device).expand(*v.shape[:2], Nk, Nk)
+        return res, self.attn(q, k, eye, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
 
     def forward(
         self,
@@ -348,84 +328,34 @@ class MultiheadAttention(nn.Module):
         Only mechanisms with ``kv_cache`` in their spec; ``attn_mask`` (``(Nq, T + Nq)``)
         may add to the causal constraint, ``key_padding_mask`` may not be given.
         """
-        if key is None and value is not None:
-            raise ValueError(f"{_W}value was given without key")
-        self_attn = key is None
-        key = query if key is None else key
-        value = key if value is None else value
-        if not self.batch_first:
-            query, key, value = (t.transpose(0, 1) if isinstance(t, torch.Tensor) and t.dim() == 3
-                                 else t for t in (query, key, value))
-        self._check_input("query", query, self.embed_dim, None, self.q_proj)
+        query, key, value, self_attn = self._inputs(query, key, value)
         B, Nq = query.shape[:2]
-        if self_attn and (self.kdim, self.vdim) != (self.embed_dim,) * 2:
-            raise ValueError(f"{_W}key=None (self-attention) needs kdim == vdim == embed_dim; "
-                             f"this layer has kdim={self.kdim}, vdim={self.vdim}: pass key")
         # Flags first: a truthy non-bool must neither pass nor steer the checks below.
-        if is_causal is not None:
-            is_causal = _bool("is_causal", is_causal)
-        need_weights = _bool("need_weights", need_weights)
+        is_causal = None if is_causal is None else check_bool("is_causal", is_causal, who=_WHO)
+        need_weights = check_bool("need_weights", need_weights, who=_WHO)
         T = 0  # positions already cached: the new tokens start there
         if kv_cache is not None:
             T = check_decoding(kv_cache, self.spec, self_attn, key_padding_mask, is_causal, B)
             is_causal = True
-        if not self_attn:
-            self._check_input("key", key, self.kdim, B, self.k_proj)
-            self._check_input("value", value, self.vdim, B, self.v_proj)
-            if value.shape[1] != key.shape[1]:
-                raise ValueError(f"{_W}key and value lengths differ: key {format_shape(key)}, "
-                                 f"value {format_shape(value)}")
-        Nk = T + key.shape[1]
         causal = self.is_causal if is_causal is None else is_causal
-        if self.max_seq_len is not None and max(Nq, Nk) > self.max_seq_len:
-            raise ValueError(f"{_W}sequence length {max(Nq, Nk)} exceeds "
-                             f"max_seq_len={self.max_seq_len}")
-        self._check_spec(causal, {"key_padding_mask": key_padding_mask is not None,
-                                  "attn_mask": attn_mask is not None},
-                         f"Nq={Nq} != Nk={Nk}" if Nq != Nk else "")
-        # A mechanism that never forms its weights is asked for its *effective* weights.
-        effective = need_weights and not self.spec.returns_weights
-
-        def heads(x, h):  # (B, N, h*D) -> (B, h, N, D)
-            return x.view(B, x.shape[1], h, self.head_dim).transpose(1, 2)
-
+        Nk = self._check_call(query, key, value, self_attn, T, causal, attn_mask,
+                              key_padding_mask)
         # Before anything is appended to a cache: a bad mask must leave it untouched.
-        mask = self._mask(attn_mask, key_padding_mask, B, Nq, Nk, causal, query.dtype,
-                          query.device, T)
-        if kv_cache is not None:  # ALiBi's causal bias (at offset T) is complete by itself
-            alibi = self.positions == "alibi"
-            allowed, causal = (None, False) if alibi else decoding_mask(T, Nq, query.device)
-            mask = _combine(mask, allowed, query.dtype)
-        q = heads(self.q_proj(query), self.num_heads)
+        mask, causal = self._mask(attn_mask, key_padding_mask, Nq, Nk, causal, query, T,
+                                  kv_cache is not None)
+        q = self._split(self.q_proj(query), self.num_heads)
         dropout_p = self.dropout if self.training else 0.0
+        effective = need_weights and not self.spec.returns_weights  # none of its own: A v
         fold = None if kv_cache is not None else self._length_fold(Nk)
         if fold is not None:  # keys/values mixed along the length first: E (X W) = (E X) W
-            E, F = fold
-            if key_padding_mask is not None:  # bool here: padded columns mix in nothing
-                keep = (~key_padding_mask).to(E.dtype)[:, None, :]          # (B, 1, Nk)
-                E, F = E * keep, F * keep
-            k = heads(_mixed_linear(key, E, self.k_proj), self.num_kv_heads)
-            v = heads(_mixed_linear(value, F, self.v_proj), self.num_kv_heads)
-            k, v = self._expand_kv(k), self._expand_kv(v)
-            res = self.attn.attend_projected(q, k, v, dropout_p=dropout_p)
-            if effective:  # the values' length mixing F, itself: A = P_bar F
-                res = res, self.attn.attend_projected(q, k, F.expand(B, *F.shape[-2:])[:, None]
-                                                      .expand(B, q.shape[1], *F.shape[-2:]))
+            res = attend_folded(self.attn, q, key, value, fold, (self.k_proj, self.v_proj),
+                                lambda x: self._split(x, self.num_kv_heads),
+                                key_padding_mask=key_padding_mask, dropout_p=dropout_p,
+                                effective=effective)
         else:
-            k = heads(self.k_proj(key), self.num_kv_heads)
-            v = heads(self.v_proj(value), self.num_kv_heads)
-            if self.rotary is not None:
-                q, k = self.rotary(q, k, T)  # before the expansion: rotate Hkv heads, not H
-            if kv_cache is not None:
-                k, v = kv_cache.append(k, v)
-            k, v = self._expand_kv(k), self._expand_kv(v)
-            res = self.attn(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p,
-                            need_weights=need_weights and not effective)
-            if effective:  # every mechanism here is linear in v: A = attend(q, k, I)
-                eye = torch.eye(Nk, dtype=v.dtype, device=v.device).expand(*v.shape[:2], Nk, Nk)
-                res = res, self.attn(q, k, eye, attn_mask=mask, is_causal=causal)
+            res = self._attend(q, key, value, mask, causal, T, kv_cache, dropout_p,
+                               need_weights, effective)
         out, weights = res if need_weights else (res, None)
         out = self.out_proj(out.transpose(1, 2).reshape(B, Nq, self.embed_dim))
-        if not self.batch_first:
-            out = out.transpose(0, 1)
+        out = out if self.batch_first else out.transpose(0, 1)
         return (out, weights) if need_weights else out

@@ -13,16 +13,9 @@ import math
 import torch
 from torch import nn
 
+from attnlab.util.checks import check_float, check_int
+
 __all__ = ["RotaryEmbedding", "alibi_bias", "alibi_slopes"]
-
-
-def _positive_int(name: str, value, where: str) -> int:
-    # bool is an int subclass: True must not silently mean "1 head".
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{where}: {name} must be an int; got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{where}: {name} must be >= 1; got {value!r}")
-    return value
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -57,18 +50,17 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, base: float = 10000.0) -> None:
         super().__init__()
-        _positive_int("head_dim", head_dim, "RotaryEmbedding")
+        head_dim = check_int("head_dim", head_dim, who="RotaryEmbedding")
         if head_dim % 2:
             raise ValueError(
                 f"RotaryEmbedding: head_dim must be even (dimensions are rotated in pairs); "
                 f"got head_dim={head_dim}"
             )
-        if isinstance(base, bool) or not isinstance(base, (int, float)):
-            raise TypeError(f"RotaryEmbedding: base must be a float; got {type(base).__name__}")
-        if not math.isfinite(base) or base <= 1.0:
+        base = check_float("base", base, who="RotaryEmbedding")
+        if base <= 1.0:
             raise ValueError(f"RotaryEmbedding: base must be a finite number > 1; got {base!r}")
         self.head_dim = head_dim
-        self.base = float(base)
+        self.base = base
         # Tables are derived data: non-persistent, so state_dicts stay free of them.
         self.register_buffer("_cos", torch.empty(0, head_dim), persistent=False)
         self.register_buffer("_sin", torch.empty(0, head_dim), persistent=False)
@@ -107,8 +99,7 @@ class RotaryEmbedding(nn.Module):
                 f"RotaryEmbedding: last dim of x must be head_dim={self.head_dim}; "
                 f"got shape {tuple(x.shape)}"
             )
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            raise ValueError(f"RotaryEmbedding: offset must be an int >= 0; got {offset!r}")
+        offset = check_int("offset", offset, low=0, who="RotaryEmbedding")
         n = x.shape[-2]
         cos, sin = self.tables(offset + n, x.device, x.dtype)
         cos, sin = cos[offset:], sin[offset:]
@@ -134,7 +125,7 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
 
     Returns a float32 tensor ``(num_heads,)``.
     """
-    _positive_int("num_heads", num_heads, "alibi_slopes")
+    num_heads = check_int("num_heads", num_heads, who="alibi_slopes")
     p = 2 ** int(math.floor(math.log2(num_heads)))
     slopes = [2.0 ** (-8.0 * h / p) for h in range(1, p + 1)]
     slopes += [2.0 ** (-8.0 * (2 * j - 1) / (2 * p)) for j in range(1, num_heads - p + 1)]
@@ -165,13 +156,11 @@ def alibi_bias(
     It is a *float* ``attn_mask``: only mechanisms whose spec has ``arbitrary_mask`` can
     take it.
     """
-    _positive_int("num_heads", num_heads, "alibi_bias")
-    _positive_int("nq", nq, "alibi_bias")
-    _positive_int("nk", nk, "alibi_bias")
+    num_heads, nq, nk = (check_int(name, value, who="alibi_bias")
+                         for name, value in (("num_heads", num_heads), ("nq", nq), ("nk", nk)))
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"alibi_bias: dtype must be a floating torch.dtype; got {dtype!r}")
-    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-        raise ValueError(f"alibi_bias: offset must be an int >= 0; got {offset!r}")
+    offset = check_int("offset", offset, low=0, who="alibi_bias")
     # Distances in float32 at least: i - j is exact there up to 2^24 tokens.
     work = torch.float64 if dtype == torch.float64 else torch.float32
     i = torch.arange(offset, offset + nq, device=device, dtype=work)[:, None]

@@ -21,7 +21,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import attnlab
-from attnlab.mechanisms.lowrank import iterative_pinv, segment_means
+from attnlab.mechanisms.low_rank import iterative_pinv, segment_means
 
 REF = attnlab.create("reference")
 

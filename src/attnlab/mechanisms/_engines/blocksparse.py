@@ -37,7 +37,7 @@ Two backends, both sparse (hyperparameter ``backend``):
   output, so the forward's peak is the output plus one chunk (``_CHUNK`` scores, and as
   many gathered key/value elements), ``O(N D)`` whatever ``K``: a pattern whose ``K``
   grows with ``N`` (``sparse_transformer``) then costs time, not memory.
-* ``flex`` (in :mod:`attnlab.mechanisms.sparse_flex`):
+* ``flex`` (in :mod:`attnlab.mechanisms._engines.sparse_flex`):
   ``torch.nn.attention.flex_attention`` compiled once per process, with a
   ``BlockMask`` built straight from the layout (``BlockMask.from_kv_blocks``; blocks whose
   every pair is allowed are marked *full*), cached with the plan. A bool ``attn_mask`` is

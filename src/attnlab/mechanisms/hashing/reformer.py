@@ -1,5 +1,5 @@
-"""Hashing attention: Reformer's LSH attention (Sparse Sinkhorn attention, the other
-member of the family, is in :mod:`attnlab.mechanisms.sinkhorn`).
+"""Reformer's LSH attention, of the hashing family (Sparse Sinkhorn attention, the other
+member, is in :mod:`attnlab.mechanisms.hashing.sinkhorn`).
 
 It sorts the sequence so that, after sorting, a *local* attention pattern (chunks of
 fixed size) reaches the keys that matter, and never forms ``N x N`` scores.

@@ -1,4 +1,7 @@
-"""FlashAttention (``flash``): exact against the definition, O(N) memory, dropout."""
+"""The exact family: ``flash`` against the definition, O(N) memory, dropout; and every
+exact mechanism (``reference``, ``sdpa``, ``flash``) with grouped-query heads
+(``enable_gqa``) against PyTorch's own SDPA. ``reference`` and ``sdpa`` are checked
+against an independent float64 reference in ``test_exact_equivalence.py``."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attnlab
-from attnlab.mechanisms.flash import FlashAttentionFunction
+from attnlab.mechanisms.exact import FlashAttentionFunction
 
 
 def flash_fn(q, k, v, mask=None, causal=False, scale=None, p=0.0, bq=3, bk=4, seed=None):
@@ -140,12 +143,13 @@ def test_half_precision(dtype):
     qh, kh, vh = (t.to(dtype).requires_grad_() for t in (q, k, v))
     mask = torch.randn(1, 2, 1, 45, generator=g)  # a per-key bias, broadcast over rows
     mh = mask.to(dtype).requires_grad_()
-    out = attnlab.create("flash", block_q=8, block_k=16)(qh, kh, vh, mh, is_causal=True)
+    out = attnlab.create("flash", block_q=8, block_k=16)(qh, kh, vh, attn_mask=mh,
+                                                         is_causal=True)
     assert out.dtype == dtype
     out.float().square().sum().backward()
     assert all(t.grad.dtype == dtype for t in (qh, kh, vh, mh))
     ref = attnlab.create("reference", precision="float64")(
-        *(t.float() for t in (qh, kh, vh, mh)), is_causal=True)
+        *(t.float() for t in (qh, kh, vh)), attn_mask=mh.float(), is_causal=True)
     tol = 1e-2 if dtype == torch.float16 else 4e-2
     torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
 
@@ -292,3 +296,64 @@ def test_need_weights_is_refused():
     q, k, v = rand_qkv(1, 1, 4, 4, 2, 2, torch.float32, grad=False)
     with pytest.raises(ValueError, match="weights"):
         attnlab.create("flash")(q, k, v, need_weights=True)
+
+
+# ------------------------------------------------------------- grouped-query heads (GQA)
+EXACT_FAMILY = attnlab.list_mechanisms(family="exact")
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@st.composite
+def gqa_problems(draw):
+    """Query heads H, key and value heads each a divisor of H (SDPA allows them to differ),
+    lengths, and one of: no mask, a bool or float mask (broadcast or full), causal."""
+    H = draw(st.sampled_from([1, 2, 3, 4, 6]))
+    Hk, Hv = draw(st.sampled_from(divisors(H))), draw(st.sampled_from(divisors(H)))
+    B, Nq, Nk = draw(st.integers(1, 2)), draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    D, Dv = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    kind = draw(st.sampled_from([None, "bool", "float", "causal"]))
+    full = draw(st.booleans())
+    return B, H, Hk, Hv, Nq, Nk, D, Dv, kind, full, draw(st.integers(0, 2**16))
+
+
+@pytest.mark.parametrize("name", EXACT_FAMILY)
+@settings(max_examples=30, deadline=None)
+@given(pr=gqa_problems())
+def test_enable_gqa_equals_sdpa(name, pr):
+    """Outputs and gradients (k's and v's: summed over the query heads each head serves).
+    Fully masked rows (bool masks) give zeros in both, as the contract says."""
+    B, H, Hk, Hv, Nq, Nk, D, Dv, kind, full, seed = pr
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=g).requires_grad_()
+
+    q, k, v = r(B, H, Nq, D), r(B, Hk, Nk, D), r(B, Hv, Nk, Dv)
+    shape = (B, H, Nq, Nk) if full else (Nq, Nk)
+    mask = {None: None, "causal": None, "bool": bool_mask(shape, g),
+            "float": torch.randn(shape, dtype=torch.float64, generator=g)}[kind]
+    kw = dict(attn_mask=mask, is_causal=kind == "causal", scale=0.7)
+    out = attnlab.create(name)(q, k, v, enable_gqa=True, **kw)
+    want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    dout = torch.randn(out.shape, dtype=torch.float64, generator=g)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    ref = torch.autograd.grad(want, (q, k, v), dout)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_functional_attention_takes_enable_gqa():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = rand_qkv(2, 4, 5, 6, 3, 2, gen=g, grad=False)
+    k, v = k[:, :2], v[:, :1]
+    want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True, is_causal=True)
+    for mechanism in (None, *EXACT_FAMILY):
+        torch.testing.assert_close(attnlab.attention(q, k, v, is_causal=True, enable_gqa=True,
+                                                     mechanism=mechanism), want)
+    out, w = attnlab.attention(q, k, v, need_weights=True, enable_gqa=True)
+    torch.testing.assert_close(w @ v.repeat_interleave(4, dim=1), out)
+

@@ -166,10 +166,11 @@ class Linformer(Mechanism):
     def length_projections(self, n: int):
         """``(E, F)`` of shape ``(k, n)`` when one pair serves every head, else ``None``.
 
-        Mixing along the length commutes with a layer's feature projection,
-        ``E (X W) = (E X) W``, so a layer may mix its inputs first (``k`` rows instead of
-        ``n``; :class:`attnlab.nn.MultiheadAttention` does when that is cheaper) and then
-        call :meth:`attend_projected`. Per-head projections (``sharing="none"``) cannot fold.
+        The :meth:`~attnlab.Mechanism.length_projections` hook: mixing along the length
+        commutes with a layer's feature projection, ``E (X W) = (E X) W``, so a layer may
+        mix its inputs first (``k`` rows instead of ``n``; :class:`attnlab.nn.MultiheadAttention`
+        does when that is cheaper, :mod:`attnlab.nn.length_fold`) and then call
+        :meth:`attend_projected`. Per-head projections (``sharing="none"``) cannot fold.
         """
         return None if self.E.dim() == 3 else self._projections(n)
 

@@ -1,6 +1,6 @@
 """Sparse Sinkhorn attention (Tay et al. 2020), of the hashing / clustering family.
 
-Like Reformer (:mod:`attnlab.mechanisms.hashing`) it sorts the sequence so that a local
+Like Reformer (:mod:`attnlab.mechanisms.hashing.reformer`) it sorts the sequence so that a local
 pattern (blocks of fixed size) reaches the keys that matter, without ``N x N`` scores.
 
 **sinkhorn** (Tay et al. 2020). Blocks of ``b`` tokens; a meta sorting network ``P`` on
@@ -23,7 +23,7 @@ from torch import nn
 
 from attnlab.contract import masked_softmax, work_dtype
 from attnlab.mechanisms.base import Mechanism, by_heads, key_padding_keep
-from attnlab.mechanisms.hashing import group_size
+from attnlab.mechanisms.hashing.reformer import group_size
 from attnlab.registry import REQUIRED, HParam, Limit, Paper, register_mechanism
 from attnlab.verify import dense_softmax_f64, param_f64
 
