@@ -42,7 +42,7 @@ def test_grid_accepts_peer_entries_with_their_defaults_in_the_label():
 @pytest.mark.parametrize("entry,pattern", [
     ("peer:local_atention", r"unknown name 'peer:local_atention'; did you mean "
                             r"'peer:local_attention'\?"),
-    ("peer:linformer", r"layer-level peer .*benchmarks/peers.py"),
+    ("peer:linformer", r"layer-level peer .*kernel-level peers only: performer_pytorch"),
     ({"name": "peer:local_attention", "windw_size": 8},
      r"peer:local_attention: unknown hyperparameter 'windw_size' \(did you mean "
      r"'window_size'\?\)"),
