@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -16,8 +15,25 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.table import Table
 
-from attnlab.cli import command_line
+from attnlab.bench.analysis import (
+    compare_runs,
+    describe_crossover,
+    format_bytes,
+    format_length,
+    format_time,
+    render_compare,
+    render_table,
+    row_hparams,
+    status_word,
+    summarise,
+)
+from attnlab.bench.grid import grid_from_file, make_grid
+from attnlab.bench.plots import plot_run
+from attnlab.bench.runner import run_sweep
+from attnlab.bench.store import Store
+from attnlab.cli import command_line, plain
 from attnlab.files import atomic_path, write_text_atomic
 
 SUBCOMMANDS = ("run", "runs", "show", "export", "compare", "plot")
@@ -51,48 +67,59 @@ def _mechanism(text: str):
 
 
 def add_parser(sub) -> None:
-    pb = sub.add_parser("bench", help="benchmark lab: time, memory, FLOPs and scaling",
-                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    bsub = pb.add_subparsers(dest="bench_command", required=True)
+    pb = sub.add_parser("bench", help="benchmark lab: time, memory, FLOPs and scaling of the "
+                                      "mechanisms, stored in SQLite", description=plain(__doc__))
+    bsub = pb.add_subparsers(dest="bench_command", required=True, title="subcommands",
+                             metavar="SUBCOMMAND",
+                             help="attnlab bench SUBCOMMAND --help: its options")
     pr = bsub.add_parser("run", help="measure a grid (resumes an unfinished identical run)")
-    pr.add_argument("--profile", default=None, help="quick | standard | long")
-    pr.add_argument("--sweep", default=None, help="a .toml or .yaml sweep file")
-    pr.add_argument("--mechanisms", nargs="+", default=None,
-                    help="names, name:key=value,..., 'all' or 'approximate'")
-    pr.add_argument("--n", dest="lengths", type=int, nargs="+", default=None,
-                    help="sequence lengths")
-    pr.add_argument("--batch", type=int, nargs="+", default=None)
-    pr.add_argument("--heads", type=int, nargs="+", default=None)
-    pr.add_argument("--head-dim", dest="head_dim", type=int, nargs="+", default=None)
-    pr.add_argument("--dtype", dest="dtypes", nargs="+", default=None)
-    pr.add_argument("--pass", dest="passes", default=None, choices=("fwd", "fwd+bwd", "both"))
-    pr.add_argument("--causal", default=None, choices=("no", "yes", "both"))
-    pr.add_argument("--device", default=None, choices=("cpu", "cuda"))
-    pr.add_argument("--threads", type=int, default=None)
-    pr.add_argument("--min-run-time", dest="min_run_time", type=float, default=None)
-    pr.add_argument("--timeout", dest="timeout_s", type=float, default=None,
-                    help="seconds per point")
-    pr.add_argument("--mem-cap-gib", dest="mem_cap_gib", type=float, default=None)
+    profile = "(default: the profile's, else %s)"
+    pr.add_argument("--profile", help="quick | standard | long (default: quick, unless --n "
+                                      "or --sweep gives the grid)")
+    pr.add_argument("--sweep", help="a .toml or .yaml sweep file (flags given here override it)")
+    pr.add_argument("--mechanisms", nargs="+",
+                    help="names, name:key=value,..., 'all', 'approximate' or 'subquadratic' "
+                         + profile % "all")
+    pr.add_argument("--n", dest="lengths", type=int, nargs="+",
+                    help="sequence lengths (default: the profile's)")
+    pr.add_argument("--batch", type=int, nargs="+", help="batch sizes " + profile % 1)
+    pr.add_argument("--heads", type=int, nargs="+", help="head counts " + profile % 8)
+    pr.add_argument("--head-dim", dest="head_dim", type=int, nargs="+",
+                    help="head dimensions " + profile % 64)
+    pr.add_argument("--dtype", dest="dtypes", nargs="+",
+                    help="float32, float16, bfloat16, ... " + profile % "float32")
+    pr.add_argument("--pass", dest="passes", choices=("fwd", "fwd+bwd", "both"),
+                    help="forward only, forward and backward, or both " + profile % "fwd")
+    pr.add_argument("--causal", choices=("no", "yes", "both"),
+                    help="causal attention " + profile % "no")
+    pr.add_argument("--device", choices=("cpu", "cuda"), help="where to run (default: cpu)")
+    pr.add_argument("--threads", type=int, help="torch threads of a measurement (default: 2)")
+    pr.add_argument("--min-run-time", dest="min_run_time", type=float,
+                    help="seconds of repeats per point " + profile % 0.3)
+    pr.add_argument("--timeout", dest="timeout_s", type=float,
+                    help="seconds per point before it counts as a timeout " + profile % 300)
+    pr.add_argument("--mem-cap-gib", dest="mem_cap_gib", type=float,
+                    help="memory limit of a measurement, GiB (default: 90%% of the RAM)")
     pr.add_argument("--new", action="store_true", help="start a new run, do not resume")
-    pr.add_argument("--no-progress", action="store_true")
-    pr.add_argument("--plot", default=None, metavar="DIR", help="also write the plots here")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pr.add_argument("--plot", metavar="DIR", help="also write the plots here")
     pl = bsub.add_parser("runs", help="list the runs in the database")
     ps = bsub.add_parser("show", help="the table of one run")
-    ps.add_argument("run", nargs="?", default="latest")
+    ps.add_argument("run", nargs="?", default="latest", help="run id")
     ps.add_argument("--markdown", action="store_true", help="a Markdown table (for docs)")
     pe = bsub.add_parser("export", help="measurements as CSV, JSON or Parquet")
-    pe.add_argument("run", nargs="?", default="latest")
-    pe.add_argument("--format", default="csv", choices=("csv", "json", "parquet"))
-    pe.add_argument("--out", default=None, help="file (default: stdout; parquet needs one)")
+    pe.add_argument("run", nargs="?", default="latest", help="run id")
+    pe.add_argument("--format", default="csv", choices=("csv", "json", "parquet"),
+                    help="file format")
+    pe.add_argument("--out", help="file (default: stdout; parquet needs one)")
     pc = bsub.add_parser("compare", help="time and memory ratios of run B over run A")
-    pc.add_argument("run_a")
-    pc.add_argument("run_b")
+    pc.add_argument("run_a", help="run id of the baseline")
+    pc.add_argument("run_b", help="run id compared with it")
     pp = bsub.add_parser("plot", help="PNG and SVG plots of a run")
-    pp.add_argument("run", nargs="?", default="latest")
-    pp.add_argument("--out", default=None, help="directory (default results/plots/run-ID)")
+    pp.add_argument("run", nargs="?", default="latest", help="run id")
+    pp.add_argument("--out", help="directory (default results/plots/run-ID)")
     for p in (pr, pl, ps, pe, pc, pp):
-        p.add_argument("--db", default=None,
-                       help=f"results database (default $ATTNLAB_DB or {DEFAULT_DB})")
+        p.add_argument("--db", help=f"results database (default $ATTNLAB_DB or {DEFAULT_DB})")
 
 
 def normalise_argv(argv: list[str]) -> list[str]:
@@ -105,8 +132,6 @@ def normalise_argv(argv: list[str]) -> list[str]:
 
 
 def _grid(args):
-    from attnlab.bench.grid import grid_from_file, make_grid
-
     given = {k: getattr(args, k) for k in ("lengths", "batch", "heads", "head_dim", "dtypes",
                                             "device", "threads", "min_run_time", "timeout_s",
                                             "mem_cap_gib")}
@@ -126,9 +151,6 @@ def _grid(args):
 
 
 def cmd_run(args, console: Console) -> int:
-    from attnlab.bench.runner import run_sweep
-    from attnlab.bench.store import Store
-
     grid = _grid(args)  # every error before the database is opened
     with Store(_db_path(args)) as store:
         points = len(grid.points())
@@ -149,15 +171,6 @@ def markdown_table(summary: list[dict]) -> str:
     """The run's table as Markdown (for docs): the hyperparameters each row ran with (as
     built), time per N, peak memory at the longest length, fitted exponents, crossover
     against sdpa, max error; statuses in words."""
-    from attnlab.bench.analysis import (
-        describe_crossover,
-        format_bytes,
-        format_length,
-        format_time,
-        row_hparams,
-        status_word,
-    )
-
     lengths = sorted({n for e in summary for n in (*dict(e["time"]), *dict(e["status"]))})
     head = (["mechanism", "pass", "hparams (as built)"] + [format_length(n) for n in lengths]
             + [f"mem @ {format_length(lengths[-1])}", "time ~ N^a", "mem ~ N^a",
@@ -182,8 +195,6 @@ def markdown_table(summary: list[dict]) -> str:
 
 
 def _show(store, run_id, console: Console, markdown: bool = False) -> None:
-    from attnlab.bench.analysis import render_table, summarise
-
     run = store.run(run_id)
     rows = store.measurements(run_id)
     m = run["machine"]
@@ -211,8 +222,6 @@ def roof_text(machine: dict) -> str:
 
 
 def _plot(store, run_id, out, console: Console) -> None:
-    from attnlab.bench.plots import plot_run
-
     rid = store.resolve(run_id)
     out = Path(out or f"results/plots/run-{rid}")
     try:
@@ -234,10 +243,6 @@ def _cannot_write(e: OSError, out: Path, what: str) -> OSError:
 
 
 def cmd_runs(args, console: Console) -> int:
-    from rich.table import Table
-
-    from attnlab.bench.store import Store
-
     with Store(_db_path(args), readonly=True) as store:
         t = Table(title=f"runs in {store.path}")
         for c in ("id", "started", "status", "profile", "points", "ok", "commit", "command"):
@@ -251,16 +256,12 @@ def cmd_runs(args, console: Console) -> int:
 
 
 def cmd_show(args, console: Console) -> int:
-    from attnlab.bench.store import Store
-
     with Store(_db_path(args), readonly=True) as store:
         _show(store, store.resolve(args.run), console, markdown=args.markdown)
     return 0
 
 
 def cmd_export(args, console: Console) -> int:
-    from attnlab.bench.store import Store
-
     with Store(_db_path(args), readonly=True) as store:
         rid = store.resolve(args.run)
         rows = store.measurements(rid)
@@ -304,9 +305,6 @@ def cmd_export(args, console: Console) -> int:
 
 
 def cmd_compare(args, console: Console) -> int:
-    from attnlab.bench.analysis import compare_runs, render_compare
-    from attnlab.bench.store import Store
-
     with Store(_db_path(args), readonly=True) as store:
         a, b = store.measurements(args.run_a), store.measurements(args.run_b)
     console.print(render_compare(compare_runs(a, b)))
@@ -314,8 +312,6 @@ def cmd_compare(args, console: Console) -> int:
 
 
 def cmd_plot(args, console: Console) -> int:
-    from attnlab.bench.store import Store
-
     with Store(_db_path(args), readonly=True) as store:
         _plot(store, args.run, args.out, console)
     return 0

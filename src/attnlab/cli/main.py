@@ -1,5 +1,4 @@
-"""``attnlab`` command line: ``list``, ``info NAME``, ``verify``, ``demo``, ``bench ...``,
-``tasks``, ``train``, ``generate``, ``inpaint``."""
+"""The ``attnlab`` command: every subcommand's parser and handler, one error line on failure."""
 
 from __future__ import annotations
 
@@ -7,15 +6,31 @@ import argparse
 import json
 import sys
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
 from attnlab import __version__
-from attnlab.cli import bench, positive_int
+from attnlab.cli import Parser, bench, info, positive_int
 from attnlab.cli import compare as compare_cli
 from attnlab.cli import train as train_cli
+from attnlab.cli.demo import run_demo
 from attnlab.cli.errors import report_error, take_debug_flag
 from attnlab.registry import get, list_mechanisms
+from attnlab.verify import verify
+
+DESCRIPTION = """attnlab: a lab for attention mechanisms. Implement, verify, benchmark,
+train and compare them: each command below says what it does, COMMAND --help how."""
+
+EPILOG = """start here:
+  attnlab list                      every registered mechanism, one line each
+  attnlab info sdpa                 one of them: equation, paper, its file, tests, bench
+  attnlab verify                    each one in its limit case against its reference
+  attnlab compare                   the main job: benchmark, train, write the report
+  attnlab bench --profile quick     time and memory of every mechanism (< 3 min)
+
+on an error a command prints one line and exits 2 (your input) or 1 (a defect of
+attnlab); --debug, anywhere on the line, adds the traceback (or ATTNLAB_DEBUG=1)."""
 
 
 def _yes(flag: bool) -> str:
@@ -43,40 +58,7 @@ def cmd_list(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def cmd_info(args: argparse.Namespace, console: Console) -> int:
-    s = get(args.name)
-    if args.json:
-        print(json.dumps(s.to_dict(), indent=2))
-        return 0
-    console.print(f"[bold]{s.name}[/bold]  ({s.family}, {'exact' if s.exact else 'approximate'})")
-    if s.aliases:
-        console.print(f"aliases: {', '.join(s.aliases)}")
-    console.print(s.summary)
-    console.print(f"\n[bold]equation[/bold]  {s.equation}")
-    console.print(f"[bold]time[/bold] {s.time}   [bold]memory[/bold] {s.memory}")
-    flags = {"causal": s.causal, "arbitrary masks": s.arbitrary_mask,
-             "key padding": s.key_padding, "cross (Nq != Nk)": s.cross,
-             "returns weights": s.returns_weights, "kv cache": s.kv_cache,
-             "differentiable": s.differentiable, "float16/bfloat16": s.half_precision,
-             "learnable parameters": s.learnable}
-    console.print("  ".join(f"{k}: {_yes(v)}" for k, v in flags.items()))
-    console.print(f"\n[bold]paper[/bold]  {s.paper.authors} ({s.paper.year}). "
-                  f"{s.paper.title}. {s.paper.url}")
-    table = Table(title="hyperparameters")
-    for col in ("name", "type", "default", "description"):
-        table.add_column(col)
-    for h in s.hparams:
-        table.add_row(h.name, h.type.__name__, h.describe_default(), h.doc)
-    if s.hparams:
-        console.print(table)
-    else:
-        console.print("hyperparameters: none")
-    return 0
-
-
 def cmd_demo(args: argparse.Namespace, console: Console) -> int:
-    from attnlab.cli.demo import run_demo
-
     rows = run_demo(batch=args.batch, heads=args.heads, n=args.n, head_dim=args.head_dim,
                     causal=args.causal, names=args.mechanisms)
     if args.json:
@@ -100,10 +82,6 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, console: Console) -> int:
-    import torch
-
-    from attnlab.verify import verify
-
     names = args.names or list_mechanisms()
     dtype = getattr(torch, args.dtype)
     table = Table(title=f"every mechanism in its limit case vs its reference: N={args.n} "
@@ -129,32 +107,35 @@ def cmd_verify(args: argparse.Namespace, console: Console) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="attnlab", description=__doc__)
-    p.add_argument("--version", action="version", version=f"attnlab {__version__}")
+    p = Parser(prog="attnlab", description=DESCRIPTION, epilog=EPILOG)
+    p.add_argument("--version", action="version", version=f"attnlab {__version__}",
+                   help="print the version and exit")
     p.add_argument("--debug", action="store_true",
-                   help="on an error, print the traceback too (accepted anywhere)")
-    sub = p.add_subparsers(dest="command", required=True)
-    pl = sub.add_parser("list", help="table of registered mechanisms")
-    pl.add_argument("--json", action="store_true", help="machine-readable output")
-    pl.add_argument("--family", default=None, help="only this family")
-    pi = sub.add_parser("info", help="hyperparameters, equation and paper of one mechanism")
-    pi.add_argument("name")
-    pi.add_argument("--json", action="store_true")
-    pv = sub.add_parser("verify", help="check mechanisms in their limit cases (the gate)")
+                   help="on an error, print the traceback too (accepted anywhere on the line)")
+    sub = p.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND",
+                           help="attnlab COMMAND --help: its options")
+    pl = sub.add_parser("list", help="table of every registered mechanism: family, "
+                                     "complexity, flags, paper")
+    pl.add_argument("--json", action="store_true", help="the registry as JSON")
+    pl.add_argument("--family", help="only this family (exact, classic, sparse, ...)")
+    info.add_parser(sub)
+    pv = sub.add_parser("verify", help="check every mechanism in its limit case against its "
+                                       "reference (the correctness gate)")
     pv.add_argument("names", nargs="*", help="mechanisms (default: all)")
     pv.add_argument("--n", type=positive_int, default=64, help="sequence length")
-    pv.add_argument("--head-dim", type=positive_int, default=16)
-    pv.add_argument("--dtype", default="float32",
+    pv.add_argument("--head-dim", type=positive_int, default=16, help="head dimension")
+    pv.add_argument("--dtype", default="float32", help="floating point type of the inputs",
                     choices=("float32", "float64", "float16", "bfloat16"))
-    pv.add_argument("--causal", action="store_true")
-    pd = sub.add_parser("demo", help="run every mechanism once and print a table")
+    pv.add_argument("--causal", action="store_true", help="check the causal forms")
+    pd = sub.add_parser("demo", help="run every mechanism once on one input and print a table "
+                                     "(a smoke run, not a benchmark)")
     pd.add_argument("--n", type=positive_int, default=256, help="sequence length")
-    pd.add_argument("--batch", type=positive_int, default=2)
-    pd.add_argument("--heads", type=positive_int, default=4)
-    pd.add_argument("--head-dim", type=positive_int, default=32)
-    pd.add_argument("--causal", action="store_true")
-    pd.add_argument("--mechanisms", nargs="+", default=None)
-    pd.add_argument("--json", action="store_true")
+    pd.add_argument("--batch", type=positive_int, default=2, help="batch size")
+    pd.add_argument("--heads", type=positive_int, default=4, help="attention heads")
+    pd.add_argument("--head-dim", type=positive_int, default=32, help="head dimension")
+    pd.add_argument("--causal", action="store_true", help="causal attention")
+    pd.add_argument("--mechanisms", nargs="+", help="only these (default: all)")
+    pd.add_argument("--json", action="store_true", help="the rows as JSON")
     bench.add_parser(sub)
     train_cli.add_parsers(sub)
     compare_cli.add_parsers(sub)
@@ -166,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(bench.normalise_argv(argv))
     # Piped output (CI logs, files) gets a wide table instead of rich's 80 columns.
     console = Console() if sys.stdout.isatty() else Console(width=160)
-    handlers = {"list": cmd_list, "info": cmd_info, "verify": cmd_verify, "demo": cmd_demo,
+    handlers = {"list": cmd_list, "info": info.cmd_info, "verify": cmd_verify, "demo": cmd_demo,
                 "bench": bench.run, **train_cli.HANDLERS, **compare_cli.HANDLERS}
     try:
         return handlers[args.command](args, console)

@@ -13,11 +13,17 @@ import json
 import os
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
+from attnlab.bench.grid import read_settings
+from attnlab.cli import plain
 from attnlab.files import writable_dir
+from attnlab.tasks import get_task, list_tasks
 from attnlab.train.config import ConfigError, TrainConfig
+from attnlab.train.loop import load_trained
+from attnlab.train.runs import train_seeds
 
 __all__ = ["add_parsers", "HANDLERS"]
 
@@ -40,12 +46,10 @@ def _pairs(items: list[str] | None, flag: str) -> dict:
 
 
 def _read_config(path: str) -> dict:
-    from attnlab.bench.grid import read_settings
     return read_settings(path, f"--config {path}", allow_json=True)
 
 
 def build_config(args) -> TrainConfig:
-    from attnlab.tasks import get_task
     base = _read_config(args.config) if args.config else {}
     task = args.task or base.get("task")
     if not task:
@@ -75,7 +79,6 @@ def default_run_dir(cfg: TrainConfig) -> Path:
 
 
 def cmd_tasks(args, console: Console) -> int:
-    from attnlab.tasks import get_task, list_tasks
     table = Table(title="tasks (attnlab train --task NAME)")
     for col in ("task", "kind", "metric", "models", "options (defaults)", "what"):
         table.add_column(col, overflow="fold")
@@ -89,7 +92,6 @@ def cmd_tasks(args, console: Console) -> int:
 
 
 def cmd_train(args, console: Console) -> int:
-    from attnlab.train.runs import train_seeds
     cfg = build_config(args)
     if args.data_dir is None and os.environ.get("ATTNLAB_DATA"):
         console.print(f"data from ATTNLAB_DATA={os.environ['ATTNLAB_DATA']}")
@@ -115,9 +117,6 @@ def cmd_train(args, console: Console) -> int:
 
 
 def cmd_generate(args, console: Console) -> int:
-    import torch
-
-    from attnlab.train.loop import load_trained
     task, model = load_trained(args.run)
     tok = getattr(task, "tokenizer", None)
     if task.kind != "language_model" or tok is None:
@@ -133,7 +132,6 @@ def cmd_generate(args, console: Console) -> int:
 
 
 def cmd_inpaint(args, console: Console) -> int:
-    from attnlab.train.loop import load_trained
     out = Path(args.out or (Path(args.run) / "inpainting.png"))
     # before the model is loaded and run: a read-only destination is said at once
     writable_dir(out.parent, "--out" if args.out else "inpaint",
@@ -148,39 +146,52 @@ def cmd_inpaint(args, console: Console) -> int:
 
 
 def add_parsers(sub) -> None:
-    sub.add_parser("tasks", help="the tasks attnlab can train on")
-    pt = sub.add_parser("train", help="train a model with a mechanism on a task")
-    pt.add_argument("--task", help="see `attnlab tasks`")
-    pt.add_argument("--mechanism", help="attention mechanism (default sdpa)")
+    sub.add_parser("tasks", help="the tasks attnlab can train on: data, metric, models, options")
+    pt = sub.add_parser("train", help="train a model with a mechanism on a task",
+                        description=plain(__doc__))
+    task = "(default: the task's)"
+    pt.add_argument("--task", help="a task of attnlab tasks")
+    pt.add_argument("--mechanism", help="attention mechanism (default: sdpa)")
     pt.add_argument("--model", help="transformer (default) or the task's baseline (lstm, unet)")
-    pt.add_argument("--config", help="TOML / JSON / YAML file of TrainConfig fields")
-    pt.add_argument("--seeds", type=int, nargs="+", default=[0])
-    pt.add_argument("--max-steps", type=int)
-    pt.add_argument("--batch-size", type=int)
-    pt.add_argument("--lr", type=float)
-    pt.add_argument("--device")
-    pt.add_argument("--time-budget", type=float, help="seconds of training per seed")
+    pt.add_argument("--config", help="TOML / JSON / YAML file of TrainConfig fields (flags "
+                                     "given here override it)")
+    pt.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed")
+    pt.add_argument("--max-steps", type=int, help=f"training steps {task}")
+    pt.add_argument("--batch-size", type=int, help=f"examples per step {task}")
+    pt.add_argument("--lr", type=float, help=f"peak learning rate {task}")
+    pt.add_argument("--device", help="cpu, cuda, ... (default: cpu)")
+    pt.add_argument("--time-budget", type=float, help="seconds of training per seed (default: "
+                                                      "no limit)")
     pt.add_argument("--data-dir", help="dataset files (default: $ATTNLAB_DATA, else download)")
-    pt.add_argument("--run-dir", help="default runs/<task>/<mechanism or model>")
+    pt.add_argument("--run-dir", help="where the run goes (default: runs/<task>/<mechanism or "
+                                      "model>, under $ATTNLAB_RUNS if set)")
     pt.add_argument("--resume", action="store_true", help="continue an interrupted run")
     pt.add_argument("--db", help="also record results in this SQLite database")
-    pt.add_argument("--set", action="append", metavar="FIELD=VALUE")
-    pt.add_argument("--task-opt", action="append", metavar="KEY=VALUE")
-    pt.add_argument("--model-opt", action="append", metavar="KEY=VALUE")
-    pt.add_argument("--mech-opt", action="append", metavar="KEY=VALUE")
-    pt.add_argument("--no-progress", action="store_true")
+    pt.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                    help="a TrainConfig field: lr, max_steps, eval_every, ... (repeatable)")
+    pt.add_argument("--task-opt", action="append", metavar="KEY=VALUE",
+                    help="a task option: data_dir, max_len, tokenizer, ... (repeatable; see "
+                         "attnlab tasks)")
+    pt.add_argument("--model-opt", action="append", metavar="KEY=VALUE",
+                    help="a model shape option: d_model, num_layers, ... (repeatable)")
+    pt.add_argument("--mech-opt", action="append", metavar="KEY=VALUE",
+                    help="a hyperparameter of the mechanism (repeatable; see attnlab info "
+                         "NAME)")
+    pt.add_argument("--no-progress", action="store_true", help="no progress bar")
     pg = sub.add_parser("generate", help="sample text from a trained language model run")
     pg.add_argument("run", help="run directory (one seed: runs/wikitext2/sdpa/seed-0)")
-    pg.add_argument("--prompt", default="")
-    pg.add_argument("--max-new-tokens", type=int, default=50)
-    pg.add_argument("--temperature", type=float, default=1.0)
-    pg.add_argument("--top-k", type=int)
-    pg.add_argument("--top-p", type=float)
-    pg.add_argument("--seed", type=int, default=0)
+    pg.add_argument("--prompt", default="", help="text to continue (default: none)")
+    pg.add_argument("--max-new-tokens", type=int, default=50, help="tokens to sample")
+    pg.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    pg.add_argument("--top-k", type=int, help="sample among the k likeliest tokens (default: "
+                                             "all)")
+    pg.add_argument("--top-p", type=float, help="nucleus sampling: the likeliest tokens of "
+                                               "total probability p (default: all)")
+    pg.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
     pi = sub.add_parser("inpaint", help="before / masked / after images from an inpainting run")
     pi.add_argument("run", help="run directory of one seed")
     pi.add_argument("--n", type=int, default=8, help="images")
-    pi.add_argument("--split", default="test")
+    pi.add_argument("--split", default="test", help="data split the images come from")
     pi.add_argument("--out", help="PNG path (default RUN/inpainting.png)")
 
 
