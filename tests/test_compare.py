@@ -41,7 +41,8 @@ def tiny_plan(mechanisms=("sdpa", "sliding_window"), seeds=(0, 1)):
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
-    """One tiny compare (2 mechanisms x 2 seeds), its sample text holding a script tag."""
+    """One tiny compare (2 mechanisms x 2 seeds) and its report, the sample text holding a
+    script tag."""
     out = tmp_path_factory.mktemp("compare") / "run"
     mp = pytest.MonkeyPatch()
     from attnlab.report import samples
@@ -49,6 +50,7 @@ def compared(tmp_path_factory):
     mp.setattr(samples, "pick_text", lambda task, n: (f"{XSS} " + real(task, n)[0], "x"))
     try:
         state = run_compare(tiny_plan(), out, jobs=1, progress=False, command="attnlab test")
+        build_report(out)
     finally:
         mp.undo()
     return out, state
@@ -173,7 +175,7 @@ def test_rerun_resumes_and_trains_nothing_again(compared, monkeypatch):
     assert len(stamps) == 4
     monkeypatch.setattr(run_module, "_train_one",
                         lambda *a: pytest.fail("a finished run was trained again"))
-    run_compare(tiny_plan(), out, jobs=1, progress=False, report=False)
+    run_compare(tiny_plan(), out, jobs=1, progress=False)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     n = sqlite3.connect(out / "results.db").execute("SELECT COUNT(*) FROM trainings")
     assert n.fetchone()[0] == 4
@@ -193,10 +195,10 @@ def test_an_interrupted_compare_resumes_where_it_stopped(tmp_path, monkeypatch):
 
     monkeypatch.setattr(run_module, "_train_one", once_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        run_compare(plan, tmp_path, jobs=1, progress=False, report=False)
+        run_compare(plan, tmp_path, jobs=1, progress=False)
     monkeypatch.setattr(run_module, "_train_one", lambda cfg, d: calls.append(cfg["seed"])
                         or real(cfg, d))
-    run_compare(plan, tmp_path, jobs=1, progress=False, report=False)
+    run_compare(plan, tmp_path, jobs=1, progress=False)
     assert calls == [0, 1, 1]  # seed 0 kept, seed 1 trained after the interrupt
     rows = sqlite3.connect(tmp_path / "results.db").execute(
         "SELECT seed FROM trainings ORDER BY seed").fetchall()
@@ -231,11 +233,20 @@ def test_the_report_opens_in_a_real_browser(compared, tmp_path):
     except BrowserNotFound as e:
         pytest.skip(str(e))
     assert check.problems == [] and not check.dialogs and check.scripts == 0
+    assert check.console_errors == [] and check.requests == []
+    assert (out / "report" / "report.html").resolve().as_uri() in check.urls
+    assert all(u.startswith(("file://", "data:")) for u in check.urls), check.urls
     html = (out / "report" / "report.html").read_text()
     assert len(check.figures) == html.count("<figure>") >= 9
     assert all(f["width"] > 50 and f["height"] > 50 and f["drawn"] > 0 for f in check.figures)
+    board = next(t for t in check.tables if t["section"] == "leaderboard")  # its first table
+    assert board["header"][0] == "mechanism" and board["header"][1].startswith("test ")
+    assert "crossover vs sdpa" in board["header"]
+    assert board["rows"] >= 2 and board["width"] > 200 and board["height"] > 50
     assert XSS in check.text
-    assert check.screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png = check.screenshot.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert int.from_bytes(png[16:20], "big") == 1280  # the default viewport's width
 
 
 def test_an_inpainting_compare_shows_the_images(tmp_path, monkeypatch):
@@ -245,15 +256,18 @@ def test_an_inpainting_compare_shows_the_images(tmp_path, monkeypatch):
                      "model_kwargs": {"d_model": 16, "num_layers": 1, "num_heads": 2}},
         bench={**tiny_plan().bench, "mechanisms": ["performer"]})
     run_compare(plan, tmp_path, jobs=1, progress=False)
+    build_report(tmp_path)
     html = (tmp_path / "report" / "report.html").read_text()
     assert 'id="inpainting"' in html and "performer (" in html  # row titled with its PSNR
     assert (tmp_path / "report" / "figures" / "inpainting.png").stat().st_size > 1000
     assert "r0c0" in html  # the attention map's axis labels are the image patches
     assert "throughput: training images/s" in html
+    import attnlab.report.build as build_module
     import attnlab.train.loop as loop
     calls = []
-    monkeypatch.setattr(loop, "load_trained", lambda d, **kw: calls.append(d)
-                        or _real_load(d, **kw))
+    for module in (loop, build_module):  # wherever the report looks it up
+        monkeypatch.setattr(module, "load_trained", lambda d, **kw: calls.append(d)
+                            or _real_load(d, **kw))
     build_report(tmp_path, out=tmp_path / "again")
     assert len(calls) == 1  # the attention maps and the images share the loaded model
 
@@ -274,7 +288,7 @@ def test_sigterm_stops_parallel_training_at_a_checkpoint_and_the_rerun_finishes(
     code = ("import json, sys; from attnlab.compare.plan import Plan; "
             "from attnlab.compare.run import run_compare; "
             "p = Plan.from_json(json.load(open(sys.argv[1]))); "
-            "run_compare(p, sys.argv[2], jobs=2, progress=False, report=False)")
+            "run_compare(p, sys.argv[2], jobs=2, progress=False)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "plan.in.json"),
                              str(tmp_path / "run")], stderr=subprocess.PIPE, text=True)
     ckpts = [tmp_path / "run" / "train" / "sdpa" / f"seed-{s}" / "checkpoint.pt" for s in (0, 1)]
@@ -292,9 +306,10 @@ def test_sigterm_stops_parallel_training_at_a_checkpoint_and_the_rerun_finishes(
         assert 0 < steps[c] < 2000
     import attnlab.train.loop as loop
     real, resumed = loop.train, []
-    monkeypatch.setattr(loop, "train", lambda cfg, d, **kw: resumed.append(kw["resume"])
-                        or real(cfg, d, **kw))
-    run_compare(plan, tmp_path / "run", jobs=1, progress=False, report=False)
+    for module in (loop, run_module):  # wherever compare looks it up
+        monkeypatch.setattr(module, "train", lambda cfg, d, **kw: resumed.append(kw["resume"])
+                            or real(cfg, d, **kw), raising=module is loop)
+    run_compare(plan, tmp_path / "run", jobs=1, progress=False)
     assert resumed == [True, True]  # both seeds continued from their checkpoints
     for c in ckpts:
         assert json.loads((c.parent / "summary.json").read_text())["steps"] == 2000
@@ -319,7 +334,7 @@ def test_cli_report_screenshot(compared, tmp_path):
 @pytest.mark.parametrize("profile", list(PROFILES))
 def test_every_profile_makes_a_valid_plan_and_grid(profile):
     from attnlab.bench.grid import make_grid
-    from attnlab.tasks.base import get_task
+    from attnlab.train.task import get_task
     plan = make_plan(profile=profile)
     bench = dict(plan.bench)
     grid = make_grid(profile=bench.pop("profile", None), **bench)
@@ -354,8 +369,64 @@ def test_cli_compare_runs_and_writes_the_report(tmp_path, capsys):
     assert main(["compare", "--task", "listops", "--mechanisms", "sdpa", "--max-steps", "2",
                  "--seeds", "0", "--jobs", "1", "--out", str(out), "--no-progress", "--advise",
                  "2048:64MiB"]) == 0
-    assert "open " + str(out / "report" / "report.html") in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "open " + str(out / "report" / "report.html") in text
+    assert "(Markdown: " + str(out / "report" / "report.md") + ")" in text
+    # the leaderboard ends the output; 2048 (the advisor's N) was not measured: no timings
+    assert "listops: leaderboard" in text and "time N=" not in text
+    assert re.search(r"│ sdpa\s+│ [0-9.]+ \(1 seed: no CI\)\s+│ best\s+│ sdpa\s+│", text), text
     md = (out / "report" / "report.md").read_text()
     assert "Advice at N=2k (memory budget 64 MiB)" in md
     assert main(["compare", "--task", "listops", "--mechanisms", "sdpa", "linear", "--out",
                  str(out)]) == 2
+
+
+def _table_row(text: str, name: str) -> list[str]:
+    bar = "┃" if name == "mechanism" else "│"  # rich draws the header row heavy
+    line = next(line for line in text.splitlines() if line.startswith(f"{bar} {name}"))
+    return [c.strip() for c in line.strip(f"{bar} ").split(bar)]
+
+
+def test_the_terminal_shows_the_leaderboard_from_the_stored_results(compared, tmp_path,
+                                                                     capsys):
+    """attnlab report (as attnlab compare, after its run) ends with the leaderboard's first
+    columns: the numbers are the results database's, at the advisor's length."""
+    out, _ = compared
+    db = sqlite3.connect(out / "results.db")
+    vals = [v for (v,) in db.execute(
+        "SELECT test_value FROM trainings WHERE mechanism='sdpa' ORDER BY seed")]
+    t = {n: v for n, v in db.execute(
+        "SELECT N, time_s FROM measurements WHERE label='sdpa' AND pass_='fwd'")}
+    db.close()
+    assert main(["report", str(out), "--out", str(tmp_path / "r")]) == 0
+    text = capsys.readouterr().out
+    assert "listops: leaderboard, time and memory at N=128" in text
+    head = _table_row(text, "mechanism")
+    assert head[:4] == ["mechanism", "test accuracy", "vs best", "vs sdpa"]
+    assert head[4:] == ["time N=128", "mem N=128"]
+    row = dict(zip(head, _table_row(text, "sdpa"), strict=True))
+    assert row["test accuracy"].startswith(f"{sum(vals) / 2:.4g} ± ")
+    assert row["time N=128"] == format_time(t[128]) and row["mem N=128"].endswith(" MiB")
+    other = dict(zip(head, _table_row(text, "sliding_window("), strict=True))  # its label
+    assert {row["vs best"], other["vs best"]} & {"best"}
+    assert "Welch's t-test" in text
+    assert text.rstrip().endswith(f"(Markdown: {tmp_path / 'r' / 'report.md'})")
+    # the advisor's length picks the columns; a length not measured shows none
+    assert main(["report", str(out), "--out", str(tmp_path / "r"), "--advise", "64"]) == 0
+    assert _table_row(capsys.readouterr().out, "mechanism")[4:] == ["time N=64", "mem N=64"]
+    assert main(["report", str(out), "--out", str(tmp_path / "r"), "--advise", "4096"]) == 0
+    assert len(_table_row(capsys.readouterr().out, "mechanism")) == 4
+
+
+def test_compare_never_imports_report():
+    """compare/ is below report/ (report builds from what compare stored): no import of
+    attnlab.report anywhere in it, function-local ones included."""
+    import ast
+    from pathlib import Path
+
+    import attnlab.compare
+    for path in Path(attnlab.compare.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        assert not [m for m in names if m.startswith("attnlab.report")], path

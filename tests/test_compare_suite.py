@@ -18,8 +18,9 @@ from attnlab.compare.suite import (
     run_suite,
 )
 from attnlab.registry import get
-from attnlab.tasks.base import get_task
+from attnlab.report.suite import build_suite_report
 from attnlab.train.config import ConfigError
+from attnlab.train.task import get_task
 
 pytest.importorskip("matplotlib")
 
@@ -44,6 +45,8 @@ def tiny_suite(mechanisms=("sdpa", "sliding_window"), seeds=(0, 1)) -> Suite:
 def suite_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("suite") / "run"
     state = run_suite(tiny_suite(), out, jobs=1, progress=False, command="attnlab test")
+    assert not (out / "report").exists()  # compare runs; the report is built from its files
+    build_suite_report(out)
     return out, state
 
 
@@ -107,8 +110,54 @@ def test_a_rerun_trains_nothing_and_report_rebuilds_the_suite(suite_run, capsys)
     run_suite(tiny_suite(), out, jobs=1, progress=False)
     assert len(summaries) == 8 and [p.stat().st_mtime_ns for p in summaries] == before
     (out / "report" / "report.md").unlink()
+    capsys.readouterr()
     assert main(["report", str(out)]) == 0
     assert (out / "report" / "report.md").is_file()
+    text = capsys.readouterr().out
+    assert text.rstrip().endswith(f"(Markdown: {out / 'report' / 'report.md'})")
+    assert f"open {out / 'report' / 'report.html'}" in text
+
+
+def _rows(text: str, title: str) -> dict[str, list[str]]:
+    """The rows of the terminal table titled ``title``, by mechanism."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if title in line)
+    rows = {}
+    for line in lines[start + 1:]:
+        if line.startswith("└"):
+            break
+        if line.startswith(("│", "┃")):  # rich draws the header row heavy
+            bar = line[0]
+            cells = [c.strip() for c in line.strip(f"{bar} ").split(bar)]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_the_terminal_shows_one_leaderboard_per_study(suite_run, tmp_path, capsys):
+    """The suite's terminal view: one table per study, its quality the suite report's
+    (mean ± CI, the same marks) and the sweep's time at the longest length."""
+    out, _ = suite_run
+    assert main(["report", str(out), "--out", str(tmp_path / "r")]) == 0
+    text = capsys.readouterr().out
+    md = (tmp_path / "r" / "report.md").read_text()
+
+    def section(title: str) -> dict[str, list[str]]:  # the rows of that section's table
+        body = md.split(f"## {title}\n")[1].split("\n## ")[0]
+        return {line.split(" | ")[0].strip("| "): line.strip(" |").split(" | ")[1:]
+                for line in body.splitlines() if line.startswith(("| sdpa ", "| sliding_"))}
+
+    quality = section("Quality per study")
+    t128 = {m: cells[1] for m, cells in section("Time and memory").items()}  # time @ 128
+    for i, label in enumerate(("recall", "long_recall")):
+        rows = _rows(text, f"{label} (mqar): leaderboard, time and memory at N=128")
+        assert set(rows) >= {"mechanism", "sdpa", "sliding_window"}, text
+        assert rows["mechanism"] == ["test accuracy", "vs best", "vs sdpa", "time N=128",
+                                     "mem N=128"]
+        for m in ("sdpa", "sliding_window"):
+            mean = float(quality[m][i].split(" ")[0])  # the suite's "0.123 ± 0.045 mark"
+            assert float(rows[m][0].split(" ")[0]) == pytest.approx(mean, abs=5e-4), (
+                rows[m], quality[m])
+            assert rows[m][3] == t128[m]
 
 
 def test_another_suite_in_the_same_directory_is_refused(suite_run):

@@ -550,7 +550,7 @@ def test_greedy_decode_equals_a_manual_argmax_loop_and_pads_after_eos():
     (dict(d_model=30, num_heads=4), ValueError, "d_model must be divisible by num_heads"),
     (dict(num_layers=0), ValueError, "num_layers must be >= 1; got 0"),
     (dict(num_heads=True), TypeError, "num_heads must be an int"),
-    (dict(dropout=1.0), ValueError, r"dropout must be in \[0.0, 1.0\); got 1.0"),
+    (dict(dropout=1.0), ValueError, r"dropout must be a finite number in \[0.0, 1.0\); got 1.0"),
     (dict(positions="rotary"), ValueError, "positions must be one of"),
     (dict(pad_id=13), ValueError, "pad_id must be < vocab_size=13"),
     (dict(pooling="max"), ValueError, "pooling must be one of"),
@@ -590,10 +590,10 @@ def test_model_specific_errors():
 
 def test_generate_errors():
     m, p = lm(), torch.ones(1, 2, dtype=torch.long)
-    for kw, match in ((dict(temperature=-1.0), "temperature must be in"),
+    for kw, match in ((dict(temperature=-1.0), "temperature must be a finite number in"),
                       (dict(top_k=0), "top_k must be >= 1"),
                       (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
-                      (dict(top_p=1.5), "top_p must be in"),
+                      (dict(top_p=1.5), "top_p must be a finite number in"),
                       (dict(eos_id=V), "eos_id must be < vocab_size"),
                       (dict(use_cache="yes"), "use_cache must be None or a bool")):
         with pytest.raises((ValueError, TypeError), match=match):

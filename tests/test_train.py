@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from attnlab.tasks import get_task
-from attnlab.tasks.base import register_task
 from attnlab.tasks.language import Copy
 from attnlab.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from attnlab.train.config import ConfigError, TrainConfig
 from attnlab.train.loop import lr_factor, train
 from attnlab.train.runs import train_seeds
+from attnlab.train.task import register_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = {"n_train": 320, "n_validation": 64, "n_test": 64, "length": 6}

@@ -10,6 +10,7 @@ True
 from attnlab import (
     mechanisms,  # noqa: F401  (registers the built-in mechanisms)
     nn,  # noqa: F401  (attnlab.nn.MultiheadAttention)
+    tasks,  # noqa: F401  (registers the built-in tasks: attnlab train --task NAME)
     verify,  # the correctness gate: attnlab.verify.verify(name), verify_all()
 )
 from attnlab.functional import attention, choose_mechanism
@@ -25,8 +26,7 @@ from attnlab.registry import (
     list_mechanisms,
     register_mechanism,
 )
-
-__version__ = "0.1.0"
+from attnlab.version import __version__
 
 __all__ = [
     "HParam",

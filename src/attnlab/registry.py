@@ -17,13 +17,13 @@ expected and what was given).
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from attnlab.flops import resolve_flop_model
+from attnlab.util.checks import did_you_mean
 
 __all__ = [
     "HParam",
@@ -92,8 +92,7 @@ class HParam:
             raise ValueError(f"{where} is required (expected {self._expected()}); it was not given")
         value = self._coerce(value, where)
         if self.choices is not None and value not in self.choices:
-            close = difflib.get_close_matches(str(value), [str(c) for c in self.choices], n=3)
-            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+            hint = did_you_mean(value, self.choices, n=3, cutoff=0.6)
             raise ValueError(f"{where} must be one of {list(self.choices)}; got {value!r}{hint}")
         if self.type in (int, float):
             if isinstance(value, float) and not math.isfinite(value):
@@ -268,9 +267,7 @@ def validate_hparams(owner: str, hparams: Sequence[HParam],
     if unknown:
         msgs = []
         for k in unknown:
-            close = difflib.get_close_matches(k, list(known), n=3)
-            hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
-            msgs.append(f"{k!r}{hint}")
+            msgs.append(f"{k!r}{did_you_mean(k, known, n=3, cutoff=0.6, style='paren')}")
         accepted = ", ".join(known) or "none"
         raise TypeError(f"{owner}: unknown hyperparameter {', '.join(msgs)}; accepted: {accepted}")
     return {h.name: h.validate(given.get(h.name, h.default), owner) for h in hparams}
@@ -349,15 +346,8 @@ def register_mechanism(
     return deco
 
 
-def _ensure_loaded() -> None:
-    # Importing the package registers every built-in mechanism (each module decorates
-    # its classes at import time); this makes ``attnlab.registry`` usable on its own.
-    import attnlab.mechanisms  # noqa: F401
-
-
 def resolve_name(name: str) -> str:
     """Canonical name for ``name`` or an alias; ``ValueError`` with close matches if unknown."""
-    _ensure_loaded()
     if not isinstance(name, str):
         raise TypeError(f"mechanism must be a str name; got {type(name).__name__} {name!r}")
     key = name.strip().lower().replace("-", "_")
@@ -366,8 +356,7 @@ def resolve_name(name: str) -> str:
     if key in _ALIASES:
         return _ALIASES[key]
     known = sorted([*_REGISTRY, *_ALIASES])
-    close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
-    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+    hint = did_you_mean(key, known, n=3)
     raise ValueError(
         f"mechanism: unknown name {name!r}{hint} (known: {', '.join(sorted(_REGISTRY))})"
     )
@@ -384,7 +373,6 @@ def list_mechanisms(family: str | None = None, **flags: bool) -> list[str]:
     ``list_mechanisms(family="exact")``, ``list_mechanisms(causal=True, exact=False)``,
     ``list_mechanisms(kv_cache=True)``.
     """
-    _ensure_loaded()
     valid = {"exact", "causal", "arbitrary_mask", "key_padding", "kv_cache", "cross",
              "returns_weights", "differentiable", "half_precision", "learnable"}
     bad = set(flags) - valid
@@ -392,8 +380,7 @@ def list_mechanisms(family: str | None = None, **flags: bool) -> list[str]:
         raise TypeError(f"list_mechanisms: unknown filter {sorted(bad)}; accepted: {sorted(valid)}")
     families = sorted({s.family for s in _REGISTRY.values()})
     if family is not None and family not in families:
-        close = difflib.get_close_matches(str(family), families, n=3, cutoff=0.5)
-        hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+        hint = did_you_mean(family, families, n=3)
         raise ValueError(f"family: unknown family {family!r}{hint} (known: "
                          f"{', '.join(families)})")
     out = []

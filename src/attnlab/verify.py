@@ -40,6 +40,7 @@ import torch
 
 from attnlab import registry
 from attnlab.contract import HALF_DTYPES
+from attnlab.util.checks import check_int
 
 __all__ = ["VerifyResult", "causal_allowed", "check_sizes", "dense_softmax_f64",
            "naive_attention_f64", "param_f64", "tolerance", "verify", "verify_all"]
@@ -115,8 +116,10 @@ def tolerance(limit: registry.Limit, dtype: torch.dtype) -> float:
 def check_sizes(caller: str, **sizes) -> None:
     """Each size an int >= 1 (bool is not), else ``ValueError`` naming it."""
     for arg, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{caller}: {arg} must be an int >= 1; got {value!r}")
+        try:
+            check_int(arg, value, low=1, who=caller)
+        except (TypeError, ValueError):  # one exception type for every bad size, documented
+            raise ValueError(f"{caller}: {arg} must be an int >= 1; got {value!r}") from None
 
 
 def _check_args(spec, n, head_dim, num_heads, batch, dtype, causal, hparams) -> None:

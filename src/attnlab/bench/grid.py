@@ -3,17 +3,22 @@
 A grid is the product ``mechanisms x lengths x batch x heads x head_dim x dtype x pass x
 causal``. A mechanism entry is a registered name, optionally with hyperparameters
 (``{"name": "sliding_window", "window": 128}`` in a sweep file); its *label* is the name
-plus the hyperparameters that differ from the profile's defaults, and is what a line in a
-plot stands for. Everything is validated before anything runs or any database is opened.
+plus its hyperparameters, the benchmark-sized :data:`LONG_HPARAMS` included (unless
+``long_hparams = false``: then a mechanism gets the registry's defaults, as a user does),
+and is what a line in a plot stands for. The groups ``all``, ``approximate`` and
+``subquadratic`` (every mechanism whose registry ``memory`` claim has no ``N^2`` term)
+expand to registered names. A ``block_sparse`` layout can be named (``layout = "band:1"``,
+:mod:`attnlab.bench.layouts`). Everything is validated before anything runs or any
+database is opened.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import itertools
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,10 +28,12 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI
     import tomli as tomllib
 
-from attnlab.bench import peers  # peer:NAME entries (PyPI implementations)
+from attnlab.bench import layouts, peers  # peer:NAME entries (PyPI implementations)
 from attnlab.registry import get, list_mechanisms
+from attnlab.util.checks import check_bool, check_int, did_you_mean
 
-__all__ = ["PROFILES", "Grid", "MechanismEntry", "Point", "grid_from_file", "make_grid"]
+__all__ = ["LONG_HPARAMS", "PROFILES", "Grid", "MechanismEntry", "Point",
+           "claims_subquadratic_memory", "grid_from_file", "make_grid"]
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 PASSES = ("fwd", "fwd+bwd")
@@ -125,6 +132,7 @@ class Grid:
     timeout_s: float = 300.0
     mem_cap_gib: float | None = None  # None: 90% of the machine's RAM
     error_max_n: int = 16384  # above this, skip the error measurement (exact costs N^2)
+    long_hparams: bool = True  # False: the registry's defaults, not LONG_HPARAMS
     profile: str | None = None
 
     def points(self) -> list[Point]:
@@ -148,6 +156,8 @@ class Grid:
         d = self.to_json()
         for k in ("min_run_time", "timeout_s", "mem_cap_gib", "profile"):
             d.pop(k)
+        if d["long_hparams"]:  # the default: a grid's digest is what it was before the key
+            d.pop("long_hparams")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -162,7 +172,9 @@ def _ints(where: str, name: str, values, low: int = 1) -> tuple[int, ...]:
     if not isinstance(values, (list, tuple)) or not values:
         _fail(where, f"{name} must be a non-empty list of ints; got {values!r}")
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        try:
+            check_int(name, v, low=low)
+        except (TypeError, ValueError):  # a grid's errors are all ValueErrors (config)
             _fail(where, f"{name} must hold ints >= {low}; got {v!r} in {list(values)}")
     return tuple(dict.fromkeys(values))
 
@@ -174,8 +186,7 @@ def _choices(where: str, name: str, values, allowed) -> tuple:
         _fail(where, f"{name} must be a non-empty list; got {values!r}")
     for v in values:
         if v not in allowed:
-            close = difflib.get_close_matches(str(v), [str(a) for a in allowed], n=2)
-            hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+            hint = did_you_mean(v, allowed, style="paren")
             _fail(where, f"{name} must be among {list(allowed)}; got {v!r}{hint}")
     return tuple(dict.fromkeys(values))
 
@@ -221,14 +232,16 @@ def _check_hparams(where: str, grid: Grid) -> None:
             context = {"head_dim": d, "num_heads": h, "max_seq_len": n}
             filled = {k: v for k, v in context.items() if k in declared}
             try:
-                spec.validate_hparams({**filled, **dict(m.hparams)})
+                given = layouts.resolve(spec.name, dict(m.hparams), n)  # "band:1" -> tensor
+                spec.validate_hparams({**filled, **given})
             except (TypeError, ValueError) as e:
                 _fail(where, str(e))
 
 
 def _mechanisms(where: str, spec, defaults: dict) -> tuple[MechanismEntry, ...]:
-    """Entries from a name, ``"a+b"``, a table or a list of those; the groups ``all`` and
-    ``approximate`` expand wherever they stand (``["all", "peer:local_attention"]``)."""
+    """Entries from a name, ``"a+b"``, a table or a list of those; the groups ``all``,
+    ``approximate`` and ``subquadratic`` expand wherever they stand (``["all",
+    "peer:local_attention"]``)."""
     if spec is None:
         spec = "all"
     if isinstance(spec, str):
@@ -236,7 +249,8 @@ def _mechanisms(where: str, spec, defaults: dict) -> tuple[MechanismEntry, ...]:
     items = [spec] if isinstance(spec, dict) else spec
     if not isinstance(items, (list, tuple)) or not items:
         _fail(where, f"mechanisms must be a non-empty list; got {spec!r}")
-    groups = {"all": list_mechanisms(), "approximate": list_mechanisms(exact=False)}
+    groups = {"all": list_mechanisms(), "approximate": list_mechanisms(exact=False),
+              "subquadratic": [n for n in list_mechanisms() if claims_subquadratic_memory(n)]}
     items = [m for i in items for m in (groups[i] if isinstance(i, str) and i in groups
                                         else [i])]
     return tuple(dict.fromkeys(_entry(where, i, defaults) for i in items))
@@ -246,22 +260,24 @@ def make_grid(*, profile: str | None = None, where: str = "bench", **given) -> G
     """A validated :class:`Grid` from a profile's values overridden by ``given`` (``None``
     values mean "not given")."""
     if profile is not None and profile not in PROFILES:
-        close = difflib.get_close_matches(profile, list(PROFILES), n=2)
-        hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+        hint = did_you_mean(profile, PROFILES, style="paren")
         _fail(where, f"unknown profile {profile!r}{hint}; known: {list(PROFILES)}")
     base = dict(PROFILES[profile]) if profile else {}
     known = {f.name for f in dataclasses.fields(Grid)}
     given = {k: v for k, v in given.items() if v is not None}
     unknown = sorted(set(given) - known)
     if unknown:
-        close = {u: difflib.get_close_matches(u, sorted(known), n=1) for u in unknown}
-        hints = ", ".join(f"{u!r}" + (f" (did you mean {c[0]!r}?)" if c else "")
-                          for u, c in close.items())
+        hints = ", ".join(f"{u!r}{did_you_mean(u, sorted(known), n=1, style='paren')}"
+                          for u in unknown)
         _fail(where, f"unknown setting {hints}; known: {sorted(known)}")
     cfg = {**base, **given}
     if "lengths" not in cfg:
         _fail(where, "no sequence lengths: give lengths (--n) or a profile")
-    defaults = LONG_HPARAMS
+    try:
+        long_hparams = check_bool("long_hparams", cfg.get("long_hparams", True), who=where)
+    except TypeError as e:
+        raise ValueError(str(e)) from None
+    defaults = LONG_HPARAMS if long_hparams else {}
     device = cfg.get("device", "cpu")
     if device not in ("cpu", "cuda"):
         _fail(where, f"device must be 'cpu' or 'cuda'; got {device!r}")
@@ -281,10 +297,21 @@ def make_grid(*, profile: str | None = None, where: str = "bench", **given) -> G
         mem_cap_gib=(None if cfg.get("mem_cap_gib") is None
                      else _positive(where, "mem_cap_gib", cfg["mem_cap_gib"])),
         error_max_n=_ints(where, "error_max_n", cfg.get("error_max_n", 16384))[0],
+        long_hparams=long_hparams,
         profile=profile,
     )
     _check_hparams(where, grid)
     return grid
+
+
+_QUADRATIC = re.compile(r"N\s*\^\s*2|N²")
+
+
+def claims_subquadratic_memory(name: str) -> bool:
+    """Whether the registry's ``memory`` claim for ``name`` has no ``N^2`` term (the
+    ``subquadratic`` group: ``O(N)``, ``O(N k + k L)`` and ``O((N/b)^2)`` are in,
+    ``O(N^2)`` and ``O(chunk N A) forward (autograd keeps O(N^2 A))`` are out)."""
+    return not _QUADRATIC.search(get(name).memory)
 
 
 def _positive(where: str, name: str, v) -> float:
@@ -334,8 +361,10 @@ def read_settings(path: str | Path, where: str, *, allow_json: bool = False) -> 
 def grid_from_file(path: str | Path, **overrides) -> Grid:
     """A grid from a TOML (``.toml``) or YAML (``.yaml``/``.yml``, needs PyYAML) sweep file.
 
-    Keys are :class:`Grid`'s fields plus ``profile``; ``mechanisms`` is a list of names
-    or tables ``{name = "sliding_window", window = 128}``. ``overrides`` (from flags) win.
+    Keys are :func:`make_grid`'s: :class:`Grid`'s fields plus ``profile`` (an unknown key
+    is refused with the closest known one); ``mechanisms`` is a list of names, groups
+    (``"approximate"``, ``"subquadratic"``) or tables ``{name = "sliding_window", window =
+    128}``. ``overrides`` (from flags) win. The sweeps in ``benchmarks/`` are examples.
     """
     path = Path(path)
     where = f"sweep file {path}"

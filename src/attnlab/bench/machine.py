@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from attnlab.version import __version__
+
 __all__ = ["describe", "fingerprint", "git_commit", "matmul_roof_gflops", "versions"]
 
 
@@ -49,10 +51,8 @@ def fingerprint(machine: dict, threads: int) -> str:
 
 
 def versions() -> dict:
-    import attnlab
-
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "attnlab": attnlab.__version__}
+            "attnlab": __version__}
 
 
 def git_commit() -> str | None:

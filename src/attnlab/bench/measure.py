@@ -36,9 +36,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from attnlab.bench import peers
+from attnlab.bench import layouts, peers
+from attnlab.bench.peers import is_peer, verify_peer
 from attnlab.flops import model_name
 from attnlab.registry import create_for, get
+from attnlab.verify import verify
 
 __all__ = ["measure_point", "warm_up", "peak_rss_bytes", "reset_peak_rss", "rss_bytes"]
 
@@ -110,13 +112,12 @@ def peak_rss_bytes() -> int:
 def _gate(p: dict, dtype: torch.dtype) -> tuple[dict | None, dict]:
     """``(None, info)`` when the mechanism passes its limit-case check, else the FAILED
     record and ``info`` (the gate's error and tolerance)."""
-    from attnlab.bench.peers import is_peer, verify_peer
-    from attnlab.verify import verify
 
     check = verify_peer if is_peer(p["mechanism"]) else verify  # peer:NAME: its own limit
-    res = check(p["mechanism"], n=min(p["N"], GATE_MAX_N), head_dim=p["head_dim"],
-                num_heads=min(p["heads"], 2), batch=1, dtype=dtype, causal=p["causal"],
-                device=p["device"], **p["hparams"])
+    n = min(p["N"], GATE_MAX_N)
+    res = check(p["mechanism"], n=n, head_dim=p["head_dim"], num_heads=min(p["heads"], 2),
+                batch=1, dtype=dtype, causal=p["causal"], device=p["device"],
+                **layouts.resolve(p["mechanism"], p["hparams"], n))
     info = {"gate_error": res.error, "gate_tol": res.tol}
     if res.ok:
         return None, info
@@ -141,15 +142,20 @@ def _peak(step, device: str) -> int:
 def _build(p: dict, dtype: torch.dtype):
     """The mechanism as the point runs it, and its effective hyperparameters: the built
     module's ``hp`` (registry defaults and anything derived from ``max_seq_len`` filled
-    in), or a peer's validated over its defaults."""
+    in), or a peer's validated over its defaults. A named block layout (``band:1``,
+    :mod:`attnlab.bench.layouts`) is built for the point's N and kept by its name."""
     N, D, H, device = p["N"], p["head_dim"], p["heads"], p["device"]
     if peers.is_peer(p["mechanism"]):  # a PyPI peer, called as mech(q, k, v, is_causal=)
         mech = peers.build(p["mechanism"], p["hparams"], n=N, head_dim=D, num_heads=H,
                            device=device, dtype=dtype)
         return mech, peers.validate_hparams(p["mechanism"], dict(p["hparams"]))
     mech = create_for(p["mechanism"], head_dim=D, num_heads=H, max_seq_len=N,
-                      **p["hparams"]).to(device=device, dtype=dtype).eval()
-    return mech, dict(mech.hp)
+                      **layouts.resolve(p["mechanism"], p["hparams"], N))
+    mech = mech.to(device=device, dtype=dtype).eval()
+    hp = dict(mech.hp)
+    if isinstance(p["hparams"].get("layout"), str):  # a named layout: stored by its name
+        hp["layout"] = p["hparams"]["layout"]
+    return mech, hp
 
 
 def resolved_hparams(mech, hp: dict, n: int, q, k, v) -> dict:

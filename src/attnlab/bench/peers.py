@@ -13,7 +13,7 @@ attnlab's mechanisms do, so that one sweep times them side by side on the same i
   divide ``N`` the key-padding mask it accepts is passed, all True over the real tokens;
 * ``reformer_pytorch``: ``reformer_pytorch.LSHAttention`` (``bucket_size`` 64, ``n_hashes``
   2, ``attend_across_buckets=False``: a key must share its query's bucket, the paper's
-  eq. 3, as in ``benchmarks/peers.py``). It takes ``qk`` and ``v`` of shape ``(B*H, N, D)``:
+  eq. 3, as in ``benchmarks/peers.toml``). It takes ``qk`` and ``v`` of shape ``(B*H, N, D)``:
   **shared QK, the ``k`` given is ignored** (keys are the normalised queries, and a query
   attends itself only when nothing else is allowed), so its ``error`` column, measured
   against exact attention with the given ``k``, compares different functions. ``N`` must
@@ -21,8 +21,8 @@ attnlab's mechanisms do, so that one sweep times them side by side on the same i
 
 The layer-level peers (``linformer.LinformerSelfAttention``,
 ``nystrom_attention.NystromAttention``) take ``x (B, N, E)`` and own their projections, not
-``q, k, v``: they are not mechanisms and stay out of the harness; ``benchmarks/peers.py``
-keeps comparing them with ``attnlab.nn.MultiheadAttention`` at the layer level.
+``q, k, v``: they are not mechanisms and stay out of the harness (their layer-level
+figures in docs/benchmarks.md were measured with a script since removed).
 
 Every peer has a correctness gate like attnlab's own mechanisms (:func:`verify_peer`, the
 semantics of :func:`attnlab.verify.verify`), a :class:`~attnlab.registry.Limit` at which it
@@ -54,7 +54,6 @@ computes a known dense function, checked in float64 (max-norm relative error):
 from __future__ import annotations
 
 import contextlib
-import difflib
 import importlib
 import importlib.util
 import io
@@ -66,14 +65,17 @@ from typing import Any
 
 import torch
 
+from attnlab.mechanisms.kernel import performer_limit_inputs
 from attnlab.registry import HParam, Limit
 from attnlab.registry import validate_hparams as registry_validate
+from attnlab.util.checks import did_you_mean
 from attnlab.verify import (
     VerifyResult,
     causal_allowed,
     check_sizes,
     dense_softmax_f64,
     judge,
+    naive_attention_f64,
     param_f64,
     tolerance,
 )
@@ -186,7 +188,6 @@ def favor_reference(q, k, v, *, mech, scale, is_causal):
 
 
 def _performer_inputs(q, k, v, gen):
-    from attnlab.mechanisms.kernel import performer_limit_inputs
 
     return performer_limit_inputs(q, k, v, gen)
 
@@ -282,7 +283,7 @@ PEERS: dict[str, PeerSpec] = {
 }
 
 
-# Whole layers that own their projections: compared in benchmarks/peers.py, not here.
+# Whole layers that own their projections: not mechanisms, refused with the reason.
 LAYER_LEVEL = {"linformer": "linformer.LinformerSelfAttention",
                "nystrom_attention": "nystrom_attention.NystromAttention"}
 
@@ -303,11 +304,10 @@ def resolve(name: str) -> PeerSpec:
         return PEERS[key]
     if key in LAYER_LEVEL:
         raise ValueError(f"peer: {name!r} is a layer-level peer ({LAYER_LEVEL[key]} takes x "
-                         f"(B, N, E), not q, k, v): not a mechanism; benchmarks/peers.py "
-                         f"compares it with attnlab.nn.MultiheadAttention")
+                         f"(B, N, E), not q, k, v): not a mechanism; attnlab bench times "
+                         f"the kernel-level peers only: {', '.join(PEERS)}")
     labels = [s.label for s in PEERS.values()]
-    close = difflib.get_close_matches(PREFIX + key, labels, n=2, cutoff=0.6)
-    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+    hint = did_you_mean(PREFIX + key, labels, n=2, cutoff=0.6)
     raise ValueError(f"peer: unknown name {name!r}{hint} (known: {', '.join(labels)})")
 
 
@@ -412,6 +412,5 @@ def verify_peer(name: str, *, n: int = 64, head_dim: int = 16, num_heads: int = 
 
 
 def _softmax_reference(q, k, v, *, mech, scale, is_causal):
-    from attnlab.verify import naive_attention_f64
 
     return naive_attention_f64(q, k, v, is_causal=is_causal)

@@ -35,8 +35,11 @@ from dataclasses import asdict
 
 from attnlab.bench import machine as mach
 from attnlab.bench.grid import Grid, Point
+from attnlab.bench.measure import measure_point
 from attnlab.bench.roof import best_roof, check_fraction, record_roof, with_roof_note
 from attnlab.bench.store import Store
+from attnlab.registry import get
+from attnlab.util.progress import make_progress
 
 __all__ = ["run_sweep"]
 
@@ -59,7 +62,6 @@ def _child(conn, point: dict, cfg: dict) -> None:
             resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
         if cfg.get("_test_hook"):  # tests only: make a child fail on purpose
             _test_hooks(cfg["_test_hook"], point)
-        from attnlab.bench.measure import measure_point
 
         res = measure_point(point, cfg)
     except MemoryError as e:
@@ -86,7 +88,6 @@ def _test_hooks(hook: dict, point: dict) -> None:
     if what == "die":
         os.kill(os.getpid(), signal.SIGKILL)
     if what == "break_gate":  # a wrong mechanism: its output shifted by 0.1
-        from attnlab.registry import get
 
         cls = get(point["mechanism"]).cls
         attend = cls._attend
@@ -304,18 +305,7 @@ class _Bar:
     def __init__(self, enabled: bool, console, total: int, completed: int) -> None:
         self.progress = None
         if enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
-                                     MofNCompleteColumn(), TimeElapsedColumn(), "ETA",
-                                     TimeRemainingColumn(), console=console)
+            self.progress = make_progress(console=console)
             self.task = self.progress.add_task("bench", total=total, completed=completed)
 
     def __enter__(self):

@@ -23,16 +23,18 @@ seeds with their own data options.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from attnlab.bench.grid import make_grid
 from attnlab.files import FileFormatError, read_json, write_json
 from attnlab.registry import get, list_mechanisms, resolve_name
 from attnlab.train.config import ConfigError
+from attnlab.train.task import get_task
+from attnlab.util.checks import did_you_mean
 
 __all__ = ["DEFAULT_TASK", "PROFILES", "Plan", "make_plan", "load_or_save", "read_plan"]
 
@@ -125,7 +127,6 @@ class Plan:
 
     def config(self, mechanism: str, seed: int):
         """The TrainConfig of one training run."""
-        from attnlab.tasks.base import get_task
         return get_task(self.task).make_config(
             **self.train, mechanism=mechanism, seed=seed,
             mechanism_kwargs=self.mechanism_kwargs.get(mechanism, {}))
@@ -151,12 +152,9 @@ def make_plan(*, task: str | None = None, profile: str = "quick",
               max_steps: int | None = None, task_kwargs: dict[str, Any] | None = None,
               threads: int = 1) -> Plan:
     """A validated plan; every error (unknown names, bad values) before anything runs."""
-    from attnlab.bench.grid import make_grid
-    from attnlab.tasks.base import get_task
 
     if profile not in PROFILES:
-        close = difflib.get_close_matches(profile, list(PROFILES), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = did_you_mean(profile, PROFILES, n=1, cutoff=0.6, style="paren")
         raise ConfigError(f"--profile: unknown profile {profile!r}{hint}; "
                           f"known: {', '.join(PROFILES)}")
     prof = PROFILES[profile]

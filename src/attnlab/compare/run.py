@@ -3,14 +3,16 @@
 ``RUN_DIR/`` holds ``plan.json`` (what runs), ``state.json`` (the command, the benchmark
 run's id, timings), ``results.db`` (the benchmark lab's SQLite store: the sweep's
 measurements and one ``trainings`` row per finished seed), ``train/<mechanism>/seed-<s>/``
-(ordinary training runs: metrics, checkpoints, summary) and ``report/``. A study of a
+(ordinary training runs: metrics, checkpoints, summary); ``attnlab compare`` then writes
+``report/`` from them (:mod:`attnlab.report`, above this package: nothing here imports
+it). A study of a
 suite (:mod:`attnlab.compare.suite`) keeps its trainings there too, and reads the suite's
 one sweep from ``plan.bench_dir``.
 
 Order: the benchmark sweep first, alone on the machine (timings measured next to training
 processes would be slowed by them); then the training runs, ``jobs`` at a time in separate
-processes of one thread each (small models do not use two threads well, two runs do);
-then the report. Interrupting (Ctrl-C / SIGTERM) stops the sweep at a point boundary and
+processes of one thread each (small models do not use two threads well, two runs do).
+Interrupting (Ctrl-C / SIGTERM) stops the sweep at a point boundary and
 each training run at a step boundary with a checkpoint; the same command resumes.
 """
 
@@ -27,11 +29,15 @@ from typing import Any
 
 from rich.console import Console
 
+from attnlab.bench.grid import make_grid
+from attnlab.bench.runner import run_sweep
 from attnlab.bench.store import Store
 from attnlab.compare.plan import Plan, load_or_save
 from attnlab.files import read_json, writable_database, writable_dir, write_json
-from attnlab.train.config import read_run_config
+from attnlab.train.config import TrainConfig, read_run_config
+from attnlab.train.loop import train
 from attnlab.train.runs import record
+from attnlab.util.progress import make_progress
 
 __all__ = ["bench_sweep", "run_compare", "run_dir_of", "CompareInterrupted"]
 
@@ -70,8 +76,6 @@ def _check_outputs(run_dir: Path) -> None:
 
 def _train_one(cfg: dict, run_dir: str) -> dict[str, Any]:
     """One seed of one mechanism (in a worker process, or in-process with jobs=1)."""
-    from attnlab.train.config import TrainConfig
-    from attnlab.train.loop import train
     d = Path(run_dir)
     res = train(TrainConfig.from_dict(cfg), d, resume=(d / "checkpoint.pt").exists(),
                 progress=False)
@@ -83,8 +87,6 @@ def bench_sweep(settings: dict, run_dir: Path, command: str, progress: bool,
     """The benchmark sweep of ``settings`` (make_grid's) in ``run_dir/results.db``; its run
     id. A finished sweep of this very grid is kept; an unfinished one is resumed by
     run_sweep itself (same grid digest, same machine)."""
-    from attnlab.bench.grid import make_grid
-    from attnlab.bench.runner import run_sweep
 
     settings = dict(settings)
     grid = make_grid(profile=settings.pop("profile", None), where="compare", **settings)
@@ -122,21 +124,35 @@ def _record_missing(plan: Plan, run_dir: Path, db: Path) -> None:
                 record(db, d, read_run_config(d), read_json(d / "summary.json", "run summary"))
 
 
-def _training(plan: Plan, run_dir: Path, jobs: int, progress: bool,
-              console: Console) -> None:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+def _longest_first(todo: list[tuple[str, int]], plan: Plan, db: Path,
+                   bench_run: int | None) -> list[tuple[str, int]]:
+    """``todo`` with the slowest mechanisms first, by the sweep's own forward+backward time
+    at the length nearest the task's: with ``jobs`` workers the last run then runs beside
+    others rather than alone (longest-processing-time-first scheduling). Order only: what
+    each run computes does not change. Without a usable sweep the order is kept."""
+    if bench_run is None or not db.exists():
+        return todo
+    opts = plan.train.get("task_kwargs", {})
+    length = next((opts[k] for k in ("length", "max_len", "seq_len") if k in opts), None)
+    with Store(db, readonly=True) as store:
+        rows = [r for r in store.measurements(bench_run)
+                if r["status"] == "ok" and r["pass_"] == "fwd+bwd"]
+    if not rows:
+        return todo
+    ns = sorted({r["N"] for r in rows})
+    n = min(ns, key=lambda x: abs(x - length)) if isinstance(length, int) else ns[0]
+    cost = {r["mechanism"]: r["time_s"] for r in rows if r["N"] == n}
+    return sorted(todo, key=lambda ms: -cost.get(ms[0], 0.0))
 
+
+def _training(plan: Plan, run_dir: Path, jobs: int, progress: bool,
+              console: Console, bench: tuple[Path, int | None] | None = None) -> None:
     db = run_dir / "results.db"
     _record_missing(plan, run_dir, db)
     todo = [(m, s) for m in plan.trained() for s in plan.seeds
             if not (run_dir_of(run_dir, m, s) / "summary.json").exists()]
+    if jobs > 1 and bench is not None:
+        todo = _longest_first(todo, plan, *bench)
     total = len(plan.trained()) * len(plan.seeds)
     for m, why in plan.skipped.items():
         console.print(f"[yellow]not trained[/yellow]: {m}: {why}")
@@ -146,9 +162,8 @@ def _training(plan: Plan, run_dir: Path, jobs: int, progress: bool,
     jobs = max(1, min(jobs, len(todo)))
     console.print(f"[bold]training[/bold]: {len(todo)} of {total} runs on {plan.task} "
                   f"({plan.train.get('max_steps')} steps), {jobs} at a time")
-    columns = [TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.description}")]
-    with Progress(*columns, console=console, disable=not progress) as bar:
+    with make_progress("training", trailing="{task.description}", console=console,
+                       enabled=progress) as bar:
         tid = bar.add_task("", total=total, completed=total - len(todo))
 
         def finished(m: str, s: int, res: dict) -> None:
@@ -205,13 +220,13 @@ def _pool(plan, run_dir, todo, jobs, bar, tid, finished) -> None:
 
 def run_compare(plan: Plan, run_dir: str | Path, *, jobs: int | None = None,
                 progress: bool = True, console: Console | None = None, command: str = "",
-                report: bool = True, advise: list[tuple[int, int | None]] | None = None,
                 bench_run: int | None = None) -> dict[str, Any]:
-    """Run (or resume) ``plan`` in ``run_dir``; returns the state with the report's paths
-    (``advise``: the advisor's questions, see :func:`~attnlab.report.build.build_report`).
-    A study of a suite (``plan.bench_dir``) runs no sweep of its own: ``bench_run`` is the
-    suite's, in ``run_dir / plan.bench_dir / "results.db"``.
-    Raises :class:`CompareInterrupted` when stopped early (rerun to resume)."""
+    """Run (or resume) ``plan`` in ``run_dir``: the sweep, then the trainings; returns the
+    state (``state.json``). The report is built from the directory afterwards
+    (``attnlab report RUN_DIR``, :func:`attnlab.report.build.build_report`). A study of
+    a suite (``plan.bench_dir``) runs no sweep of its own: ``bench_run`` is the suite's, in
+    ``run_dir / plan.bench_dir / "results.db"``. Raises :class:`CompareInterrupted` when
+    stopped early (rerun to resume)."""
     run_dir = Path(run_dir)
     if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
         raise ValueError(f"jobs: expected an integer >= 1 (training runs at a time); "
@@ -238,15 +253,13 @@ def run_compare(plan: Plan, run_dir: str | Path, *, jobs: int | None = None,
     # SIGTERM (a scheduler's stop) ends like Ctrl-C: running seeds checkpoint, state is saved.
     old = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        _training(plan, run_dir, jobs or os.cpu_count() or 1, progress, console)
+        bench_db = (run_dir / plan.bench_dir if plan.bench_dir else run_dir) / "results.db"
+        _training(plan, run_dir, jobs or os.cpu_count() or 1, progress, console,
+                  (bench_db, state.get("bench_run")))
     finally:
         signal.signal(signal.SIGTERM, old)
         state["train_s"] = state.get("train_s", 0.0) + time.perf_counter() - t0
         _save_state(run_dir, state)
     state["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
     _save_state(run_dir, state)
-    if report:
-        from attnlab.report.build import build_report
-        paths = build_report(run_dir, console=console, advise=advise)
-        state["report"] = {k: str(v) for k, v in paths.items()}
     return state

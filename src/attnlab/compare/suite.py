@@ -28,7 +28,6 @@ retrieval that some designs learn within the budget and others cannot do at all:
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import time
 from dataclasses import dataclass
@@ -37,10 +36,12 @@ from typing import Any
 
 from rich.console import Console
 
+from attnlab.bench.grid import make_grid
 from attnlab.compare.plan import Plan, make_plan
 from attnlab.compare.run import bench_sweep, run_compare
 from attnlab.files import read_json, writable_dir, write_json
 from attnlab.train.config import ConfigError
+from attnlab.util.checks import did_you_mean
 
 __all__ = ["SUITES", "DEFAULT_MECHANISMS", "Suite", "make_suite", "run_suite", "is_suite"]
 
@@ -161,10 +162,8 @@ def _study(label: str, spec: dict, profile: str, mechanisms, seeds, max_steps) -
 def make_suite(*, profile: str = "quick", mechanisms: list[str] | None = None,
                seeds: list[int] | None = None, max_steps: int | None = None) -> Suite:
     """A validated suite; every error before anything runs."""
-    from attnlab.bench.grid import make_grid
     if profile not in SUITES:
-        close = difflib.get_close_matches(profile, list(SUITES), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = did_you_mean(profile, SUITES, n=1, cutoff=0.6, style="paren")
         raise ConfigError(f"--profile: the default suite has no profile {profile!r}{hint}; "
                           f"known: {', '.join(SUITES)} (other profiles need --task)")
     prof = SUITES[profile]
@@ -196,10 +195,11 @@ def read_suite(run_dir: str | Path) -> Suite:
 
 
 def run_suite(suite: Suite, run_dir: str | Path, *, jobs: int | None = None,
-              progress: bool = True, console: Console | None = None, command: str = "",
-              advise: list[tuple[int, int | None]] | None = None) -> dict[str, Any]:
-    """Run (or resume) ``suite`` in ``run_dir``: the sweep, each study, the reports."""
-    from attnlab.report.suite import build_suite_report
+              progress: bool = True, console: Console | None = None,
+              command: str = "") -> dict[str, Any]:
+    """Run (or resume) ``suite`` in ``run_dir``: the sweep, then each study; returns the
+    studies' states. The reports are built from the directory afterwards (``attnlab
+    report RUN_DIR``, :func:`attnlab.report.suite.build_suite_report`)."""
     run_dir = Path(run_dir)
     console = console or Console(stderr=True, quiet=not progress)
     writable_dir(run_dir, "--out")
@@ -213,10 +213,6 @@ def run_suite(suite: Suite, run_dir: str | Path, *, jobs: int | None = None,
         console.print(f"[bold]study {label}[/bold]: {plan.task} "
                       f"({', '.join(f'{k}={v}' for k, v in plan.train['task_kwargs'].items())})")
         states[label] = run_compare(plan, run_dir / label, jobs=jobs, progress=progress,
-                                    console=console, command=command, report=False,
-                                    bench_run=bench_run)
-    paths = build_suite_report(run_dir, console=console, advise=advise)  # and the studies'
-
+                                    console=console, command=command, bench_run=bench_run)
     train_s = sum(s.get("train_s", 0.0) for s in states.values())
-    return {"bench_s": bench_s, "train_s": train_s, "studies": states,
-            "report": {k: str(v) for k, v in paths.items()}}
+    return {"bench_s": bench_s, "train_s": train_s, "studies": states}

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -20,6 +19,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from attnlab.data.tokenize import PAD
+from attnlab.util.checks import check_int, did_you_mean
 
 __all__ = ["TRUNCATE_MODES", "BucketBatchSampler", "LMStream", "SequenceDataset", "collate",
            "pad_batch", "padding_fraction"]
@@ -27,21 +27,15 @@ __all__ = ["TRUNCATE_MODES", "BucketBatchSampler", "LMStream", "SequenceDataset"
 TRUNCATE_MODES = ("head", "tail", "head+tail")
 
 
-def _check_int(name: str, value, *, low: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        kind = "an int" + (" or None" if allow_none else "")
-        raise ValueError(f"{name}: expected {kind} >= {low}, got {value!r}")
+
 
 
 def _check_pad_args(pad_id, max_len, truncate, prepend) -> None:
-    _check_int("pad_id", pad_id, low=0)
-    _check_int("prepend", prepend, low=0, allow_none=True)
-    _check_int("max_len", max_len, low=1 if prepend is None else 2, allow_none=True)
+    check_int("pad_id", pad_id, low=0)
+    check_int("prepend", prepend, low=0, nullable=True)
+    check_int("max_len", max_len, low=1 if prepend is None else 2, nullable=True)
     if truncate not in TRUNCATE_MODES:
-        close = difflib.get_close_matches(str(truncate), TRUNCATE_MODES, n=2, cutoff=0.4)
-        hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+        hint = did_you_mean(truncate, TRUNCATE_MODES, n=2, cutoff=0.4)
         raise ValueError(f"truncate: expected one of {TRUNCATE_MODES}, got {truncate!r}{hint}")
 
 
@@ -73,7 +67,7 @@ def pad_batch(seqs: Sequence[Sequence[int]], *, pad_id: int = PAD, max_len: int 
     sequence is still a token.
     """
     _check_pad_args(pad_id, max_len, truncate, prepend)
-    _check_int("multiple", multiple, low=1)
+    check_int("multiple", multiple, low=1)
     if max_len is not None and max_len % multiple:
         raise ValueError(f"multiple: expected a divisor of max_len={max_len} (a padded batch "
                          f"must still fit), got {multiple}")
@@ -138,10 +132,10 @@ class BucketBatchSampler(Sampler[list[int]]):
         if (self.lengths < 1).any():
             i = int(np.argmax(self.lengths < 1))
             raise ValueError(f"lengths[{i}]: expected >= 1, got {int(self.lengths[i])}")
-        _check_int("batch_size", batch_size, low=1, allow_none=True)
-        _check_int("max_tokens", max_tokens, low=1, allow_none=True)
-        _check_int("seed", seed, low=0)
-        _check_int("bucket_size_multiplier", bucket_size_multiplier, low=1)
+        check_int("batch_size", batch_size, low=1, nullable=True)
+        check_int("max_tokens", max_tokens, low=1, nullable=True)
+        check_int("seed", seed, low=0)
+        check_int("bucket_size_multiplier", bucket_size_multiplier, low=1)
         if batch_size is None and max_tokens is None:
             raise ValueError("batch_size / max_tokens: give at least one, got neither")
         if max_tokens is not None and self.lengths.max() > max_tokens:
@@ -195,7 +189,7 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Use ``epoch``'s order from its batch ``start`` on (``start`` = batches done)."""
-        _check_int("epoch", epoch, low=0)
+        check_int("epoch", epoch, low=0)
         total = len(self.batches(epoch))
         if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= total:
             raise ValueError(f"start: expected an int in [0, {total}] (epoch {epoch} has "
@@ -227,8 +221,8 @@ class LMStream:
             got = (f"a {data.dim()}-D {data.dtype} tensor" if isinstance(data, torch.Tensor)
                    else type(data).__name__)
             raise ValueError(f"data: expected a 1-D integer tensor of token ids, got {got}")
-        _check_int("batch_size", batch_size, low=1)
-        _check_int("seq_len", seq_len, low=1)
+        check_int("batch_size", batch_size, low=1)
+        check_int("seq_len", seq_len, low=1)
         cols = data.numel() // batch_size
         if cols < 2:
             raise ValueError(f"data: {data.numel()} tokens give {cols} per row for batch_size="

@@ -18,20 +18,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from attnlab.util.checks import check_choice, check_int
+
 __all__ = ["BOS", "EOS", "PAD", "SEQ2SEQ_TASKS", "collate", "pad_sequences", "seq2seq_task"]
 
 PAD, BOS, EOS = 0, 1, 2
 FIRST_DATA = 3
 SEQ2SEQ_TASKS = ("copy", "reverse", "sort")
-
-
-def _int(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"seq2seq_task: {name} must be an int, got {type(value).__name__} "
-                        f"{value!r}")
-    if value < low:
-        raise ValueError(f"seq2seq_task: {name} must be >= {low}, got {value}")
-    return int(value)
 
 
 def seq2seq_task(n: int, *, task: str = "reverse", min_len: int = 4, max_len: int = 12,
@@ -43,16 +36,15 @@ def seq2seq_task(n: int, *, task: str = "reverse", min_len: int = 4, max_len: in
     Returns two lists of ``n`` lists of ints: sources (data tokens) and targets
     ``[BOS] + y + [EOS]`` (see the module docstring).
     """
-    n = _int("n", n, 0)
-    if task not in SEQ2SEQ_TASKS:
-        raise ValueError(f"seq2seq_task: task must be one of {list(SEQ2SEQ_TASKS)}, "
-                         f"got {task!r}")
-    min_len, max_len = _int("min_len", min_len, 1), _int("max_len", max_len, 1)
+    n = check_int("n", n, low=0, who="seq2seq_task")
+    check_choice("task", task, SEQ2SEQ_TASKS, who="seq2seq_task")
+    min_len = check_int("min_len", min_len, low=1, who="seq2seq_task")
+    max_len = check_int("max_len", max_len, low=1, who="seq2seq_task")
     if max_len < min_len:
         raise ValueError(f"seq2seq_task: max_len must be >= min_len, got min_len={min_len}, "
                          f"max_len={max_len}")
-    vocab = _int("vocab", vocab, FIRST_DATA + 1)
-    seed = _int("seed", seed, 0)
+    vocab = check_int("vocab", vocab, low=FIRST_DATA + 1, who="seq2seq_task")
+    seed = check_int("seed", seed, low=0, who="seq2seq_task")
     rng = np.random.default_rng(seed)
     srcs, tgts = [], []
     for length in rng.integers(min_len, max_len + 1, size=n):

@@ -27,6 +27,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from attnlab.util.checks import check_int
+
 __all__ = [
     "BLANK",
     "DELIM",
@@ -49,11 +51,7 @@ _VALUE_P = 0.25  # LRA: a node is an operator with probability VALUE_P, else a v
 _MAX_MISSES = 200_000  # consecutive rejected draws before listops gives up (bounds too tight)
 
 
-def _check_int(name: str, value, *, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
+
 
 
 def _apply(op: str, args: list[int]) -> int:
@@ -163,12 +161,12 @@ def listops(n: int, *, max_depth: int = 10, max_args: int = 10, max_length: int 
     parentheses (LRA writes them and its input pipeline strips them); numpy's Generator
     replaces Python's ``random``, so the examples are not LRA's own files.
     """
-    _check_int("n", n, low=0)
-    _check_int("max_depth", max_depth, low=1)
-    _check_int("max_args", max_args, low=2)
-    _check_int("min_length", min_length, low=1)
-    _check_int("max_length", max_length, low=1)
-    _check_int("seed", seed, low=0)
+    check_int("n", n, low=0)
+    check_int("max_depth", max_depth, low=1)
+    check_int("max_args", max_args, low=2)
+    check_int("min_length", min_length, low=1)
+    check_int("max_length", max_length, low=1)
+    check_int("seed", seed, low=0)
     if min_length > max_length:
         raise ValueError(f"min_length must be <= max_length, got min_length={min_length} "
                          f"> max_length={max_length}")
@@ -238,11 +236,11 @@ def associative_recall(n: int, *, num_pairs: int = 16, vocab: int = 32, num_quer
     queries still close the row. The answer is then up to ``length`` tokens back: the
     long-range form of the task.
     """
-    _check_int("n", n, low=0)
-    _check_int("num_pairs", num_pairs, low=1)
-    _check_int("num_queries", num_queries, low=1)
-    _check_int("vocab", vocab, low=2)
-    _check_int("seed", seed, low=0)
+    check_int("n", n, low=0)
+    check_int("num_pairs", num_pairs, low=1)
+    check_int("num_queries", num_queries, low=1)
+    check_int("vocab", vocab, low=2)
+    check_int("seed", seed, low=0)
     if not isinstance(bound, bool):
         raise TypeError(f"bound must be a bool; got {type(bound).__name__} {bound!r}")
     if num_queries > num_pairs:
@@ -266,7 +264,7 @@ def associative_recall(n: int, *, num_pairs: int = 16, vocab: int = 32, num_quer
     else:
         pairs, width, filler = torch.stack([keys, values], dim=2).reshape(n, -1), 2, vocab
     if length is not None:
-        _check_int("length", length, low=1)
+        check_int("length", length, low=1)
         region = length - num_queries
         if region // width < num_pairs:
             raise ValueError(f"length must leave room for the pairs and queries: at least "
@@ -287,7 +285,7 @@ def _spread(pairs: torch.Tensor, width: int, region: int, filler: int,
 
 
 def _check_vocab(vocab: int) -> None:
-    _check_int("vocab", vocab, low=1)
+    check_int("vocab", vocab, low=1)
     if vocab < _FIRST_DATA + 1:
         raise ValueError(f"vocab must be >= {_FIRST_DATA + 1} (BLANK={BLANK}, DELIM={DELIM} "
                          f"and at least one data token), got vocab={vocab}")
@@ -305,10 +303,10 @@ def copy_task(n: int, *, length: int = 32, vocab: int = 8,
     ``x_1 ... x_L``, the tokens a model should emit at the ``L`` blank positions. Returns
     ``(inputs (n, 2L+1), targets (n, L))``, both ``int64``.
     """
-    _check_int("n", n, low=0)
-    _check_int("length", length, low=1)
+    check_int("n", n, low=0)
+    check_int("length", length, low=1)
     _check_vocab(vocab)
-    _check_int("seed", seed, low=0)
+    check_int("seed", seed, low=0)
     g = torch.Generator().manual_seed(seed)
     data = torch.randint(_FIRST_DATA, vocab, (n, length), generator=g)
     delim = torch.full((n, 1), DELIM, dtype=torch.long)
@@ -330,11 +328,11 @@ def selective_copy(n: int, *, length: int = 64, num_tokens: int = 8, vocab: int 
     plain copy task the spacing varies, so a time-invariant convolution cannot solve it.
     Returns ``(inputs (n, length + 1 + num_tokens), targets (n, num_tokens))``, ``int64``.
     """
-    _check_int("n", n, low=0)
-    _check_int("length", length, low=1)
-    _check_int("num_tokens", num_tokens, low=1)
+    check_int("n", n, low=0)
+    check_int("length", length, low=1)
+    check_int("num_tokens", num_tokens, low=1)
     _check_vocab(vocab)
-    _check_int("seed", seed, low=0)
+    check_int("seed", seed, low=0)
     if num_tokens > length:
         raise ValueError(f"num_tokens must be <= length (one token per position), got "
                          f"num_tokens={num_tokens} > length={length}")

@@ -33,11 +33,14 @@ it one word (``whitespace_split``) does the vocabulary map it to its special id.
 
 from __future__ import annotations
 
-import difflib
 import json
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
+
+from attnlab.data.sources import DataError
+from attnlab.data.wordpiece import wordpiece_vocab
+from attnlab.util.checks import did_you_mean
 
 __all__ = [
     "BOS", "CLS", "EOS", "KINDS", "NUM_SPECIALS", "PAD", "SPECIAL_TOKENS", "UNK",
@@ -72,18 +75,12 @@ def _tokenizers():
     return tokenizers
 
 
-def _data_error(message: str, path: Path) -> ValueError:
-    """``attnlab.data.sources.DataError`` when that module exists, else a ValueError."""
-    try:
-        from attnlab.data.sources import DataError
-    except ImportError:
-        return ValueError(f"{path}: {message}")
+def _data_error(message: str, path: Path) -> DataError:
     return DataError(message, path=path)
 
 
 def _hint(value, choices) -> str:
-    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=3, cutoff=0.5)
-    return f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+    return did_you_mean(value, choices, n=3)
 
 
 class Tokenizer:
@@ -317,7 +314,6 @@ def _pre_tokenizer(name: str):
 
 def _train_wordpiece(texts, vocab_size, min_frequency, lowercase, pre_tokenizer):
     """WordPiece, trained deterministically (see :mod:`attnlab.data.wordpiece`)."""
-    from attnlab.data.wordpiece import wordpiece_vocab
     tk = _tokenizers()
     normalizer, pre = tk.normalizers.BertNormalizer(lowercase=lowercase), _pre_tokenizer(
         pre_tokenizer)

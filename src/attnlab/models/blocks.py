@@ -26,6 +26,7 @@ from torch import nn
 from attnlab.contract import format_shape
 from attnlab.nn import MultiheadAttention
 from attnlab.registry import get, list_mechanisms
+from attnlab.util.checks import check_choice, check_float, check_int
 
 __all__ = [
     "POSITIONS",
@@ -46,34 +47,6 @@ _MHA_ARGS = frozenset(inspect.signature(MultiheadAttention.__init__).parameters)
 
 
 # ----------------------------------------------------------------------------- validation
-
-def check_int(who: str, name: str, value, *, low: int = 1, nullable: bool = False):
-    if value is None and nullable:
-        return None
-    # bool is an int subclass: True must not silently mean "1 layer".
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{who}: {name} must be an int; got {type(value).__name__} {value!r}")
-    if value < low:
-        raise ValueError(f"{who}: {name} must be >= {low}; got {value!r}")
-    return value
-
-
-def check_float(who: str, name: str, value, *, low: float, high: float,
-                high_inclusive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{who}: {name} must be a float; got {type(value).__name__} {value!r}")
-    ok = low <= value <= high if high_inclusive else low <= value < high
-    if not ok:
-        close = "]" if high_inclusive else ")"
-        raise ValueError(f"{who}: {name} must be in [{low}, {high}{close}; got {value!r}")
-    return float(value)
-
-
-def check_choice(who: str, name: str, value, choices) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{who}: {name} must be one of {list(choices)}; got {value!r}")
-    return value
-
 
 def check_mechanism(who: str, name: str, mechanism, kwargs, **need: bool):
     """``(canonical name, kwargs dict)``; ``need`` flags (``causal=True``, ``cross=True``)
@@ -173,8 +146,8 @@ def sinusoidal_table(n: int, d: int) -> torch.Tensor:
 
     (odd ``d``: the last sine column has no cosine partner).
     """
-    check_int("sinusoidal_table", "n", n)
-    check_int("sinusoidal_table", "d", d)
+    check_int("n", n, who="sinusoidal_table")
+    check_int("d", d, who="sinusoidal_table")
     pos = torch.arange(n, dtype=torch.float64)[:, None]
     inv = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
     table = torch.zeros(n, d, dtype=torch.float64)
@@ -334,20 +307,20 @@ def transformer_args(who: str, *, mechanism, mechanism_kwargs, d_model, num_head
     """Validate the arguments every transformer model shares; returns them normalised
     (the mechanism by its canonical name), in the order of the constructors."""
     for name, v in vocab.items():
-        check_int(who, name, v, low=1)
+        check_int(name, v, low=1, who=who)
     mechanism, mechanism_kwargs = check_mechanism(who, "mechanism", mechanism,
                                                   mechanism_kwargs, causal=causal)
-    check_int(who, "d_model", d_model)
-    check_int(who, "num_heads", num_heads)
+    check_int("d_model", d_model, who=who)
+    check_int("num_heads", num_heads, who=who)
     if d_model % num_heads:
         raise ValueError(f"{who}: d_model must be divisible by num_heads; got d_model="
                          f"{d_model}, num_heads={num_heads}")
-    check_int(who, "num_layers", num_layers)
-    check_int(who, "d_ff", d_ff, nullable=True)
-    dropout = check_float(who, "dropout", dropout, low=0.0, high=1.0)
-    check_int(who, "max_len", max_len)
-    check_choice(who, "positions", positions, POSITIONS)
-    check_int(who, "pad_id", pad_id, low=0)
+    check_int("num_layers", num_layers, who=who)
+    check_int("d_ff", d_ff, nullable=True, who=who)
+    dropout = check_float("dropout", dropout, low=0.0, high=1.0, high_inclusive=False, who=who)
+    check_int("max_len", max_len, who=who)
+    check_choice("positions", positions, POSITIONS, who=who)
+    check_int("pad_id", pad_id, low=0, who=who)
     for name, v in vocab.items():
         if pad_id >= v:
             raise ValueError(f"{who}: pad_id must be < {name}={v}; got pad_id={pad_id}")

@@ -11,12 +11,11 @@ from attnlab.models.blocks import (
     TokenEmbedding,
     TransformerStack,
     attn_positions,
-    check_choice,
     check_ids,
-    check_int,
     check_padding_mask,
     transformer_args,
 )
+from attnlab.util.checks import check_choice, check_int
 
 __all__ = ["POOLING", "EncoderClassifier"]
 
@@ -65,8 +64,8 @@ class EncoderClassifier(ModelBase):
             num_heads=num_heads, num_layers=num_layers, d_ff=d_ff, dropout=dropout,
             max_len=max_len, positions=positions, pad_id=pad_id, causal=False,
             vocab={"vocab_size": vocab_size})
-        check_int(_WHO, "num_classes", num_classes, low=2)
-        check_choice(_WHO, "pooling", pooling, POOLING)
+        check_int("num_classes", num_classes, low=2, who=_WHO)
+        check_choice("pooling", pooling, POOLING, who=_WHO)
         self.config = {"vocab_size": vocab_size, "num_classes": num_classes,
                        "pooling": pooling, **args}
         self.vocab_size, self.max_len, self.pooling = vocab_size, max_len, pooling

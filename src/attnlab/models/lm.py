@@ -10,13 +10,13 @@ from attnlab.models.blocks import (
     TokenEmbedding,
     TransformerStack,
     attn_positions,
-    check_float,
     check_ids,
-    check_int,
     check_padding_mask,
     transformer_args,
 )
+from attnlab.nn.cache import KVCache
 from attnlab.registry import list_mechanisms
+from attnlab.util.checks import check_float, check_int
 
 __all__ = ["DecoderLM", "sample_next", "top_k_filter", "top_p_filter"]
 
@@ -136,15 +136,15 @@ class DecoderLM(ModelBase):
         Runs in eval mode (no dropout) and restores the training mode afterwards.
         """
         check_ids(_WHO, "prompt", prompt, self.vocab_size, None)  # cropped to max_len below
-        check_int(_WHO, "max_new_tokens", max_new_tokens, low=0)
-        temperature = check_float(_WHO, "temperature", temperature, low=0.0,
-                                  high=float("inf"))
-        check_int(_WHO, "top_k", top_k, nullable=True)
+        check_int("max_new_tokens", max_new_tokens, low=0, who=_WHO)
+        temperature = check_float("temperature", temperature, low=0.0, high=float("inf"),
+                                  high_inclusive=False, who=_WHO)
+        check_int("top_k", top_k, nullable=True, who=_WHO)
         if top_p is not None:
-            if check_float(_WHO, "top_p", top_p, low=0.0, high=1.0, high_inclusive=True) == 0:
+            if check_float("top_p", top_p, low=0.0, high=1.0, high_inclusive=True, who=_WHO) == 0:
                 raise ValueError(f"{_WHO}: top_p must be in (0, 1]; got {top_p!r}")
         if eos_id is not None:
-            check_int(_WHO, "eos_id", eos_id, low=0)
+            check_int("eos_id", eos_id, low=0, who=_WHO)
             if eos_id >= self.vocab_size:
                 raise ValueError(f"{_WHO}: eos_id must be < vocab_size={self.vocab_size}; "
                                  f"got {eos_id}")
@@ -183,7 +183,6 @@ class DecoderLM(ModelBase):
             else:
                 # First step, or the context slid past max_len (absolute positions restart
                 # at 0 for the cropped window, as when recomputing): prefill from scratch.
-                from attnlab.nn.cache import KVCache
 
                 caches = [KVCache() for _ in self.decoder.layers]
                 logits = self._logits(context, caches=caches)[:, -1]

@@ -8,11 +8,10 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from attnlab.models.blocks import (
     ModelBase,
-    check_float,
     check_ids,
-    check_int,
     check_padding_mask,
 )
+from attnlab.util.checks import check_float, check_int
 
 __all__ = ["LSTMClassifier"]
 
@@ -35,15 +34,15 @@ class LSTMClassifier(ModelBase):
                  hidden: int = 128, num_layers: int = 1, bidirectional: bool = True,
                  dropout: float = 0.1, pad_id: int = 0) -> None:
         super().__init__()
-        check_int(_WHO, "vocab_size", vocab_size)
-        check_int(_WHO, "num_classes", num_classes, low=2)
-        check_int(_WHO, "d_model", d_model)
-        check_int(_WHO, "hidden", hidden)
-        check_int(_WHO, "num_layers", num_layers)
+        check_int("vocab_size", vocab_size, who=_WHO)
+        check_int("num_classes", num_classes, low=2, who=_WHO)
+        check_int("d_model", d_model, who=_WHO)
+        check_int("hidden", hidden, who=_WHO)
+        check_int("num_layers", num_layers, who=_WHO)
         if not isinstance(bidirectional, bool):
             raise TypeError(f"{_WHO}: bidirectional must be a bool; got {bidirectional!r}")
-        dropout = check_float(_WHO, "dropout", dropout, low=0.0, high=1.0)
-        check_int(_WHO, "pad_id", pad_id, low=0)
+        dropout = check_float("dropout", dropout, low=0.0, high=1.0, high_inclusive=False, who=_WHO)
+        check_int("pad_id", pad_id, low=0, who=_WHO)
         if pad_id >= vocab_size:
             raise ValueError(f"{_WHO}: pad_id must be < vocab_size={vocab_size}; got {pad_id}")
         self.config = {"vocab_size": vocab_size, "num_classes": num_classes,

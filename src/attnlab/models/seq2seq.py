@@ -18,11 +18,12 @@ from attnlab.models.blocks import (
     TransformerStack,
     attn_positions,
     check_ids,
-    check_int,
     check_mechanism,
     check_padding_mask,
     transformer_args,
 )
+from attnlab.nn.cache import KVCache
+from attnlab.util.checks import check_int
 
 __all__ = ["Seq2SeqTransformer"]
 
@@ -53,7 +54,7 @@ class Seq2SeqTransformer(ModelBase):
             vocab={"src_vocab": src_vocab, "tgt_vocab": tgt_vocab})
         cross_mechanism, cross_kwargs = check_mechanism(_WHO, "cross_mechanism", cross_mechanism,
                                                         cross_mechanism_kwargs, cross=True)
-        check_int(_WHO, "num_decoder_layers", num_decoder_layers, nullable=True)
+        check_int("num_decoder_layers", num_decoder_layers, nullable=True, who=_WHO)
         n_dec = num_layers if num_decoder_layers is None else num_decoder_layers
         self.config = {"src_vocab": src_vocab, "tgt_vocab": tgt_vocab, **args,
                        "cross_mechanism": cross_mechanism,
@@ -117,12 +118,12 @@ class Seq2SeqTransformer(ModelBase):
         ``False`` reruns the decoder on the whole prefix each step); the tokens are the
         same. Eval mode, restored afterwards.
         """
-        check_int(_WHO, "max_len", max_len)
+        check_int("max_len", max_len, who=_WHO)
         if max_len > self.max_len:
             raise ValueError(f"{_WHO}: greedy_decode max_len must be <= the model's "
                              f"max_len={self.max_len}; got max_len={max_len}")
         for name, v in (("bos_id", bos_id), ("eos_id", eos_id)):
-            check_int(_WHO, name, v, low=0)
+            check_int(name, v, low=0, who=_WHO)
             if v >= self.tgt_vocab:
                 raise ValueError(f"{_WHO}: {name} must be < tgt_vocab={self.tgt_vocab}; "
                                  f"got {v}")
@@ -141,7 +142,6 @@ class Seq2SeqTransformer(ModelBase):
             done = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
             caches = None
             if cached:
-                from attnlab.nn.cache import KVCache
 
                 caches = [KVCache() for _ in self.decoder.layers]
             for t in range(max_len):

@@ -26,19 +26,11 @@ from torch import nn
 
 from attnlab.nn import MultiheadAttention
 from attnlab.registry import get
+from attnlab.util.checks import check_int
 
 __all__ = ["POSITIONS", "UNetInpainter", "ViTInpainter", "inpainting_loss"]
 
 POSITIONS = ("learned", "sinusoidal", "rope", "alibi")
-
-
-def _int(who: str, name: str, value, low: int = 1) -> int:
-    # bool is an int subclass: True must not silently mean 1.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{who}: {name} must be an int; got {type(value).__name__} {value!r}")
-    if value < low:
-        raise ValueError(f"{who}: {name} must be >= {low}; got {value!r}")
-    return value
 
 
 def _check_inputs(who: str, x, mask, channels: int, size: int | None) -> torch.Tensor:
@@ -161,18 +153,19 @@ class ViTInpainter(nn.Module):
                  positions: str = "learned") -> None:
         super().__init__()
         who = "ViTInpainter"
-        image_size = _int(who, "image_size", image_size)
-        patch_size = _int(who, "patch_size", patch_size)
+        image_size = check_int("image_size", image_size, who=who)
+        patch_size = check_int("patch_size", patch_size, who=who)
         if image_size % patch_size:
             raise ValueError(f"{who}: image_size must be divisible by patch_size; got "
                              f"image_size={image_size}, patch_size={patch_size}")
-        in_channels = _int(who, "in_channels", in_channels)
-        d_model, num_heads = _int(who, "d_model", d_model), _int(who, "num_heads", num_heads)
+        in_channels = check_int("in_channels", in_channels, who=who)
+        d_model = check_int("d_model", d_model, who=who)
+        num_heads = check_int("num_heads", num_heads, who=who)
         if d_model % num_heads:
             raise ValueError(f"{who}: d_model must be divisible by num_heads; got "
                              f"d_model={d_model}, num_heads={num_heads}")
-        num_layers = _int(who, "num_layers", num_layers)
-        d_ff = 4 * d_model if d_ff is None else _int(who, "d_ff", d_ff)
+        num_layers = check_int("num_layers", num_layers, who=who)
+        d_ff = 4 * d_model if d_ff is None else check_int("d_ff", d_ff, who=who)
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
             raise TypeError(f"{who}: dropout must be a float; got {type(dropout).__name__}")
         if not 0.0 <= dropout < 1.0:
@@ -303,9 +296,9 @@ class UNetInpainter(nn.Module):
     def __init__(self, in_channels: int = 1, *, base_channels: int = 32, depth: int = 2) -> None:
         super().__init__()
         who = "UNetInpainter"
-        in_channels = _int(who, "in_channels", in_channels)
-        base_channels = _int(who, "base_channels", base_channels)
-        depth = _int(who, "depth", depth)
+        in_channels = check_int("in_channels", in_channels, who=who)
+        base_channels = check_int("base_channels", base_channels, who=who)
+        depth = check_int("depth", depth, who=who)
         self.in_channels, self.depth = in_channels, depth
         self.config = {"in_channels": in_channels, "base_channels": base_channels,
                        "depth": depth}

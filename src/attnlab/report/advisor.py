@@ -54,6 +54,7 @@ from dataclasses import dataclass
 
 from attnlab import stats
 from attnlab.bench.analysis import FIT_MIN_N, fit_exponent, format_length, format_time
+from attnlab.util.fmt import format_mib
 
 __all__ = ["MAX_EXPONENT", "TOLERANCE", "Advice", "advise", "answers", "fit_rows",
            "memory_text", "quality_text", "render_advice", "time_text"]
@@ -90,10 +91,6 @@ class Advice:
     most_accurate: str | None
     recommended: str | None
     reasoning: list[str]
-
-
-def _mib(b: float) -> str:
-    return f"{b / _MIB:.1f} MiB"
 
 
 def _estimate(points: dict[int, float], n: int) -> tuple[float, str, str, str] | None:
@@ -207,7 +204,7 @@ def memory_text(f: dict) -> str:
     """A fit's memory with how it was obtained, ``-`` if never measured."""
     if f["peak_mem_bytes"] is None:
         return "-"
-    return f"{_mib(f['peak_mem_bytes'])} ({f['mem_label']})"
+    return f"{format_mib(f['peak_mem_bytes'])} ({f['mem_label']})"
 
 
 def _fit(name: str, rs: list[dict], n: int, budget: int | None,
@@ -220,14 +217,14 @@ def _fit(name: str, rs: list[dict], n: int, budget: int | None,
     if t is None:
         return f"one measured length only (N={rs[0]['N']}), cannot estimate N={n}"
     m = _estimate(_points(rs, "peak_mem_bytes"), n)
-    mem_text = f"memory {_mib(m[0])} {m[2]}" if m else "memory not measured"
+    mem_text = f"memory {format_mib(m[0])} {m[2]}" if m else "memory not measured"
     why.append(f"{name}: time {format_time(t[0])} {t[2]}; {mem_text}.")
     if budget is not None:
         if m is None:
             return "memory not measured, cannot check the budget"
         if m[0] > budget:
-            return (f"over budget by {_mib(m[0] - budget)}: needs {_mib(m[0])} ({m[3]}) > "
-                    f"budget {_mib(budget)}")
+            return (f"over budget by {format_mib(m[0] - budget)}: needs {format_mib(m[0])} "
+                    f"({m[3]}) > budget {format_mib(budget)}")
     kinds = [t[1]] + ([m[1]] if m else [])
     return {"name": name, "mechanism": rs[0]["mechanism"], "time_s": t[0],
             "peak_mem_bytes": m[0] if m else None,
@@ -253,7 +250,7 @@ def advise(measurements: list[dict], n: int, memory_budget_bytes: int | None = N
     quality = _check_quality(quality)
     by = _rows_by_name(measurements, pass_, causal)
     budget = "no memory budget" if memory_budget_bytes is None else \
-        f"memory budget {_mib(memory_budget_bytes)}"
+        f"memory budget {format_mib(memory_budget_bytes)}"
     why = [f"N={n}, pass {pass_}, causal={causal}, {budget}: {len(by)} mechanism(s) measured."]
     fits, excluded = [], []
 
@@ -374,7 +371,8 @@ def answers(advice: Advice) -> list[tuple[str, str]]:
 def render_advice(advice: Advice) -> str:
     """Markdown: the fits (time, memory, how each was obtained, quality), the excluded
     mechanisms with their reasons, the three answers and the reasoning."""
-    budget = "none" if advice.memory_budget_bytes is None else _mib(advice.memory_budget_bytes)
+    budget = ("none" if advice.memory_budget_bytes is None
+              else format_mib(advice.memory_budget_bytes))
     out = [f"## Advice at N={format_length(advice.n)} (memory budget: {budget})", ""]
     if advice.fits:
         out += ["| mechanism | time | memory | estimate | quality |", "|---|---:|---:|---|---|"]

@@ -16,15 +16,23 @@ from typing import Any
 
 from rich.console import Console
 
+from attnlab.bench.analysis import format_length, format_time
+from attnlab.bench.plots import plot_run
 from attnlab.bench.store import Store
 from attnlab.compare.plan import read_plan
+from attnlab.compare.run import run_dir_of
 from attnlab.files import read_json, readable_file, writable_dir
+from attnlab.report import sections
 from attnlab.report.advisor import answers
 from attnlab.report.document import Report
-from attnlab.report.leaderboard import LEGEND
+from attnlab.report.leaderboard import BASELINE, LEGEND, leaderboard, render_leaderboard
 from attnlab.report.sections import quality_sentences
+from attnlab.report.training_plots import plot_loss_curves, plot_pareto, read_curves
 from attnlab.train.checkpoint import check_checkpoint_file
 from attnlab.train.config import read_run_config
+from attnlab.train.loop import load_trained
+from attnlab.train.task import get_task
+from attnlab.util.fmt import format_mib
 
 __all__ = ["build_report", "load_run", "DEFAULT_BUDGET"]
 
@@ -55,7 +63,6 @@ def load_run(run_dir: Path) -> tuple[Any, dict, dict, list[dict], list[dict]]:
         trainings = store.trainings(plan.task)
     # The database stores absolute paths; a run directory copied elsewhere still holds its
     # seeds at train/<mechanism>/seed-<s>, so that is where they are looked for.
-    from attnlab.compare.run import run_dir_of
     for t in trainings:
         t["run_dir"] = str(run_dir_of(run_dir, t["mechanism"], t["seed"]))
     trainings = [t for t in trainings if t["mechanism"] in plan.mechanisms
@@ -83,8 +90,6 @@ def _seed_dirs(plan, trainings: list[dict]) -> dict[str, list[Path]]:
 
 
 def _summary(rep: Report, plan, state, bench, rows, lb, advice, pass_) -> None:
-    from attnlab.bench.analysis import format_length, format_time
-    from attnlab.tasks.base import get_task
     cls = get_task(plan.task)
     rep.section("Summary", "summary")
     ns = sorted({r["N"] for r in rows})
@@ -108,7 +113,7 @@ def _summary(rep: Report, plan, state, bench, rows, lb, advice, pass_) -> None:
     if advice:
         a = advice[-1]
         within = "" if a.memory_budget_bytes is None else \
-            f" within {a.memory_budget_bytes / 2**20:.0f} MiB"
+            f" within {format_mib(a.memory_budget_bytes, 0)}"
         pick = dict(answers(a))["Recommended"] if a.recommended else "none fits"
         rep.paragraph(f"The advisor's pick at N={format_length(a.n)}{within}: {pick} (see "
                       f"the Advisor section for the reasoning).")
@@ -121,7 +126,6 @@ def _summary(rep: Report, plan, state, bench, rows, lb, advice, pass_) -> None:
 
 
 def _leaderboard(rep: Report, lb, rows, pass_, bench, trainings) -> None:
-    from attnlab.report.leaderboard import BASELINE, render_leaderboard
     rep.section("Leaderboard", "leaderboard")
     cols, cells = render_leaderboard(lb, sorted({r["N"] for r in rows}))
     r0 = next(iter(rows), {})
@@ -140,7 +144,6 @@ def _leaderboard(rep: Report, lb, rows, pass_, bench, trainings) -> None:
 
 
 def _training(rep: Report, figs: Path, plan, dirs, lb) -> None:
-    from attnlab.report.training_plots import plot_loss_curves, plot_pareto, read_curves
     rep.section("Training curves", "training")
     if not dirs:
         rep.paragraph("No finished training runs.")
@@ -162,8 +165,6 @@ def _training(rep: Report, figs: Path, plan, dirs, lb) -> None:
 
 
 def _scaling(rep: Report, figs: Path, rows, bench, pass_) -> None:
-    from attnlab.bench.plots import plot_run
-    from attnlab.report.leaderboard import BASELINE
     rep.section("Time and memory vs sequence length", "scaling")
     paths = plot_run(rows, bench, figs / "bench")
     for kind, what in (("time_vs_n", "Time per call"), ("memory_vs_n", "Peak memory"),
@@ -183,8 +184,6 @@ def build_report(run_dir: str | Path, *, out: str | Path | None = None,
     """Write the report of the compare in ``run_dir``; returns its paths (html, markdown,
     figures). ``advise``: the advisor's questions ``(N, memory budget bytes or None)``;
     default: the longest measured N without a budget, and 4x it within 1 GiB."""
-    from attnlab.report import sections
-    from attnlab.report.leaderboard import leaderboard
     run_dir = Path(run_dir)
     console = console or Console(stderr=True)
     plan, state, bench, rows, trainings = load_run(run_dir)
@@ -212,7 +211,6 @@ def build_report(run_dir: str | Path, *, out: str | Path | None = None,
     _training(rep, figs, plan, dirs, lb)
     _scaling(rep, figs, rows, bench, pass_)
     # attention maps and inpainting images use the same trained models: load each once
-    from attnlab.train.loop import load_trained
     load = functools.cache(load_trained)
     sections.attention(rep, figs, plan, dirs, console, load=load)
     sections.patterns(rep, figs, plan)

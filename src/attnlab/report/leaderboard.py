@@ -34,6 +34,7 @@ from attnlab.bench.analysis import (
     format_time,
     status_word,
 )
+from attnlab.util.fmt import format_mib
 
 __all__ = ["BASELINE", "LEGEND", "baseline_row", "leaderboard", "quality_text",
            "render_leaderboard", "seeds_text", "verdict"]
@@ -244,10 +245,6 @@ def _sorted(rows: list[dict]) -> list[dict]:
 
 # ----------------------------------------------------------------------------- rendering
 
-def _mib(b: float) -> str:
-    return f"{b / 2**20:.1f} MiB"
-
-
 def _point(values: dict, n: int, fmt) -> str:
     if n not in values:
         return "-"
@@ -317,7 +314,7 @@ def render_leaderboard(rows: Sequence[dict], lengths: Sequence[int]
                  _opt(r["convergence_time"], format_time),
                  _opt(r["throughput"], lambda t: f"{t:.3g}/s")]
         cells += [_point(r["time"], n, format_time) for n in ns]
-        cells += [_point(r["memory"], n, _mib) for n in ns]
+        cells += [_point(r["memory"], n, format_mib) for n in ns]
         cells += [_opt(r["roof_fraction"], lambda f: f"{f:.0%}"),
                   _opt(r["time_exponent"], lambda a: f"{a:.2f}"), _crossover_text(r)]
         out.append(cells)

@@ -10,8 +10,8 @@ A structured mechanism attends query ``i`` to the keys of a set ``S_i``:
 mechanism itself and never re-implemented here, by one of two methods:
 
 * ``"predicate"`` (the sparse family): the mechanism's own
-  :meth:`~attnlab.mechanisms.sparse_flex.SparseMechanism.pattern` evaluated through
-  :func:`attnlab.mechanisms.blocksparse.allows`, the token predicate both of its backends
+  :meth:`~attnlab.mechanisms._engines.sparse_flex.SparseMechanism.pattern` evaluated through
+  :func:`attnlab.mechanisms._engines.blocksparse.allows`, the token predicate both of its backends
   apply inside the blocks they score (the block layout is only a superset of it);
 * ``"empirical"`` (any structured mechanism): run it on ``q = k = 0`` and ``v = I_n``
   (``Dv = n``). Every score is 0, so the softmax over ``S_i`` is uniform and
@@ -39,8 +39,8 @@ from pathlib import Path
 import torch
 
 from attnlab import registry
-from attnlab.mechanisms.blocksparse import allows
-from attnlab.mechanisms.sparse_flex import SparseMechanism
+from attnlab.mechanisms._engines.blocksparse import allows
+from attnlab.mechanisms._engines.sparse_flex import SparseMechanism
 from attnlab.report.figures import mpl, plain, save
 
 __all__ = ["METHODS", "empirical_pattern", "plot_attention", "plot_attention_grid", "plot_patterns",

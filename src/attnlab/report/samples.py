@@ -17,6 +17,11 @@ from typing import Any
 
 import torch
 
+from attnlab.data.inpaint import apply_mask
+from attnlab.report.figures import mpl, plain, save
+from attnlab.train.loop import load_trained
+from attnlab.train.metrics import psnr
+
 __all__ = ["attention_sample", "pick_text", "inpainting_rows", "plot_inpainting"]
 
 
@@ -49,7 +54,6 @@ def attention_sample(run_dir: str | Path, *, text: str | None = None,
     image, its patches as tokens. Other tasks raise ``ValueError`` (their models have no
     attention-map view yet). ``load``: how a run is loaded (default
     :func:`~attnlab.train.loop.load_trained`; the report passes a cached one)."""
-    from attnlab.train.loop import load_trained
     task, model = (load or load_trained)(Path(run_dir))
     if hasattr(task, "explain"):
         label = None
@@ -61,7 +65,6 @@ def attention_sample(run_dir: str | Path, *, text: str | None = None,
                 "label": label, "prediction": pred}
     if task.kind == "inpainting" and hasattr(model, "attention_maps"):
         x, m = task.images["test"][:1], task.fixed_masks["test"][:1]
-        from attnlab.data.inpaint import apply_mask
         layers = [w[0] for w in model.attention_maps(apply_mask(x, m), m)]
         return {"tokens": _patch_tokens(task, m), "layers": layers,
                 "input": "test image 0 (patches with missing pixels marked *)",
@@ -73,9 +76,6 @@ def attention_sample(run_dir: str | Path, *, text: str | None = None,
 def inpainting_rows(run_dirs: dict[str, Path], n: int = 6, load=None) -> dict[str, Any]:
     """The first ``n`` test images, their masked inputs and each model's reconstruction
     (``load`` as in :func:`attention_sample`)."""
-    from attnlab.data.inpaint import apply_mask
-    from attnlab.train.loop import load_trained
-    from attnlab.train.metrics import psnr
     out: dict[str, Any] = {"recon": {}, "psnr": {}}
     for name, d in run_dirs.items():
         task, model = (load or load_trained)(Path(d))
@@ -92,7 +92,6 @@ def plot_inpainting(rows: dict[str, Any], path, *, names: Sequence[str] | None =
                     ) -> list[Path]:
     """Rows: original, masked, then one row per model (titled with its PSNR on the missing
     pixels of these images); PNG and SVG."""
-    from attnlab.report.figures import mpl, plain, save
     names = list(names or rows["recon"])
     matplotlib, Figure, Canvas = mpl("attnlab.report.samples")
     panels = [("original", rows["original"]), ("masked input", rows["masked"])]

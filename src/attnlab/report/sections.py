@@ -13,6 +13,7 @@ from pathlib import Path
 from rich.console import Console
 
 from attnlab import stats
+from attnlab.bench.analysis import format_length
 from attnlab.report.advisor import Advice, advise, answers, fit_rows
 from attnlab.report.document import Report
 from attnlab.report.leaderboard import (
@@ -22,6 +23,17 @@ from attnlab.report.leaderboard import (
     seeds_text,
     verdict,
 )
+from attnlab.report.patterns import (
+    plot_attention,
+    plot_attention_grid,
+    plot_patterns,
+    sparsity_pattern,
+    structured_mechanisms,
+)
+from attnlab.report.samples import attention_sample, inpainting_rows, plot_inpainting
+from attnlab.train.task import get_task
+from attnlab.util.fmt import format_mib
+from attnlab.version import __version__
 
 __all__ = ["advice", "all_test_metrics", "attention", "inpainting", "patterns",
            "quality_sentences", "render_advice", "reproduce"]
@@ -138,8 +150,6 @@ def all_test_metrics(rep: Report, lb: list[dict], trainings: list[dict]) -> None
 
 def attention(rep: Report, figs: Path, plan, dirs: dict[str, list[Path]],
               console: Console, load=None) -> None:
-    from attnlab.report.patterns import plot_attention, plot_attention_grid
-    from attnlab.report.samples import attention_sample
     rep.section("Attention maps", "attention")
     if not dirs:
         rep.paragraph("No trained models to draw.")
@@ -180,7 +190,6 @@ def attention(rep: Report, figs: Path, plan, dirs: dict[str, list[Path]],
 
 
 def patterns(rep: Report, figs: Path, plan) -> None:
-    from attnlab.report.patterns import plot_patterns, sparsity_pattern, structured_mechanisms
     names = [m for m in plan.mechanisms if m in structured_mechanisms()]
     rep.section("Sparsity patterns", "patterns")
     if not names:
@@ -196,10 +205,8 @@ def patterns(rep: Report, figs: Path, plan) -> None:
 
 def inpainting(rep: Report, figs: Path, plan, dirs: dict[str, list[Path]],
                load=None) -> None:
-    from attnlab.tasks.base import get_task
     if get_task(plan.task).kind != "inpainting" or not dirs:
         return
-    from attnlab.report.samples import inpainting_rows, plot_inpainting
     rep.section("Inpainting", "inpainting")
     rows = inpainting_rows({m: ds[0] for m, ds in dirs.items()}, load=load)
     png, svg = plot_inpainting(rows, figs / "inpainting")
@@ -209,7 +216,6 @@ def inpainting(rep: Report, figs: Path, plan, dirs: dict[str, list[Path]],
 
 def render_advice(rep: Report, advices: list[Advice], *, title: str = "Advisor",
                   anchor: str = "advisor") -> None:
-    from attnlab.bench.analysis import format_length
     rep.section(title, anchor)
     rep.paragraph("Which mechanism to use at a sequence length and memory budget, from the "
                   "measured points (interpolated in log-log between lengths, extrapolated "
@@ -221,7 +227,7 @@ def render_advice(rep: Report, advices: list[Advice], *, title: str = "Advisor",
                   "questions with `attnlab report RUN_DIR --advise N[:BUDGET]`.")
     for a in advices:
         budget = "no memory budget" if a.memory_budget_bytes is None else \
-            f"memory budget {a.memory_budget_bytes / 2**20:.0f} MiB"
+            f"memory budget {format_mib(a.memory_budget_bytes, 0)}"
         rep.paragraph(f"N = {format_length(a.n)}, {budget}. " + " ".join(
             f"{what}: {text}." for what, text in answers(a)))
         rows = fit_rows(a) + [[e["name"], "-", "-", "excluded", e["reason"]]
@@ -233,7 +239,6 @@ def render_advice(rep: Report, advices: list[Advice], *, title: str = "Advisor",
 
 def reproduce(rep: Report, run_dir: Path, plan, state: dict, bench: dict,
               trainings: list[dict]) -> None:
-    import attnlab
     rep.section("Reproduce", "reproduce")
     m, v = bench["machine"], bench["versions"]
     commits = sorted({t["git_commit"] or "-" for t in trainings} | {bench["git_commit"] or "-"})
@@ -242,7 +247,7 @@ def reproduce(rep: Report, run_dir: Path, plan, state: dict, bench: dict,
                     + (f", GPU {m['gpu']}" if m.get("gpu") else "")],
         ["matmul roof", f"{m.get('roof_gflops', float('nan')):.0f} GFLOP/s"],
         ["versions", ", ".join(f"{k} {val}" for k, val in sorted(v.items()))],
-        ["attnlab (report)", attnlab.__version__],
+        ["attnlab (report)", __version__],
         ["commit", ", ".join(commits)],
         ["started", state.get("started_at", "-")],
         ["finished", state.get("finished_at", "-")],

@@ -23,6 +23,7 @@ from attnlab.report import sections
 from attnlab.report.build import build_report, load_run
 from attnlab.report.document import Report
 from attnlab.report.leaderboard import LEGEND, leaderboard, verdict
+from attnlab.util.fmt import format_mib
 
 __all__ = ["build_suite_report"]
 
@@ -79,7 +80,7 @@ def _speed_table(rep: Report, s: dict, names: list[str]) -> None:
         t = [format_time(r["time"][k]) if isinstance(r["time"].get(k), float)
              else str(r["time"].get(k, "-")) for k in ns]
         mem = r["memory"].get(ns[-1])
-        mem = f"{mem / 2**20:.1f} MiB" if isinstance(mem, (int, float)) else str(mem or "-")
+        mem = format_mib(mem) if isinstance(mem, (int, float)) else str(mem or "-")
         exp = "-" if r.get("time_exponent") is None else f"{r['time_exponent']:.2f}"
         cells.append([n, *t, mem, exp])
     r0 = s["rows"][0] if s["rows"] else {}

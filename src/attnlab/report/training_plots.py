@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from attnlab.bench.analysis import pareto_front as lowest_front
 from attnlab.files import FileFormatError
 from attnlab.report.figures import mpl, plain, save
 
@@ -112,14 +113,10 @@ def pareto_front(points: Sequence[Mapping[str, Any]], x: str = "throughput",
     """Names of the Pareto-optimal points (higher ``x`` better; ``y`` by ``mode``),
     ordered by increasing ``x`` (ties by name)."""
     pts = _checked(points, x, y, mode)
-    sign = 1.0 if mode == "max" else -1.0  # compare "better" as ">" on sign * y
-
-    def dominates(q, p) -> bool:
-        qx, qy, px, py = q[1], sign * q[2], p[1], sign * p[2]
-        return qx >= px and qy >= py and (qx > px or qy > py)
-
-    front = [p for p in pts if not any(dominates(q, p) for q in pts)]
-    return [p[0] for p in sorted(front, key=lambda p: (p[1], p[0]))]
+    sign = 1.0 if mode == "max" else -1.0
+    # the benchmark's front minimises both coordinates: negate what is better higher
+    front = lowest_front([(-px, -sign * py) for _, px, py in pts])
+    return [pts[i][0] for i in sorted(front, key=lambda i: (pts[i][1], pts[i][0]))]
 
 
 def _band(runs: Sequence[Mapping[str, Sequence[float]]], key: str):

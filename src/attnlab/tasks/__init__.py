@@ -5,6 +5,6 @@ Importing this package registers every task (each module decorates its classes w
 """
 
 from attnlab.tasks import language, seq2seq, text, vision  # noqa: F401  (registration)
-from attnlab.tasks.base import Task, get_task, list_tasks, register_task
+from attnlab.train.task import Task, get_task, list_tasks, register_task
 
 __all__ = ["Task", "get_task", "list_tasks", "register_task"]

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from attnlab.train.config import check_names
+from attnlab.train.metrics import accuracy, confusion_matrix, macro_f1, per_class_f1
 
 __all__ = ["epoch_order", "LazyBatches", "chunks", "transformer_kwargs", "classification_report",
            "eval_mode"]
@@ -57,7 +58,6 @@ def transformer_kwargs(model_kwargs: dict[str, Any], allowed: Sequence[str] = _M
 
 def classification_report(preds: torch.Tensor, targets: torch.Tensor, classes: Sequence[str]
                           ) -> dict[str, Any]:
-    from attnlab.train.metrics import accuracy, confusion_matrix, macro_f1, per_class_f1
     k = len(classes)
     return {
         "accuracy": float(accuracy(preds, targets)),

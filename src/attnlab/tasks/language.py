@@ -14,16 +14,20 @@ from typing import Any
 import torch
 import torch.nn.functional as nnf
 
-from attnlab.data.synthetic import associative_recall
-from attnlab.tasks.base import Task, register_task
+from attnlab.data.batching import LMStream
+from attnlab.data.synthetic import associative_recall, copy_task, selective_copy
+from attnlab.data.text import load_wikitext2, wikitext_words
+from attnlab.data.tokenize import EOS, load_tokenizer, train_tokenizer
+from attnlab.models.lm import DecoderLM
 from attnlab.tasks.common import LazyBatches, chunks, epoch_order, eval_mode, transformer_kwargs
 from attnlab.train.config import ConfigError
+from attnlab.train.metrics import perplexity
+from attnlab.train.task import Task, register_task
 
 __all__ = ["WikiText2", "CausalTokenTask", "MQAR", "Copy", "SelectiveCopy"]
 
 
 def _decoder(task: Task, vocab_size: int, max_len: int):
-    from attnlab.models.lm import DecoderLM
     cfg = task.config
     kw = transformer_kwargs(cfg.model_kwargs, where=f"task {task.name!r}")
     return DecoderLM(vocab_size, mechanism=cfg.mechanism, mechanism_kwargs=cfg.mechanism_kwargs,
@@ -45,9 +49,6 @@ class WikiText2(Task):
                 "eval_batches": 20}
 
     def setup(self) -> None:
-        from attnlab.data.batching import LMStream
-        from attnlab.data.text import load_wikitext2, wikitext_words
-        from attnlab.data.tokenize import EOS, load_tokenizer, train_tokenizer
         o = self.opts
         ds = load_wikitext2(o["data_dir"], download=o["download"])
         lines = {s: ds.splits[s].texts[0].split("\n") for s in ds.splits}
@@ -96,7 +97,6 @@ class WikiText2(Task):
             batch["y"].numel()
 
     def evaluate(self, model, split, max_batches=None):
-        from attnlab.data.batching import LMStream
         stream = LMStream(self.streams[split], self.opts["eval_batch_size"], self.opts["max_len"])
         n = len(stream) if max_batches is None else min(len(stream), max_batches)
         device = next(model.parameters()).device
@@ -107,7 +107,6 @@ class WikiText2(Task):
                 logits = model(x).float()
                 nll += nnf.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
                 tokens += y.numel()
-        from attnlab.train.metrics import perplexity
         out = {"loss": nll / tokens, "perplexity": float(perplexity(nll, tokens)),
                "tokens": tokens}
         if n == len(stream):  # the whole split: the word count is known exactly
@@ -219,7 +218,6 @@ class Copy(CausalTokenTask):
     options = {**CausalTokenTask.options, "length": 32, "vocab": 10}
 
     def generate(self, n, seed):
-        from attnlab.data.synthetic import copy_task
         return copy_task(n, length=self.opts["length"], vocab=self.opts["vocab"], seed=seed)
 
 
@@ -232,7 +230,6 @@ class SelectiveCopy(CausalTokenTask):
     options = {**CausalTokenTask.options, "length": 64, "num_tokens": 8, "vocab": 10}
 
     def generate(self, n, seed):
-        from attnlab.data.synthetic import selective_copy
         o = self.opts
         return selective_copy(n, length=o["length"], num_tokens=o["num_tokens"],
                               vocab=o["vocab"], seed=seed)

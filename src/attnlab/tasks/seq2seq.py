@@ -11,8 +11,10 @@ from typing import Any
 import torch
 import torch.nn.functional as nnf
 
-from attnlab.tasks.base import Task, register_task
+from attnlab.data.seq2seq import BOS, EOS, PAD, collate, seq2seq_task
+from attnlab.models.seq2seq import Seq2SeqTransformer
 from attnlab.tasks.common import LazyBatches, chunks, epoch_order, eval_mode, transformer_kwargs
+from attnlab.train.task import Task, register_task
 
 __all__ = ["Seq2Seq"]
 
@@ -31,7 +33,6 @@ class Seq2Seq(Task):
     defaults = {"max_steps": 2000, "batch_size": 64, "lr": 1e-3, "eval_every": 250}
 
     def setup(self) -> None:
-        from attnlab.data.seq2seq import seq2seq_task
         o = self.opts
         sizes = {"train": o["n_train"], "validation": o["n_validation"], "test": o["n_test"]}
         self.pairs = {s: seq2seq_task(n, task=o["task"], min_len=o["min_len"],
@@ -45,7 +46,6 @@ class Seq2Seq(Task):
         return self._info
 
     def build_model(self):
-        from attnlab.models.seq2seq import Seq2SeqTransformer
         cfg, o = self.config, self.opts
         kw = transformer_kwargs(cfg.model_kwargs, where=f"task {self.name!r}")
         return Seq2SeqTransformer(o["vocab"], o["vocab"], mechanism=cfg.mechanism,
@@ -54,7 +54,6 @@ class Seq2Seq(Task):
                                   max_len=o["max_len"] + 2, **kw)
 
     def _batch(self, split: str, g: list[int]) -> dict[str, torch.Tensor]:
-        from attnlab.data.seq2seq import collate
         src, tgt = self.pairs[split]
         return collate([src[i] for i in g], [tgt[i] for i in g])
 
@@ -64,7 +63,6 @@ class Seq2Seq(Task):
         return LazyBatches(len(groups), lambda i: self._batch("train", groups[i]))
 
     def loss(self, model, batch):
-        from attnlab.data.seq2seq import PAD
         logits = model(batch["src"], batch["tgt_in"], batch["src_padding_mask"],
                        batch["tgt_padding_mask"])
         labels = batch["tgt_out"]
@@ -73,7 +71,6 @@ class Seq2Seq(Task):
         return loss, int((labels != PAD).sum())
 
     def evaluate(self, model, split, max_batches=None):
-        from attnlab.data.seq2seq import BOS, EOS, PAD
         src, tgt = self.pairs[split]
         groups = chunks(range(len(src)), 2 * self.config.batch_size)[:max_batches]
         device = next(model.parameters()).device

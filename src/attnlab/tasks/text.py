@@ -14,7 +14,13 @@ from typing import Any
 import torch
 import torch.nn.functional as nnf
 
-from attnlab.tasks.base import Task, register_task
+from attnlab.data.batching import BucketBatchSampler, pad_batch
+from attnlab.data.splits import split_manifest
+from attnlab.data.synthetic import listops
+from attnlab.data.text import TextDataset, TextSplit, load_emotions, load_imdb
+from attnlab.data.tokenize import CLS, PAD, load_tokenizer, train_tokenizer
+from attnlab.models.classifier import EncoderClassifier
+from attnlab.models.recurrent import LSTMClassifier
 from attnlab.tasks.common import (
     LazyBatches,
     chunks,
@@ -23,6 +29,7 @@ from attnlab.tasks.common import (
     transformer_kwargs,
 )
 from attnlab.train.config import ConfigError
+from attnlab.train.task import Task, register_task
 
 __all__ = ["TextClassification", "Emotions", "IMDB", "TextBytes", "ListOps"]
 
@@ -46,7 +53,6 @@ class TextClassification(Task):
         raise NotImplementedError
 
     def _tokenizer(self, train_texts: list[str]):
-        from attnlab.data.tokenize import load_tokenizer, train_tokenizer
         path = self.run_dir / "tokenizer" if self.run_dir is not None else None
         if path is not None and path.exists():
             return load_tokenizer(path)
@@ -61,8 +67,6 @@ class TextClassification(Task):
         return tok
 
     def setup(self) -> None:
-        from attnlab.data.splits import split_manifest
-        from attnlab.data.tokenize import CLS, PAD
         max_len = self.opts["max_len"]
         if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 2:
             raise ConfigError(f"task {self.name!r}: max_len must be an int >= 2; got {max_len!r}")
@@ -108,13 +112,11 @@ class TextClassification(Task):
     def build_model(self):
         cfg = self.config
         if cfg.model == "lstm":
-            from attnlab.models.recurrent import LSTMClassifier
             kw = transformer_kwargs(cfg.model_kwargs, ("d_model", "hidden", "num_layers",
                                                       "bidirectional", "dropout"),
                                     where=f"task {self.name!r} model 'lstm'")
             return LSTMClassifier(self.tokenizer.vocab_size, len(self.classes),
                                   pad_id=self.pad_id, **kw)
-        from attnlab.models.classifier import EncoderClassifier
         kw = transformer_kwargs(cfg.model_kwargs, where=f"task {self.name!r}")
         return EncoderClassifier(self.tokenizer.vocab_size, len(self.classes),
                                  pooling=self.opts["pooling"], mechanism=cfg.mechanism,
@@ -122,14 +124,12 @@ class TextClassification(Task):
                                  max_len=self.opts["max_len"], pad_id=self.pad_id, **kw)
 
     def _batch(self, split: str, group: list[int]) -> dict[str, torch.Tensor]:
-        from attnlab.data.batching import pad_batch
         ids, pad = pad_batch([self.ids[split][i] for i in group], pad_id=self.pad_id,
                              max_len=self.opts["max_len"], truncate=self.opts["truncate"],
                              prepend=self.prepend, multiple=self.opts["pad_multiple"])
         return {"ids": ids, "padding_mask": pad, "labels": self.labels[split][group]}
 
     def train_batches(self, epoch: int):
-        from attnlab.data.batching import BucketBatchSampler
         sampler = BucketBatchSampler(self.lengths["train"], self.config.batch_size,
                                      shuffle=True, seed=self.config.seed)
         sampler.set_epoch(epoch)
@@ -164,7 +164,6 @@ class TextClassification(Task):
     def explain(self, model, text: str) -> dict[str, Any]:
         """Class probabilities and per-layer attention weights ``(H, N, N)`` for one text,
         with its tokens as the model saw them (truncated like the training data)."""
-        from attnlab.data.batching import pad_batch
         if not hasattr(model, "attention_maps"):
             raise ConfigError(f"model {self.config.model!r} has no attention to show")
         ids, pad = pad_batch([self.tokenizer.encode(text)], pad_id=self.pad_id,
@@ -195,7 +194,6 @@ class Emotions(TextClassification):
                 "model_kwargs": {"d_model": 64, "num_layers": 1, "dropout": 0.3}}
 
     def load(self):
-        from attnlab.data.text import load_emotions
         return load_emotions(self.opts["data_dir"], source=self.opts["source"],
                              extra_rows=self.opts["extra_rows"], seed=self.config.seed,
                              download=self.opts["download"])
@@ -213,7 +211,6 @@ class IMDB(TextClassification):
                 "eval_batches": 20, "model_kwargs": {"d_model": 64, "num_layers": 1}}
 
     def load(self):
-        from attnlab.data.text import load_imdb
         return load_imdb(self.opts["data_dir"], seed=0,
                          validation_fraction=self.opts["validation_fraction"],
                          download=self.opts["download"])
@@ -246,8 +243,6 @@ class ListOps(TextClassification):
                 "model_kwargs": {"d_model": 64, "num_layers": 2}}
 
     def load(self):
-        from attnlab.data.synthetic import listops
-        from attnlab.data.text import TextDataset, TextSplit
         o = self.opts
         sizes = {"train": o["n_train"], "validation": o["n_validation"], "test": o["n_test"]}
         splits = {}

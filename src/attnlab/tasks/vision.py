@@ -13,10 +13,14 @@ from typing import Any
 
 import torch
 
+from attnlab.data.images import load_digits, load_mnist
+from attnlab.data.inpaint import apply_mask, make_masks
 from attnlab.files import atomic_path
-from attnlab.tasks.base import Task, register_task
+from attnlab.models.vision import UNetInpainter, ViTInpainter, inpainting_loss
 from attnlab.tasks.common import LazyBatches, chunks, epoch_order, eval_mode, transformer_kwargs
 from attnlab.train.config import ConfigError
+from attnlab.train.metrics import psnr, ssim
+from attnlab.train.task import Task, register_task
 
 __all__ = ["Inpainting", "InpaintDigits", "InpaintMNIST", "InpaintFashion"]
 
@@ -65,7 +69,6 @@ class Inpainting(Task):
         return {k: v for k, v in self._info.items() if k != "manifest"}
 
     def _masks(self, n: int, seed: int) -> torch.Tensor:
-        from attnlab.data.inpaint import make_masks
         o = self.opts
         _, h, w = self.shape
         return make_masks(n, h, w, kind=o["mask"], box_size=tuple(o["box_size"]),
@@ -73,7 +76,6 @@ class Inpainting(Task):
                           seed=seed)
 
     def build_model(self):
-        from attnlab.models.vision import UNetInpainter, ViTInpainter
         cfg = self.config
         c, h, w = self.shape
         if cfg.model == "unet":
@@ -98,14 +100,11 @@ class Inpainting(Task):
         return LazyBatches(len(groups), make)
 
     def loss(self, model, batch):
-        from attnlab.data.inpaint import apply_mask
-        from attnlab.models.vision import inpainting_loss
         x, m = batch["images"], batch["mask"]
         pred = model(apply_mask(x, m), m)
         return inpainting_loss(pred.float(), x, m), x.shape[0]
 
     def predict(self, model, split: str, idx: list[int]) -> tuple[torch.Tensor, ...]:
-        from attnlab.data.inpaint import apply_mask
         device = next(model.parameters()).device
         x, m = self.images[split][idx], self.fixed_masks[split][idx]
         with eval_mode(model):
@@ -113,7 +112,6 @@ class Inpainting(Task):
         return x, m, pred
 
     def evaluate(self, model, split, max_batches=None):
-        from attnlab.train.metrics import psnr, ssim
         n = self.images[split].shape[0]
         groups = chunks(range(n), 2 * self.config.batch_size)[:max_batches]
         sums = {"psnr": 0.0, "psnr_full": 0.0, "ssim": 0.0, "mse_missing": 0.0}
@@ -136,8 +134,6 @@ class Inpainting(Task):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        from attnlab.data.inpaint import apply_mask
-        from attnlab.train.metrics import psnr
         if split not in self.images:
             raise ConfigError(f"split must be one of {sorted(self.images)}; got {split!r}")
         n = min(n, self.images[split].shape[0])
@@ -179,7 +175,6 @@ class InpaintDigits(Inpainting):
     defaults = {**Inpainting.defaults, "max_steps": 1500}
 
     def load(self):
-        from attnlab.data.images import load_digits
         return load_digits(seed=0)
 
 
@@ -189,7 +184,6 @@ class InpaintMNIST(Inpainting):
     summary = "Inpaint 28x28 MNIST digits (idx files; test-only copies are split 7:1:2)"
 
     def load(self):
-        from attnlab.data.images import load_mnist
         return load_mnist(self.opts["data_dir"], variant="mnist", test_only="split",
                           download=self.opts["download"])
 
@@ -200,6 +194,5 @@ class InpaintFashion(Inpainting):
     summary = "Inpaint 28x28 Fashion-MNIST images"
 
     def load(self):
-        from attnlab.data.images import load_mnist
         return load_mnist(self.opts["data_dir"], variant="fashion", test_only="split",
                           download=self.opts["download"])

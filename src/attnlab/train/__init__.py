@@ -3,17 +3,13 @@
 >>> from attnlab.train import TrainConfig, train
 >>> result = train(TrainConfig(task="copy", max_steps=200), "runs/copy")  # doctest: +SKIP
 
-``train`` and friends are imported on first use: ``attnlab.tasks`` imports this package's
-``config`` module, and the loop imports the tasks.
+A task implements :class:`attnlab.train.task.Task` (the interface and its registry live
+here, below the tasks that implement it); ``attnlab.tasks`` registers the built-in ones.
 """
 
 from attnlab.train.config import ConfigError, TrainConfig
+from attnlab.train.loop import RunResult, load_trained, train
+from attnlab.train.task import Task, get_task, list_tasks, register_task
 
-__all__ = ["TrainConfig", "ConfigError", "train", "load_trained", "RunResult"]
-
-
-def __getattr__(name: str):
-    if name in ("train", "load_trained", "RunResult"):
-        from attnlab.train import loop
-        return getattr(loop, name)
-    raise AttributeError(f"module 'attnlab.train' has no attribute {name!r}")
+__all__ = ["TrainConfig", "ConfigError", "train", "load_trained", "RunResult", "Task",
+           "get_task", "list_tasks", "register_task"]

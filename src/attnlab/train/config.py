@@ -9,13 +9,13 @@ Task-specific options (data directory, tokenizer, truncation length, ...) live i
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from attnlab.files import read_json
+from attnlab.util.checks import did_you_mean
 
 __all__ = ["TrainConfig", "ConfigError", "check_names", "read_run_config"]
 
@@ -33,8 +33,7 @@ def check_names(given, known, *, what: str) -> None:
         return
     hints = []
     for k in unknown:
-        close = difflib.get_close_matches(k, known, n=1, cutoff=0.6)
-        hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        hints.append(f"{k!r}{did_you_mean(k, known, n=1, cutoff=0.6, style='paren')}")
     raise ConfigError(f"{what} {', '.join(hints)}; known: {', '.join(known) or '(none)'}")
 
 

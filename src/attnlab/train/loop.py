@@ -16,6 +16,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,6 @@ import torch
 from rich.console import Console
 
 from attnlab.files import read_json, write_json, write_text_atomic
-from attnlab.tasks.base import Task, get_task
 from attnlab.train.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -33,7 +33,9 @@ from attnlab.train.checkpoint import (
     set_rng_state,
 )
 from attnlab.train.config import ConfigError, TrainConfig, read_run_config
+from attnlab.train.metrics import convergence
 from attnlab.train.progress import TrainProgress
+from attnlab.train.task import Task, get_task
 
 __all__ = ["train", "RunResult", "build_optimizer", "lr_factor", "load_trained"]
 
@@ -89,10 +91,25 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+class NoTensorBoardWarning(UserWarning):
+    """Training writes no TensorBoard event files: the ``tensorboard`` package is missing."""
+
+
+_TB_SAID: list[str] = []  # the missing-tensorboard warning, once per process
+
+
 def _tensorboard(run_dir: Path):
+    """A SummaryWriter for ``run_dir/tb``, or None where the optional ``tensorboard``
+    package (the ``viz`` extra) is not installed: training then runs all the same, and a
+    :class:`NoTensorBoardWarning` says so, once per process."""
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard is optional: no event files without it
+    except ImportError as e:
+        if not _TB_SAID:
+            _TB_SAID.append(str(e))
+            warnings.warn(f"training writes no TensorBoard event files ({e}); install them "
+                          f"with pip install -e \".[viz]\" (or pip install tensorboard)",
+                          NoTensorBoardWarning, stacklevel=2)
         return None
     return SummaryWriter(log_dir=str(run_dir / "tb"))
 
@@ -129,6 +146,151 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class _Run:
+    """One training run in progress: the task, model, optimiser and the counters that a
+    checkpoint saves (``p``) and that a resume restores."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, state: dict | None,
+                 console: Console) -> None:
+        self.cfg, self.run_dir, self.console = cfg, run_dir, console
+        self.device = torch.device(cfg.device)
+        _seed_everything(cfg.seed)
+        self.task: Task = get_task(cfg.task)(cfg, run_dir)
+        self.task.setup()
+        self.model = self.task.build_model().to(self.device)
+        self.opt = build_optimizer(self.model, cfg)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
+        self.use_scaler = cfg.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_scaler)
+        self.amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        self.p: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "train_time_s": 0.0,
+                                  "best": None, "best_step": None, "bad_evals": 0,
+                                  "units": 0, "loss_sum": 0.0, "loss_n": 0}
+        self.history: list[dict[str, Any]] = []
+        if state is not None:
+            self._restore(state)
+        self.writer = _tensorboard(run_dir)
+        self.model_info = {"model": cfg.model, "mechanism": cfg.mechanism,
+                           "parameters": sum(x.numel() for x in self.model.parameters())}
+
+    def _restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        if self.use_scaler:
+            self.scaler.load_state_dict(state["scaler"])
+        self.p.update(state["progress"])
+        self.history = list(state["history"])
+        set_rng_state(state["rng"])
+
+    def checkpoint(self) -> None:
+        save_checkpoint(self.run_dir / "checkpoint.pt", {
+            "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
+            "progress": dict(self.p), "history": self.history, "rng": rng_state(),
+            "config": self.cfg.to_dict()})
+
+    def evaluate(self) -> None:
+        p, task = self.p, self.task
+        metrics = task.evaluate(self.model, "validation", self.cfg.eval_batches)
+        row = {"step": p["step"], "epoch": p["epoch"], "time_s": round(p["train_time_s"], 3),
+               "lr": self.sched.get_last_lr()[0],
+               "train_loss": p["loss_sum"] / max(1, p["loss_n"]),
+               "throughput": p["units"] / max(1e-9, p["train_time_s"]),
+               **{f"val_{k}": v for k, v in metrics.items() if _scalar(v)}}
+        p["loss_sum"], p["loss_n"] = 0.0, 0
+        self.history.append(row)
+        value = metrics[task.metric]
+        if task.better(value, p["best"]):
+            p["best"], p["best_step"], p["bad_evals"] = value, p["step"], 0
+            save_checkpoint(self.run_dir / "best.pt", {"model": self.model.state_dict(),
+                                                       "step": p["step"], "metrics": metrics})
+        else:
+            p["bad_evals"] += 1
+        # rewritten whole (atomically): a resume never duplicates a row, a kill never
+        # leaves half of one
+        write_text_atomic(self.run_dir / "metrics.jsonl",
+                          "".join(json.dumps(r) + "\n" for r in self.history))
+        if self.writer is not None:
+            for k, v in row.items():
+                if k != "step":
+                    self.writer.add_scalar(k, v, p["step"])
+        self.console.print(f"step {p['step']:>6}  loss {row['train_loss']:.4f}  "
+                           f"val {task.metric} {value:.4f}  "
+                           f"(best {p['best']:.4f} @ {p['best_step']})")
+
+    def step(self, batch: dict[str, torch.Tensor]) -> float:
+        """One optimiser step on ``batch``; its loss."""
+        t0 = time.perf_counter()
+        self.model.train()
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        ctx = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.cfg.amp
+               else contextlib.nullcontext())
+        with ctx:
+            loss, units = self.task.loss(self.model, batch)
+        if not torch.isfinite(loss):
+            self.checkpoint()
+            raise FloatingPointError(f"training loss is {loss.item()} at step "
+                                     f"{self.p['step']} (lr {self.sched.get_last_lr()[0]:.2e}); "
+                                     f"try a lower lr or grad_clip")
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.grad_clip is not None:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        p = self.p
+        p["train_time_s"] += time.perf_counter() - t0
+        p["step"] += 1
+        p["batch"] += 1
+        p["units"] += int(units)
+        p["loss_sum"] += loss.item()
+        p["loss_n"] += 1
+        return loss.item()
+
+    def after_step(self, interrupted: bool) -> str:
+        """Evaluate and checkpoint when due; the run's status after this step."""
+        cfg, p, status = self.cfg, self.p, "done"
+        last = p["step"] >= cfg.max_steps
+        over = cfg.time_budget_s is not None and p["train_time_s"] >= cfg.time_budget_s
+        if p["step"] % cfg.eval_every == 0 or last or over:
+            self.evaluate()
+            if cfg.patience is not None and p["bad_evals"] >= cfg.patience:
+                status = "early_stopped"
+            self.checkpoint()
+        elif p["step"] % cfg.checkpoint_every == 0:
+            self.checkpoint()
+        if over and status == "done":
+            status = "time_budget"
+        if interrupted:
+            self.checkpoint()
+            status = "interrupted"
+        return status
+
+    def loop(self, bar: TrainProgress, stop: _StopFlag, stop_after: int | None) -> str:
+        """Epochs of batches until max_steps, early stopping, the time budget or a stop."""
+        p, status, steps_this_call = self.p, "done", 0
+        bar.start_steps(p["step"])
+        while p["step"] < self.cfg.max_steps and status == "done":
+            batches = self.task.train_batches(p["epoch"])
+            if len(batches) == 0:
+                raise ConfigError(f"task {self.cfg.task!r} produced no training batches")
+            bar.start_epoch(p["epoch"], len(batches), p["batch"])
+            while p["batch"] < len(batches):
+                bar.advance(self.step(batches[p["batch"]]))
+                steps_this_call += 1
+                status = self.after_step(stop.signal is not None
+                                         or steps_this_call == stop_after)
+                if p["step"] >= self.cfg.max_steps or status != "done":
+                    break
+            if p["batch"] >= len(batches):
+                p["epoch"] += 1
+                p["batch"] = 0
+        return status
+
+
 def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
           progress: bool = True, console: Console | None = None,
           stop_after: int | None = None) -> RunResult:
@@ -138,134 +300,18 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
     console = console or Console(stderr=True, quiet=not progress)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    state = _prepare_dir(cfg, run_dir, resume)
-    device = torch.device(cfg.device)
-    _seed_everything(cfg.seed)
-    task: Task = get_task(cfg.task)(cfg, run_dir)
-    task.setup()
-    model = task.build_model().to(device)
-    opt = build_optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
-    use_scaler = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-
-    p = {"step": 0, "epoch": 0, "batch": 0, "train_time_s": 0.0, "best": None,
-         "best_step": None, "bad_evals": 0, "units": 0, "loss_sum": 0.0, "loss_n": 0}
-    history: list[dict[str, Any]] = []
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if use_scaler:
-            scaler.load_state_dict(state["scaler"])
-        p.update(state["progress"])
-        history = list(state["history"])
-        set_rng_state(state["rng"])
-
-    def checkpoint() -> None:
-        save_checkpoint(run_dir / "checkpoint.pt", {
-            "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-            "progress": dict(p), "history": history, "rng": rng_state(),
-            "config": cfg.to_dict()})
-
-    writer = _tensorboard(run_dir)
-    model_info = {"model": cfg.model, "parameters": sum(x.numel() for x in model.parameters()),
-                  "mechanism": cfg.mechanism}
-
-    def evaluate() -> dict[str, Any]:
-        metrics = task.evaluate(model, "validation", cfg.eval_batches)
-        row = {"step": p["step"], "epoch": p["epoch"], "time_s": round(p["train_time_s"], 3),
-               "lr": sched.get_last_lr()[0],
-               "train_loss": p["loss_sum"] / max(1, p["loss_n"]),
-               "throughput": p["units"] / max(1e-9, p["train_time_s"]),
-               **{f"val_{k}": v for k, v in metrics.items() if _scalar(v)}}
-        p["loss_sum"], p["loss_n"] = 0.0, 0
-        history.append(row)
-        value = metrics[task.metric]
-        if task.better(value, p["best"]):
-            p["best"], p["best_step"], p["bad_evals"] = value, p["step"], 0
-            save_checkpoint(run_dir / "best.pt", {"model": model.state_dict(),
-                                                  "step": p["step"], "metrics": metrics})
-        else:
-            p["bad_evals"] += 1
-        # rewritten whole (atomically): a resume never duplicates a row, a kill never
-        # leaves half of one
-        write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n"
-                                                             for r in history))
-        if writer is not None:
-            for k, v in row.items():
-                if k != "step":
-                    writer.add_scalar(k, v, p["step"])
-        console.print(f"step {p['step']:>6}  loss {row['train_loss']:.4f}  "
-                      f"val {task.metric} {value:.4f}  (best {p['best']:.4f} @ {p['best_step']})")
-        return metrics
-
-    status = "done"
-    steps_this_call = 0
+    run = _Run(cfg, run_dir, _prepare_dir(cfg, run_dir, resume), console)
     bar = TrainProgress(cfg.max_steps, enabled=progress, console=console)
     with _StopFlag() as stop, bar:
-        bar.start_steps(p["step"])
-        while p["step"] < cfg.max_steps and status == "done":
-            batches = task.train_batches(p["epoch"])
-            if len(batches) == 0:
-                raise ConfigError(f"task {cfg.task!r} produced no training batches")
-            bar.start_epoch(p["epoch"], len(batches), p["batch"])
-            while p["batch"] < len(batches):
-                t0 = time.perf_counter()
-                model.train()
-                batch = {k: v.to(device) for k, v in batches[p["batch"]].items()}
-                ctx = (torch.autocast(device.type, dtype=amp_dtype) if cfg.amp
-                       else contextlib.nullcontext())
-                with ctx:
-                    loss, units = task.loss(model, batch)
-                if not torch.isfinite(loss):
-                    checkpoint()
-                    raise FloatingPointError(f"training loss is {loss.item()} at step "
-                                             f"{p['step']} (lr {sched.get_last_lr()[0]:.2e}); "
-                                             f"try a lower lr or grad_clip")
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.grad_clip is not None:
-                    scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                p["train_time_s"] += time.perf_counter() - t0
-                p["step"] += 1
-                p["batch"] += 1
-                p["units"] += int(units)
-                p["loss_sum"] += loss.item()
-                p["loss_n"] += 1
-                steps_this_call += 1
-                bar.advance(loss.item())
-                last = p["step"] >= cfg.max_steps
-                over = cfg.time_budget_s is not None and p["train_time_s"] >= cfg.time_budget_s
-                if p["step"] % cfg.eval_every == 0 or last or over:
-                    evaluate()
-                    if cfg.patience is not None and p["bad_evals"] >= cfg.patience:
-                        status = "early_stopped"
-                    checkpoint()
-                elif p["step"] % cfg.checkpoint_every == 0:
-                    checkpoint()
-                if over and status == "done":
-                    status = "time_budget"
-                if stop.signal is not None or steps_this_call == stop_after:
-                    checkpoint()
-                    status = "interrupted"
-                if last or status != "done":
-                    break
-            if p["batch"] >= len(batches):
-                p["epoch"] += 1
-                p["batch"] = 0
-    if writer is not None:
-        writer.close()
+        status = run.loop(bar, stop, stop_after)
+    if run.writer is not None:
+        run.writer.close()
     if status == "interrupted":
-        console.print(f"interrupted at step {p['step']}: resume with --resume")
-        return RunResult(run_dir, status, p["step"], _best(history, task, p), None)
-    return _finish(task, model, run_dir, cfg, status, p, history, model_info, console)
+        console.print(f"interrupted at step {run.p['step']}: resume with --resume")
+        return RunResult(run_dir, status, run.p["step"], _best(run.history, run.task, run.p),
+                         None)
+    return _finish(run.task, run.model, run_dir, cfg, status, run.p, run.history,
+                   run.model_info, console)
 
 
 def _scalar(v: Any) -> bool:
@@ -279,7 +325,6 @@ def _best(history: list[dict], task: Task, p: dict) -> dict[str, Any]:
 
 def _finish(task: Task, model, run_dir: Path, cfg: TrainConfig, status: str, p: dict,
             history: list[dict], model_info: dict, console: Console) -> RunResult:
-    from attnlab.train.metrics import convergence
 
     best = load_checkpoint(run_dir / "best.pt")
     model.load_state_dict(best["model"])

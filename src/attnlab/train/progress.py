@@ -3,14 +3,8 @@
 from __future__ import annotations
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+
+from attnlab.util.progress import make_progress
 
 __all__ = ["TrainProgress"]
 
@@ -21,10 +15,8 @@ class TrainProgress:
     def __init__(self, total_steps: int, *, enabled: bool = True,
                  console: Console | None = None) -> None:
         self.total = total_steps
-        self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-            console=console, disable=not enabled, transient=False)
+        self.progress = make_progress(extra=("loss {task.fields[loss]}",), console=console,
+                                      enabled=enabled)
         self._steps = None
         self._epoch = None
 

@@ -15,10 +15,12 @@ from typing import Any
 
 from rich.console import Console
 
-from attnlab import stats
+from attnlab.bench.machine import describe, git_commit, versions
 from attnlab.bench.store import Store
 from attnlab.files import read_json, writable_database, writable_dir, write_json
 from attnlab.train.config import TrainConfig
+from attnlab.train.loop import train
+from attnlab.train.metrics import mean_std
 
 __all__ = ["train_seeds", "aggregate", "record", "record_if_missing"]
 
@@ -27,9 +29,8 @@ def _mean_std(values: list[float]) -> dict[str, float] | None:
     values = [float(v) for v in values if v is not None]
     if not values:
         return None
-    s = stats.std(values)
-    # summary.json has always said 0 for one seed; its readers check "n" before the spread
-    return {"mean": stats.mean(values), "std": 0.0 if s is None else s, "n": len(values)}
+    mean, std = mean_std(values)  # one seed: std 0; summary.json's readers check "n"
+    return {"mean": mean, "std": std, "n": len(values)}
 
 
 def aggregate(summaries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -57,7 +58,6 @@ def aggregate(summaries: list[dict[str, Any]]) -> dict[str, Any]:
 
 def record(db: str | Path, run_dir: Path, cfg: TrainConfig, summary: dict[str, Any]) -> None:
     """One row of the results database's ``trainings`` table for a finished seed."""
-    from attnlab.bench.machine import describe, git_commit, versions
     with Store(db) as store:
         store.add_training({
             "run_dir": str(Path(run_dir).resolve()), "task": cfg.task, "model": cfg.model,
@@ -119,7 +119,6 @@ def train_seeds(cfg: TrainConfig, seeds: list[int], run_dir: str | Path, *,
 
     With ``resume``, finished seeds are kept, an interrupted one continues from its
     checkpoint and missing ones start."""
-    from attnlab.train.loop import train
     run_dir = Path(run_dir)
     console = console or Console(stderr=True, quiet=not progress)
     if not seeds or len(set(seeds)) != len(seeds):

@@ -5,11 +5,14 @@ deterministic training batches, computes the loss and evaluates. The training lo
 ``attnlab.train.loop`` knows nothing else about it, so a new task plugs in by subclassing
 :class:`Task` and decorating it with :func:`register_task` where it is defined (as mechanisms
 do with ``register_mechanism``).
+
+The interface and the registry live here, below the tasks, as timm's registry lives below
+its models: this module imports no task. ``import attnlab`` imports ``attnlab.tasks``,
+which registers the built-in ones.
 """
 
 from __future__ import annotations
 
-import difflib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +23,7 @@ from torch import nn
 
 from attnlab.files import write_json
 from attnlab.train.config import ConfigError, TrainConfig, check_names
+from attnlab.util.checks import did_you_mean
 
 __all__ = ["Task", "register_task", "get_task", "list_tasks", "Batch"]
 
@@ -117,19 +121,12 @@ def register_task(cls: type[Task]) -> type[Task]:
     return cls
 
 
-def _ensure_loaded() -> None:
-    import attnlab.tasks  # noqa: F401  (importing the package registers every task)
-
-
 def get_task(name: str) -> type[Task]:
-    _ensure_loaded()
     if name in _TASKS:
         return _TASKS[name]
-    close = difflib.get_close_matches(name, list(_TASKS), n=3, cutoff=0.5)
-    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
-    raise ConfigError(f"unknown task {name!r}{hint} (known: {', '.join(sorted(_TASKS))})")
+    raise ConfigError(f"unknown task {name!r}{did_you_mean(name, _TASKS, n=3)} "
+                      f"(known: {', '.join(sorted(_TASKS))})")
 
 
 def list_tasks() -> list[str]:
-    _ensure_loaded()
     return sorted(_TASKS)
