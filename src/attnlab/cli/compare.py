@@ -36,8 +36,7 @@ from attnlab.report.build import build_report, load_run
 from attnlab.report.leaderboard import LEGEND, leaderboard, render_leaderboard
 from attnlab.report.patterns import plot_attention
 from attnlab.report.samples import attention_sample
-from attnlab.report.suite import _studies as suite_studies
-from attnlab.report.suite import build_suite_report
+from attnlab.report.suite import build_suite_report, study_leaderboards
 from attnlab.train.config import ConfigError, read_run_config
 
 __all__ = ["add_parsers", "HANDLERS", "leaderboard_tables", "parse_question"]
@@ -108,7 +107,7 @@ def leaderboard_tables(run_dir: str | Path,
     length measured) when the sweep measured it."""
     run_dir = Path(run_dir)
     if is_suite(run_dir):
-        studies = suite_studies(run_dir, read_suite(run_dir).studies)
+        studies = study_leaderboards(run_dir, read_suite(run_dir).studies)
         boards = {f"{label} ({s['plan'].task})": (s["lb"], s["rows"])
                   for label, s in studies.items()}
     else:

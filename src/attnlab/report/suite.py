@@ -25,7 +25,7 @@ from attnlab.report.document import Report
 from attnlab.report.leaderboard import LEGEND, leaderboard, verdict
 from attnlab.util.fmt import format_mib
 
-__all__ = ["build_suite_report"]
+__all__ = ["build_suite_report", "study_leaderboards"]
 
 _MARK = {"better": "▲", "worse": "▼", "same": "=", "untested": "?"}
 _SEPARATION_ALPHA_NOTE = "Welch's t-test over seeds, p < 0.05"
@@ -40,7 +40,9 @@ def _quality_cell(r: dict | None) -> str:
     return f"{r['test_mean']:.3f}{ci} {mark}"
 
 
-def _studies(run_dir: Path, labels) -> dict[str, dict[str, Any]]:
+def study_leaderboards(run_dir: Path, labels) -> dict[str, dict[str, Any]]:
+    """Each study's leaderboard (and what it was built from), by label: what the suite's
+    report and the terminal table of ``attnlab compare`` show."""
     out = {}
     for label in labels:
         plan, state, bench, rows, trainings = load_run(run_dir / label)
@@ -102,7 +104,7 @@ def build_suite_report(run_dir: str | Path, *, out: str | Path | None = None,
     writable_dir(out, "--out" if out != run_dir / "report" else "report")
     for label in suite.studies:
         build_report(run_dir / label, console=console, advise=advise)
-    studies = _studies(run_dir, suite.studies)
+    studies = study_leaderboards(run_dir, suite.studies)
     names = list(suite.mechanisms)
     first = next(iter(studies.values()))
     rep = Report(f"attnlab compare: {len(names)} mechanisms, {len(studies)} studies")
