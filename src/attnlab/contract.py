@@ -39,14 +39,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
+
+from attnlab.util.checks import check_bool
 
 __all__ = [
     "HALF_DTYPES",
     "AttentionInputs",
     "causal_mask",
-    "check_flag",
     "check_inputs",
     "is_key_padding_mask",
     "format_shape",
@@ -83,15 +83,6 @@ def format_shape(t: torch.Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
-def check_flag(name: str, value, who: str = "") -> bool:
-    """``value`` as a Python bool, else ``TypeError`` naming ``name``. Only ``bool`` (and
-    NumPy's ``bool_``) passes: ``bool("no")`` is ``True``, so coercing would turn a typo or
-    a string option into the opposite of what was meant."""
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    raise TypeError(f"{who}{name} must be a bool; got {type(value).__name__} {value!r}")
-
-
 def is_key_padding_mask(mask) -> bool:
     """A bool mask that depends on the key alone: 2-D to 4-D with ``Nq`` dimension 1."""
     return (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool
@@ -116,12 +107,13 @@ def check_inputs(
     ``spec`` (a :class:`~attnlab.registry.MechanismSpec`) adds the mechanism's own limits:
     causal, arbitrary masks, cross-attention, returning weights, half precision.
     """
-    who = f"{spec.name}: " if spec is not None else ""
+    owner = spec.name if spec is not None else ""
+    who = f"{owner}: " if owner else ""
     _check_tensors(q, k, v, who)
-    check_flag("enable_gqa", enable_gqa, who)
+    check_bool("enable_gqa", enable_gqa, who=owner)
     sizes = _check_shapes(q, k, v, bool(enable_gqa), who)
-    check_flag("is_causal", is_causal, who)
-    check_flag("need_weights", need_weights, who)
+    check_bool("is_causal", is_causal, who=owner)
+    check_bool("need_weights", need_weights, who=owner)
     _check_scalars(scale, dropout_p, who)
     if attn_mask is not None:
         _check_mask(attn_mask, q, (sizes.B, sizes.H, sizes.Nq, sizes.Nk), who)

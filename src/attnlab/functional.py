@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from attnlab.contract import check_flag
 from attnlab.registry import get, resolve_name
+from attnlab.util.checks import check_bool
 
 __all__ = ["attention", "choose_mechanism", "hparams_key"]
 
@@ -106,8 +106,8 @@ def attention(
     Returns ``out`` ``(B, H, Nq, Dv)``, or ``(out, weights)`` when ``need_weights``.
     """
     # Checked before it chooses the mechanism: a truthy "no" must not select weights.
-    need_weights = check_flag("need_weights", need_weights, "attention: ")
-    is_causal = check_flag("is_causal", is_causal, "attention: ")
+    need_weights = check_bool("need_weights", need_weights, who="attention")
+    is_causal = check_bool("is_causal", is_causal, who="attention")
     if mechanism is None or mechanism == "auto":
         if hparams:
             raise TypeError(f"attention: hyperparameters {sorted(hparams)} need an explicit "

@@ -75,10 +75,6 @@ def _tokenizers():
     return tokenizers
 
 
-def _data_error(message: str, path: Path) -> DataError:
-    return DataError(message, path=path)
-
-
 def _hint(value, choices) -> str:
     return did_you_mean(value, choices, n=3)
 
@@ -425,8 +421,8 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     directory = Path(directory)
     meta_path = directory / META_FILE
     if not meta_path.is_file():
-        raise _data_error(f"no saved tokenizer here (missing {META_FILE}; write one with "
-                          "Tokenizer.save)", meta_path)
+        raise DataError(f"no saved tokenizer here (missing {META_FILE}; write one with "
+                        "Tokenizer.save)", path=meta_path)
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         if meta.get("format") != _FORMAT:
@@ -443,7 +439,7 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
                     or not all(isinstance(c, str) and len(c) == 1 for c in chars)):
                 raise ValueError("'chars' must be a list of distinct single characters")
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
-        raise _data_error(f"corrupt tokenizer metadata: {e}", meta_path) from e
+        raise DataError(f"corrupt tokenizer metadata: {e}", path=meta_path) from e
     if kind == "byte":
         tok: Tokenizer = ByteTokenizer(lowercase=lowercase)
     elif kind == "char":
@@ -451,18 +447,18 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     else:
         lib_path = directory / LIBRARY_FILE
         if not lib_path.is_file():
-            raise _data_error("missing tokenizer file (written by Tokenizer.save)", lib_path)
+            raise DataError("missing tokenizer file (written by Tokenizer.save)", path=lib_path)
         tk = _tokenizers()
         try:
             backend = tk.Tokenizer.from_file(str(lib_path))
         except Exception as e:  # the library raises a bare Exception on bad JSON
-            raise _data_error(f"corrupt tokenizer file: {e}", lib_path) from e
+            raise DataError(f"corrupt tokenizer file: {e}", path=lib_path) from e
         tok = LibraryTokenizer(kind, backend, lowercase=lowercase,
                                pre_tokenizer=meta.get("pre_tokenizer"))
         wrong = [t for i, t in enumerate(SPECIAL_TOKENS) if tok.token_to_id(t) != i]
         if wrong:
-            raise _data_error(f"special tokens {wrong} are not at their fixed ids", lib_path)
+            raise DataError(f"special tokens {wrong} are not at their fixed ids", path=lib_path)
     if tok.vocab_size != meta.get("vocab_size"):
-        raise _data_error(f"vocabulary has {tok.vocab_size} ids but the metadata says "
-                          f"{meta.get('vocab_size')!r}", meta_path)
+        raise DataError(f"vocabulary has {tok.vocab_size} ids but the metadata says "
+                        f"{meta.get('vocab_size')!r}", path=meta_path)
     return tok
