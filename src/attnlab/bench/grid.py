@@ -186,7 +186,7 @@ def _choices(where: str, name: str, values, allowed) -> tuple:
         _fail(where, f"{name} must be a non-empty list; got {values!r}")
     for v in values:
         if v not in allowed:
-            hint = did_you_mean(v, allowed, style="paren")
+            hint = did_you_mean(v, allowed, cutoff=0.6, style="paren")
             _fail(where, f"{name} must be among {list(allowed)}; got {v!r}{hint}")
     return tuple(dict.fromkeys(values))
 
@@ -260,15 +260,16 @@ def make_grid(*, profile: str | None = None, where: str = "bench", **given) -> G
     """A validated :class:`Grid` from a profile's values overridden by ``given`` (``None``
     values mean "not given")."""
     if profile is not None and profile not in PROFILES:
-        hint = did_you_mean(profile, PROFILES, style="paren")
+        hint = did_you_mean(profile, PROFILES, cutoff=0.6, style="paren")
         _fail(where, f"unknown profile {profile!r}{hint}; known: {list(PROFILES)}")
     base = dict(PROFILES[profile]) if profile else {}
     known = {f.name for f in dataclasses.fields(Grid)}
     given = {k: v for k, v in given.items() if v is not None}
     unknown = sorted(set(given) - known)
     if unknown:
-        hints = ", ".join(f"{u!r}{did_you_mean(u, sorted(known), n=1, style='paren')}"
-                          for u in unknown)
+        hints = ", ".join(
+            f"{u!r}{did_you_mean(u, sorted(known), n=1, cutoff=0.6, style='paren')}"
+            for u in unknown)
         _fail(where, f"unknown setting {hints}; known: {sorted(known)}")
     cfg = {**base, **given}
     if "lengths" not in cfg:

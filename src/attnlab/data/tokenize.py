@@ -75,10 +75,6 @@ def _tokenizers():
     return tokenizers
 
 
-def _hint(value, choices) -> str:
-    return did_you_mean(value, choices, n=3)
-
-
 class Tokenizer:
     """Text <-> ids. Build one with :func:`train_tokenizer` or :func:`load_tokenizer`."""
 
@@ -374,7 +370,8 @@ def train_tokenizer(kind: str, texts: Iterable[str], *, vocab_size: int | None =
     left out. ``byte`` needs no texts (any given are ignored).
     """
     if not isinstance(kind, str) or kind not in KINDS:
-        raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}{_hint(kind, KINDS)}")
+        raise ValueError(f"kind: expected one of {KINDS}, got "
+                         f"{kind!r}{did_you_mean(kind, KINDS, n=3)}")
     if isinstance(texts, (str, bytes)):
         raise TypeError("texts: expected an iterable of str (e.g. a list of documents), "
                         f"got a single {type(texts).__name__}")
@@ -390,8 +387,9 @@ def train_tokenizer(kind: str, texts: Iterable[str], *, vocab_size: int | None =
     if pre_tokenizer is None:
         pre_tokenizer = allowed[0]
     elif pre_tokenizer not in allowed:
+        hint = did_you_mean(pre_tokenizer, [a for a in allowed if a], n=3)
         raise ValueError(f"pre_tokenizer: kind {kind!r} accepts {allowed}, got "
-                         f"{pre_tokenizer!r}{_hint(pre_tokenizer, [a for a in allowed if a])}")
+                         f"{pre_tokenizer!r}{hint}")
     minimum = NUM_SPECIALS + (256 if kind == "bpe" else 1)
     if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)
                                    or vocab_size < minimum):
