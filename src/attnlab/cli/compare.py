@@ -33,7 +33,7 @@ from attnlab.compare.suite import (
 from attnlab.files import writable_dir
 from attnlab.report.browser import BrowserNotFound, open_in_browser
 from attnlab.report.build import build_report, load_run
-from attnlab.report.leaderboard import LEGEND, leaderboard, render_leaderboard
+from attnlab.report.leaderboard import LEGEND, headline_view, leaderboard, render_leaderboard
 from attnlab.report.patterns import plot_attention
 from attnlab.report.samples import attention_sample
 from attnlab.report.suite import build_suite_report, study_leaderboards
@@ -79,9 +79,7 @@ def _run_leaderboard(run_dir: Path) -> tuple[str, list[dict], list[dict]]:
     """``(task, leaderboard rows, bench rows)`` of one compare run, as its report builds
     them (:func:`~attnlab.report.build.build_report`: the fwd+bwd pass when it ran)."""
     plan, _, _, rows, trainings = load_run(run_dir)
-    passes = {r["pass_"] for r in rows if r["status"] == "ok"}
-    pass_ = "fwd+bwd" if "fwd+bwd" in passes else "fwd"
-    causal = bool(rows) and all(r["causal"] for r in rows)
+    pass_, causal = headline_view(rows)
     return plan.task, leaderboard(rows, trainings, pass_=pass_, causal=causal), rows
 
 

@@ -25,7 +25,13 @@ from attnlab.files import read_json, readable_file, writable_dir
 from attnlab.report import sections
 from attnlab.report.advisor import answers
 from attnlab.report.document import Report
-from attnlab.report.leaderboard import BASELINE, LEGEND, leaderboard, render_leaderboard
+from attnlab.report.leaderboard import (
+    BASELINE,
+    LEGEND,
+    headline_view,
+    leaderboard,
+    render_leaderboard,
+)
 from attnlab.report.sections import quality_sentences
 from attnlab.report.training_plots import plot_loss_curves, plot_pareto, read_curves
 from attnlab.train.checkpoint import check_checkpoint_file
@@ -192,10 +198,7 @@ def build_report(run_dir: str | Path, *, out: str | Path | None = None,
     figs = out / "figures"
     for d in (out, figs):  # before any figure: a read-only destination is said at once
         writable_dir(d, what)
-    passes = {r["pass_"] for r in rows if r["status"] == "ok"}
-    pass_ = "fwd+bwd" if "fwd+bwd" in passes else "fwd"
-    # A suite benchmarks causal attention only (its studies decode left to right).
-    causal = bool(rows) and all(r["causal"] for r in rows)
+    pass_, causal = headline_view(rows)
     lb = leaderboard(rows, trainings, pass_=pass_, causal=causal)
     dirs = _seed_dirs(plan, trainings)
     _check_runs(dirs)

@@ -36,7 +36,7 @@ from attnlab.bench.analysis import (
 )
 from attnlab.util.fmt import format_mib
 
-__all__ = ["BASELINE", "LEGEND", "baseline_row", "leaderboard", "quality_text",
+__all__ = ["BASELINE", "LEGEND", "baseline_row", "headline_view", "leaderboard", "quality_text",
            "render_leaderboard", "seeds_text", "verdict"]
 
 #: The mechanism whose time every other one's crossover is measured against, and whose
@@ -137,6 +137,15 @@ def _attach_quality(row: dict, ts: list[dict]) -> None:
         convergence_time=_mean(_present(ts, lambda t: _convergence(t, "time"))),
         parameters=params[0] if params else None,
         throughput=_mean(_present(ts, lambda t: t.get("throughput"))))
+
+
+def headline_view(measurements: list[dict]) -> tuple[str, bool]:
+    """``(pass_, causal)`` a report's leaderboard shows: the fwd+bwd pass when it ran (what
+    training costs), causal when every point was (a suite benchmarks causal attention only:
+    its studies decode left to right)."""
+    passes = {r["pass_"] for r in measurements if r["status"] == "ok"}
+    pass_ = "fwd+bwd" if "fwd+bwd" in passes else "fwd"
+    return pass_, bool(measurements) and all(r["causal"] for r in measurements)
 
 
 def leaderboard(measurements: list[dict], trainings: list[dict], *, pass_: str = "fwd",

@@ -22,7 +22,7 @@ from attnlab.files import read_json, writable_dir
 from attnlab.report import sections
 from attnlab.report.build import build_report, load_run
 from attnlab.report.document import Report
-from attnlab.report.leaderboard import LEGEND, leaderboard, verdict
+from attnlab.report.leaderboard import LEGEND, headline_view, leaderboard, verdict
 from attnlab.util.fmt import format_mib
 
 __all__ = ["build_suite_report", "study_leaderboards"]
@@ -46,9 +46,7 @@ def study_leaderboards(run_dir: Path, labels) -> dict[str, dict[str, Any]]:
     out = {}
     for label in labels:
         plan, state, bench, rows, trainings = load_run(run_dir / label)
-        causal = any(r["causal"] for r in rows)
-        pass_ = "fwd+bwd" if any(r["pass_"] == "fwd+bwd" and r["status"] == "ok"
-                                 for r in rows) else "fwd"
+        pass_, causal = headline_view(rows)
         lb = leaderboard(rows, trainings, pass_=pass_, causal=causal)
         for r in lb:  # the study trained its own hyperparameters, not the sweep's label's
             r["name"] = r["mechanism"] if r["model"] == "transformer" else r["name"]
