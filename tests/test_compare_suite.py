@@ -58,8 +58,14 @@ def test_the_default_suite_measures_what_it_advises_about_and_needs_no_network(m
     monkeypatch.setattr(socket, "getaddrinfo", no_network)
     suite = make_suite()
     assert suite.mechanisms == DEFAULT_MECHANISMS and list(suite.studies) == list(STUDIES)
-    # Every default mechanism is trained in every study: both decode left to right.
+    # Every default mechanism is causal (both studies decode left to right); each study
+    # trains the defaults but those it leaves out for their cost, and a user's list whole.
     assert all(get(m).causal for m in suite.mechanisms)
+    for label, plan in suite.studies.items():
+        skip = STUDIES[label].get("default_skip", ())
+        assert plan.mechanisms == tuple(m for m in DEFAULT_MECHANISMS if m not in skip)
+    asked = make_suite(mechanisms=["sdpa", "reformer"])
+    assert all(p.mechanisms == ("sdpa", "reformer") for p in asked.studies.values())
     assert all(not p.skipped and len(p.seeds) >= 3 for p in suite.studies.values())
     b = suite.bench
     assert max(b["lengths"]) >= 4096 and b["passes"] == ["fwd", "fwd+bwd"]

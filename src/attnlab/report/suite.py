@@ -46,6 +46,9 @@ def study_leaderboards(run_dir: Path, labels) -> dict[str, dict[str, Any]]:
     out = {}
     for label in labels:
         plan, state, bench, rows, trainings = load_run(run_dir / label)
+        # the shared sweep measured every mechanism of the suite; a study ranks (and its
+        # advisor weighs) its own
+        rows = [r for r in rows if r["mechanism"] in plan.mechanisms]
         pass_, causal = headline_view(rows)
         lb = leaderboard(rows, trainings, pass_=pass_, causal=causal)
         for r in lb:  # the study trained its own hyperparameters, not the sweep's label's
@@ -59,7 +62,8 @@ def _quality_table(rep: Report, studies: dict[str, dict], names: list[str]) -> N
     by = {label: {r["mechanism"]: r for r in s["lb"]} for label, s in studies.items()}
     cols = ["mechanism"] + [f"{label}: test {s['lb'][0]['metric']}"
                             for label, s in studies.items()]
-    cells = [[n] + [_quality_cell(by[label].get(n)) for label in studies] for n in names]
+    cells = [[n] + [_quality_cell(by[label].get(n)) if n in s["plan"].mechanisms
+                    else "not in study" for label, s in studies.items()] for n in names]
     rep.table(cols, cells, caption=(
         "Test quality per study: mean ± half-width of the 95% confidence interval of the "
         "mean over seeds (Student t); against the study's best: ▲ significantly better, "
@@ -122,6 +126,10 @@ def build_suite_report(run_dir: str | Path, *, out: str | Path | None = None,
             rep.paragraph(text)
         for m, why in s["plan"].skipped.items():
             rep.paragraph(f"{label}: not trained: {m} ({why}).")
+        absent = [m for m in names if m not in s["plan"].mechanisms]
+        if absent:
+            rep.paragraph(f"{label}: {', '.join(absent)} not in this study (left out of the "
+                          f"default for its cost; `attnlab compare --mechanisms ...` adds it).")
     rep.section("Time and memory", "speed")
     _speed_table(rep, first, names)
     n_max = max(r["N"] for r in first["rows"])
