@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from contextlib import contextmanager
 
@@ -11,6 +12,10 @@ from hypothesis import HealthCheck, settings
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnlab
+
+# Mechanism modules under development, registered before the registry-wide tests collect.
+for _module in filter(None, os.environ.get("ATTNLAB_EXTRA_MODULES", "").split(",")):
+    importlib.import_module(_module)
 
 settings.register_profile(
     "default", deadline=None, max_examples=40,

@@ -24,7 +24,7 @@ def test_list_table_has_every_mechanism(capsys):
 def test_list_json_round_trips_the_registry(capsys):
     assert main(["list", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert [d["name"] for d in data] == attnlab.list_mechanisms()
+    assert [d["name"] for d in data] == attnlab.list_mechanisms(inputs=None)
     assert data == [attnlab.get(d["name"]).to_dict() for d in data]
 
 

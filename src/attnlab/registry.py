@@ -32,6 +32,7 @@ __all__ = [
     "Paper",
     "REQUIRED",
     "CONTEXT_HPARAMS",
+    "INPUTS",
     "create",
     "create_for",
     "get",
@@ -164,6 +165,10 @@ class Limit:
     # error, which does not shrink with the dtype (float64 keeps ``tol``).
     inputs: Callable | None = None
     statistical: bool = False
+    # For a mechanism outside the (q, k, v) contract (``inputs`` "graph" or "pair"), the
+    # whole check: ``gate(spec, *, n, head_dim, num_heads, batch, dtype, causal, device,
+    # seed, hparams) -> (out, ref)``, ``ref`` in float64; verify judges them as usual.
+    gate: Callable | None = None
 
 
 @dataclass(frozen=True)
@@ -203,6 +208,9 @@ class MechanismSpec:
     # The work it needs, analytically: f(*, B, H, Nq, Nk, D, Dv, causal, pass_, hparams)
     # -> FLOPs (attnlab.flops). None: the benchmark lab counts with FlopCounterMode.
     flops: Callable[..., float] | None = None
+    # What forward takes (:data:`INPUTS`): the (q, k, v) contract, or a graph's or a pair
+    # of sequences'; only "qkv" mechanisms are benchmarked and trained by name.
+    inputs: str = "qkv"
     # Takes a bool key-padding attn_mask (B, H, 1, Nk) (True = may attend), arbitrary or not.
     key_padding: bool = field(init=False)
 
@@ -236,6 +244,7 @@ class MechanismSpec:
             "differentiable": self.differentiable,
             "half_precision": self.half_precision,
             "learnable": self.learnable,
+            "inputs": self.inputs,
             "equation": self.equation,
             "summary": self.summary,
             "limit": self.limit.note if self.limit else None,
@@ -273,6 +282,15 @@ def validate_hparams(owner: str, hparams: Sequence[HParam],
     return {h.name: h.validate(given.get(h.name, h.default), owner) for h in hparams}
 
 
+# What a mechanism's forward takes:
+#   "qkv"   the functional contract, forward(q, k, v, *, attn_mask, is_causal, scale, ...)
+#           with (B, H, N, D) tensors (attnlab.contract);
+#   "graph" forward(q, k, v, *, edge_index) with node features (B, H, N, D) and a graph's
+#           edges, a (2, E) int64 tensor of (source j, target i): node i attends its in-edges;
+#   "pair"  forward(a, b) over two sequences (B, Na, D) and (B, Nb, D) of different lengths,
+#           returning one attended summary of each.
+INPUTS = ("qkv", "graph", "pair")
+
 _REGISTRY: dict[str, MechanismSpec] = {}
 _ALIASES: dict[str, str] = {}
 
@@ -301,6 +319,7 @@ def register_mechanism(
     kv_cache: bool = False,
     key_padding: bool | None = None,
     flops: str | Callable[..., float] | None = None,
+    inputs: str = "qkv",
 ) -> Callable[[type], type]:
     """Class decorator: register a :class:`~attnlab.mechanisms.base.Mechanism` subclass.
 
@@ -309,7 +328,15 @@ def register_mechanism(
     mask ``(B, H, 1, Nk)`` even without ``arbitrary_mask`` (``None``: same as
     ``arbitrary_mask``, which implies it). ``flops``: the work it needs, a model name from
     :data:`attnlab.flops.FLOP_MODELS` or a callable (see :mod:`attnlab.flops`).
+    ``inputs``: what forward takes (:data:`INPUTS`); outside "qkv" the correctness gate is
+    the limit's own ``gate``.
     """
+    if inputs not in INPUTS:
+        raise ValueError(f"register_mechanism({name!r}): inputs must be one of {INPUTS}; "
+                         f"got {inputs!r}")
+    if inputs != "qkv" and (limit is None or limit.gate is None):
+        raise ValueError(f"register_mechanism({name!r}): inputs={inputs!r} is outside the "
+                         f"(q, k, v) contract; give limit=Limit(..., gate=...) to check it")
 
     if kv_cache and not (causal and cross):
         raise ValueError(f"register_mechanism({name!r}): kv_cache=True needs causal=True and "
@@ -332,7 +359,7 @@ def register_mechanism(
             half_precision=half_precision, learnable=learnable, aliases=tuple(aliases),
             hparams=tuple(hparams), summary=summary or (cls.__doc__ or "").strip().split("\n")[0],
             tiny_hparams=dict(tiny_hparams or {}), limit=limit, kv_cache=kv_cache,
-            declared_key_padding=key_padding, flops=flop_model,
+            declared_key_padding=key_padding, flops=flop_model, inputs=inputs,
         )
         for key in (name, *aliases):
             if key in _REGISTRY or key in _ALIASES:
@@ -367,12 +394,17 @@ def get(name: str) -> MechanismSpec:
     return _REGISTRY[resolve_name(name)]
 
 
-def list_mechanisms(family: str | None = None, **flags: bool) -> list[str]:
+def list_mechanisms(family: str | None = None, *, inputs: str | None = "qkv",
+                    **flags: bool) -> list[str]:
     """Sorted names of registered mechanisms, optionally filtered.
 
     ``list_mechanisms(family="exact")``, ``list_mechanisms(causal=True, exact=False)``,
-    ``list_mechanisms(kv_cache=True)``.
+    ``list_mechanisms(kv_cache=True)``. By default only the mechanisms of the (q, k, v)
+    contract, which every benchmark, model and contract test takes; ``inputs="graph"``
+    (or ``"pair"``) those of graphs (pairs of sequences), ``inputs=None`` every one.
     """
+    if inputs is not None and inputs not in INPUTS:
+        raise ValueError(f"inputs: expected one of {INPUTS} or None; got {inputs!r}")
     valid = {"exact", "causal", "arbitrary_mask", "key_padding", "kv_cache", "cross",
              "returns_weights", "differentiable", "half_precision", "learnable"}
     bad = set(flags) - valid
@@ -386,6 +418,8 @@ def list_mechanisms(family: str | None = None, **flags: bool) -> list[str]:
     out = []
     for n, s in _REGISTRY.items():
         if family is not None and s.family != family:
+            continue
+        if inputs is not None and s.inputs != inputs:
             continue
         if any(getattr(s, f) != v for f, v in flags.items()):
             continue

@@ -197,6 +197,14 @@ def verify(name: str, *, n: int = 64, head_dim: int = 16, num_heads: int = 2, ba
     def result(ok: bool, error: float, message: str) -> VerifyResult:
         return VerifyResult(spec.name, ok, error, tol, limit.note, message)
 
+    if limit.gate is not None:  # outside the (q, k, v) contract: the mechanism's own check
+        try:
+            out, ref = limit.gate(spec, n=n, head_dim=head_dim, num_heads=num_heads,
+                                  batch=batch, dtype=dtype, causal=causal, device=device,
+                                  seed=seed, hparams=dict(hparams))
+        except Exception as e:  # noqa: BLE001  (as below: the gate reports)
+            return result(False, math.inf, f"raised {type(e).__name__}: {e}")
+        return result(*judge(out, ref, dtype, tol))
     try:
         q, k, v = _draw(limit, batch, num_heads, n, head_dim, dtype, seed)
         hp = {**hparams, **limit.hparams(n)}
@@ -218,7 +226,8 @@ def verify(name: str, *, n: int = 64, head_dim: int = 16, num_heads: int = 2, ba
 
 
 def verify_all(hparams: Mapping[str, dict] | None = None, **kw) -> list[VerifyResult]:
-    """:func:`verify` for every registered mechanism, in ``list_mechanisms()`` order.
+    """:func:`verify` for every registered mechanism, in ``list_mechanisms(inputs=None)``
+    order (those outside the (q, k, v) contract through their limit's ``gate``).
 
     ``kw`` are verify's options (``n``, ``head_dim``, ``dtype``, ``causal``, ...), the same
     for all; ``hparams`` maps a mechanism name to its own hyperparameters. Mechanisms that
@@ -226,12 +235,12 @@ def verify_all(hparams: Mapping[str, dict] | None = None, **kw) -> list[VerifyRe
     without support) are left out rather than failed.
     """
     hparams = dict(hparams or {})
-    unknown = sorted(set(hparams) - set(registry.list_mechanisms()))
+    unknown = sorted(set(hparams) - set(registry.list_mechanisms(inputs=None)))
     if unknown:
         raise ValueError(f"verify_all: hparams for unknown mechanisms {unknown}")
     causal, dtype = kw.get("causal", False), kw.get("dtype", torch.float32)
     results = []
-    for name in registry.list_mechanisms():
+    for name in registry.list_mechanisms(inputs=None):
         spec = registry.get(name)
         if (causal and not spec.causal) or (dtype in HALF_DTYPES and not spec.half_precision):
             continue

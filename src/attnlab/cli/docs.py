@@ -37,18 +37,18 @@ def _hparams(s: MechanismSpec) -> str:
 
 def _row(s: MechanismSpec) -> list[str]:
     name = _code(s.name) + (f" (alias {', '.join(map(_code, s.aliases))})" if s.aliases else "")
-    return [name, s.family, _paper(s), _yes(s.exact), _yes(s.causal),
+    return [name, s.family, s.inputs, _paper(s), _yes(s.exact), _yes(s.causal),
             _yes(claims_subquadratic_memory(s.name)), _code(s.time), _code(s.memory),
             _hparams(s)]
 
 
-_HEAD = ["name", "family", "paper", "exact", "causal", "sub-quadratic", "time", "memory",
+_HEAD = ["name", "family", "inputs", "paper", "exact", "causal", "sub-quadratic", "time", "memory",
          "default hyperparameters"]
 
 
 def mechanisms_markdown() -> str:
     """The Markdown of ``docs/mechanisms.md`` (ends with a newline)."""
-    specs = [get(n) for n in list_mechanisms()]
+    specs = [get(n) for n in list_mechanisms(inputs=None)]
     lines = [
         "# Mechanisms",
         "",

@@ -38,20 +38,23 @@ def _yes(flag: bool) -> str:
 
 
 def cmd_list(args: argparse.Namespace, console: Console) -> int:
-    names = list_mechanisms(family=args.family)
+    if args.seed_names:
+        console.print(info.seed_names_table())
+        return 0
+    names = list_mechanisms(family=args.family, inputs=None)
     if args.json:
         print(json.dumps([get(n).to_dict() for n in names], indent=2))
         return 0
     table = Table(title=f"attnlab {__version__}: {len(names)} mechanisms", show_lines=False)
     table.add_column("name", no_wrap=True)  # names are copied into code: never fold them
-    for col in ("family", "exact", "time", "memory", "causal", "masks", "cross",
+    for col in ("family", "inputs", "exact", "time", "memory", "causal", "masks", "cross",
                 "weights", "kv cache", "paper"):
         table.add_column(col, overflow="fold")
     for n in names:
         s = get(n)
         # "padding": key-padding masks only (no arbitrary (Nq, Nk) mask).
         masks = "yes" if s.arbitrary_mask else ("padding" if s.key_padding else "-")
-        table.add_row(n, s.family, "exact" if s.exact else "approx", s.time, s.memory,
+        table.add_row(n, s.family, s.inputs, "exact" if s.exact else "approx", s.time, s.memory,
                       _yes(s.causal), masks, _yes(s.cross), _yes(s.returns_weights),
                       _yes(s.kv_cache), s.paper.short())
     console.print(table)
@@ -82,7 +85,7 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, console: Console) -> int:
-    names = args.names or list_mechanisms()
+    names = args.names or list_mechanisms(inputs=None)
     dtype = getattr(torch, args.dtype)
     table = Table(title=f"every mechanism in its limit case vs its reference: N={args.n} "
                         f"D={args.head_dim} {args.dtype}{' causal' if args.causal else ''}")
@@ -99,7 +102,8 @@ def cmd_verify(args: argparse.Namespace, console: Console) -> int:
             continue
         r = verify(spec.name, n=args.n, head_dim=args.head_dim, dtype=dtype, causal=args.causal)
         failed += not r.ok
-        ref = "softmax" if spec.limit.reference is None else "own formula (float64)"
+        ref = ("own check (float64)" if spec.limit.gate is not None else
+               "softmax" if spec.limit.reference is None else "own formula (float64)")
         table.add_row(spec.name, r.note, ref, f"{r.error:.1e}", f"{r.tol:.0e}",
                       "[green]ok[/green]" if r.ok else f"[red]FAILED[/red] {r.message}")
     console.print(table)
@@ -118,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "complexity, flags, paper")
     pl.add_argument("--json", action="store_true", help="the registry as JSON")
     pl.add_argument("--family", help="only this family (exact, classic, sparse, ...)")
+    pl.add_argument("--seed-names", action="store_true",
+                    help="the 23 names of the project attnlab replaces, and what implements "
+                         "each (attnlab info NAME takes them too)")
     info.add_parser(sub)
     pv = sub.add_parser("verify", help="check every mechanism in its limit case against its "
                                        "reference (the correctness gate)")
