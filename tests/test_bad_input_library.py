@@ -36,7 +36,8 @@ def limit_case(name: str, n: int, d: int, h: int):
     hp = spec.limit.hparams(n)
     max_seq_len = hp.pop("max_seq_len", n)
     torch.manual_seed(0)
-    mech = registry.create_for(name, head_dim=d, num_heads=h, max_seq_len=max_seq_len, **hp)
+    mech = registry.create_for(name, head_dim=d, num_heads=h, max_seq_len=max_seq_len,
+                               **hp).eval()
     if spec.limit.statistical:
         # A Monte Carlo estimate (the Performer) equals no closed formula: its definition is
         # the estimator with these very features, run here in float64.
@@ -97,8 +98,9 @@ def test_empty_batch_heads_or_queries_give_an_empty_output(name, case):
         Nk = 16  # no query, but keys to attend
     mech = build(name, 4, 2)  # built for 2 heads: H = 0 is no call to check that against
     q, k, v = _empty_qkv(B, H, Nq, Nk)
-    padding = torch.ones(B, 1, 1, Nk, dtype=torch.bool)  # every mechanism takes key padding
-    for kw in ({}, {"attn_mask": padding}, {"is_causal": True} if spec.causal else {}):
+    padding = torch.ones(B, 1, 1, Nk, dtype=torch.bool)
+    for kw in ({}, {"attn_mask": padding} if spec.key_padding else {},
+               {"is_causal": True} if spec.causal else {}):
         out = mech(q, k, v, **kw)
         assert out.shape == (B, H, Nq, 3) and out.dtype == q.dtype, (kw, out.shape)
         out.sum().backward()
@@ -147,6 +149,7 @@ def _layouts(n: int):
 VALUE_PAIRS = {
     "layout": ({"block_size": 1}, lambda: _layouts(40)),
     "global_tokens": ({"window": 4, "block_size": 4}, lambda: ((0,), (0, 21))),
+    "grid": ({}, lambda: ((5, 8), (8, 5))),
 }
 # Every hyperparameter of a functional (parameter-free) mechanism whose values are tensors
 # or sequences: the ones a key made of repr() could confuse.

@@ -34,6 +34,7 @@ DISTRIBUTIONS = {
     "sklearn": "scikit-learn", "yaml": "pyyaml", "PIL": "pillow",
     "performer_pytorch": "performer-pytorch", "nystrom_attention": "nystrom-attention",
     "local_attention": "local-attention", "reformer_pytorch": "reformer-pytorch",
+    "faiss": "faiss-cpu",
 }
 # A dotted import, or an attribute called (``.name(``), that needs a distribution which
 # the code never imports by its own name.

@@ -50,7 +50,7 @@ def decode(m, x, sizes, cache=None):
 
 def test_kv_cache_flag_is_exactly_the_softmax_family_with_cross_attention():
     assert KV_CACHE == sorted(["sdpa", "reference", "flash", "dot", "scaled_dot", "general",
-                               "additive"])
+                               "additive", "topk", "hard", "hybrid"])
     for name in attnlab.list_mechanisms():
         s = attnlab.get(name)
         assert s.to_dict()["kv_cache"] is s.kv_cache

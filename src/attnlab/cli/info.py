@@ -20,10 +20,11 @@ from rich.table import Table
 
 import attnlab
 from attnlab.cli.docs import mechanisms_markdown
-from attnlab.registry import MechanismSpec, get
+from attnlab.cli.seed_names import SEED_NAMES, SeedName, find_seed_name
+from attnlab.registry import MechanismSpec, get, resolve_name
 
-__all__ = ["add_parser", "bench_command", "cmd_info", "repo_root", "source_location",
-           "test_file"]
+__all__ = ["add_parser", "bench_command", "cmd_info", "repo_root", "seed_names_table",
+           "source_location", "test_file"]
 
 # src/attnlab/__init__.py -> the checkout's root (src layout); an installed wheel has none
 _PACKAGE_DIR = Path(attnlab.__file__).resolve().parent
@@ -87,7 +88,11 @@ def _where(console: Console, s: MechanismSpec) -> None:
     else:
         console.print(f"[bold]tests[/bold]  {escape(tests)} in a source checkout (tests are "
                       f"not installed with the package)")
-    console.print(f"[bold]bench[/bold]  {escape(bench_command(s.name))}")
+    if s.inputs == "qkv":
+        console.print(f"[bold]bench[/bold]  {escape(bench_command(s.name))}")
+    else:  # the benchmark lab times (q, k, v) calls; this one is measured in its task
+        console.print(f"[bold]bench[/bold]  none by name: it takes {s.inputs} inputs, not the "
+                      f"(q, k, v) contract; its task's table has its time per step")
 
 
 def cmd_info(args: argparse.Namespace, console: Console) -> int:
@@ -100,6 +105,9 @@ def cmd_info(args: argparse.Namespace, console: Console) -> int:
     if args.name is None:
         raise ValueError("info: expected a mechanism NAME (see `attnlab list`) or "
                          "--markdown; got neither")
+    row = _seed_row(args.name)
+    if row is not None:
+        return _print_seed_row(console, row, args.json)
     s = get(args.name)
     if args.json:
         print(json.dumps(s.to_dict(), indent=2))
@@ -132,6 +140,46 @@ def cmd_info(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _seed_row(name: str) -> SeedName | None:
+    """The seed-name row for ``name`` when it is not a registered name or alias (a
+    registered name wins: "hard", "local", "axial" are both)."""
+    try:
+        resolve_name(name)
+        return None
+    except ValueError:
+        return find_seed_name(name)
+
+
+def _print_seed_row(console: Console, row: SeedName, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps({"seed_name": row.name, "kind": row.kind,
+                          "mechanisms": list(row.mechanisms), "how": row.how,
+                          "planned": row.planned or None}, indent=2))
+        return 0
+    console.print(f"[bold]{escape(row.name)}[/bold]: a name of the comparison project "
+                  f"attnlab replaces ({row.kind})")
+    if row.planned:
+        console.print(f"not implemented yet: planned in {escape(row.planned)}")
+    console.print(escape(row.how))
+    for n in row.mechanisms:
+        s = get(n)
+        console.print(f"  [bold]{s.name}[/bold]  {escape(s.equation)}  ({escape(s.paper.short())})")
+    if row.mechanisms:
+        console.print(f"more: attnlab info {row.mechanisms[0]}")
+    return 0
+
+
+def seed_names_table() -> Table:
+    """The 23 names of the old project and what implements each (attnlab list --seed-names)."""
+    table = Table(title="the 23 attention names of the comparison project attnlab replaces")
+    for col in ("name", "kind", "mechanisms", "how / where"):
+        table.add_column(col, overflow="fold")
+    for row in SEED_NAMES:
+        table.add_row(row.name, row.kind, ", ".join(row.mechanisms) or "-",
+                      f"not yet: {row.planned}" if row.planned else row.how)
+    return table
+
+
 def add_parser(sub) -> None:
     pi = sub.add_parser("info", help="one mechanism: equation, paper, hyperparameters, its "
                                      "file, tests and bench command",
@@ -140,7 +188,8 @@ def add_parser(sub) -> None:
                                     "class and tests are, and how to benchmark it. With "
                                     "--markdown: the table of every mechanism "
                                     "(docs/mechanisms.md).")
-    pi.add_argument("name", nargs="?", help="a registered name or alias (see attnlab list)")
+    pi.add_argument("name", nargs="?", help="a registered name or alias (see attnlab list), "
+                                            "or a name of attnlab list --seed-names")
     pi.add_argument("--json", action="store_true", help="the registry entry as JSON")
     pi.add_argument("--markdown", action="store_true",
                     help="print docs/mechanisms.md, the table of every mechanism; refresh "

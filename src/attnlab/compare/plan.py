@@ -57,6 +57,11 @@ SHORT_HPARAMS: dict[str, dict[str, Any]] = {
     "performer": {"num_features": 32},
     "adaptive_span": {"max_span": 32, "ramp": 8, "block_size": 16},
     "nystromformer": {"num_landmarks": 8},  # m <= the shortest padded batch (min_length)
+    "hierarchical": {"block_size": 8},  # coarse levels begin beyond 2 blocks: 16 tokens
+    "luong_monotonic": {"window": 8},
+    "luong_predictive": {"window": 8},
+    "persistent_memory": {"num_slots": 16},
+    "hybrid": {"heads": "sliding_window(window=16,block_size=16)*2+sdpa*2"},
 }
 # Needed at any length: a padded batch can be shorter than the default 32 landmarks.
 ALWAYS_HPARAMS: dict[str, dict[str, Any]] = {"nystromformer": {"num_landmarks": 8}}

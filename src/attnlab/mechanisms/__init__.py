@@ -11,11 +11,22 @@ registers nothing.
 
 from attnlab.mechanisms import (
     adaptive,  # noqa: F401
+    axial,  # noqa: F401
     classic,  # noqa: F401
+    co_attention,  # noqa: F401
+    convolution,  # noqa: F401
     exact,  # noqa: F401
+    fourier,  # noqa: F401
+    gated,  # noqa: F401
+    graph,  # noqa: F401
     hashing,  # noqa: F401
+    hierarchical,  # noqa: F401
+    hybrid,  # noqa: F401
     kernel,  # noqa: F401
     low_rank,  # noqa: F401
+    luong,  # noqa: F401
+    memory,  # noqa: F401
+    selection,  # noqa: F401
     sparse,  # noqa: F401
     synthesizer,  # noqa: F401
 )

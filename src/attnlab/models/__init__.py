@@ -6,11 +6,15 @@
 
 from attnlab.models.blocks import TransformerBlock, TransformerStack
 from attnlab.models.classifier import EncoderClassifier
+from attnlab.models.graph import GATClassifier, GATLayer
+from attnlab.models.han import HierarchicalAttentionNetwork
 from attnlab.models.lm import DecoderLM
+from attnlab.models.pair import PairClassifier
 from attnlab.models.recurrent import LSTMClassifier
 from attnlab.models.seq2seq import Seq2SeqTransformer
 from attnlab.models.vision import UNetInpainter, ViTInpainter, inpainting_loss
 
-__all__ = ["DecoderLM", "EncoderClassifier", "LSTMClassifier", "Seq2SeqTransformer",
-           "TransformerBlock", "TransformerStack", "UNetInpainter", "ViTInpainter",
-           "inpainting_loss"]
+__all__ = ["DecoderLM", "EncoderClassifier", "GATClassifier", "GATLayer",
+           "HierarchicalAttentionNetwork", "LSTMClassifier", "PairClassifier",
+           "Seq2SeqTransformer", "TransformerBlock", "TransformerStack", "UNetInpainter",
+           "ViTInpainter", "inpainting_loss"]

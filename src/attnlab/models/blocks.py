@@ -19,13 +19,15 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import re
 
 import torch
 from torch import nn
 
 from attnlab.contract import format_shape
 from attnlab.nn import MultiheadAttention
-from attnlab.registry import get, list_mechanisms
+from attnlab.nn.options import hybrid_sugar
+from attnlab.registry import create_for, get, list_mechanisms
 from attnlab.util.checks import check_choice, check_float, check_int
 
 __all__ = [
@@ -34,6 +36,7 @@ __all__ = [
     "TransformerBlock",
     "TransformerStack",
     "check_ids",
+    "check_layer_mechanisms",
     "check_padding_mask",
     "padding_for",
     "sinusoidal_table",
@@ -50,7 +53,9 @@ _MHA_ARGS = frozenset(inspect.signature(MultiheadAttention.__init__).parameters)
 
 def check_mechanism(who: str, name: str, mechanism, kwargs, **need: bool):
     """``(canonical name, kwargs dict)``; ``need`` flags (``causal=True``, ``cross=True``)
-    the mechanism must have, refused with the list of those that do."""
+    the mechanism must have, refused with the list of those that do. ``"hybrid:<heads>"``
+    is ``("hybrid", {..., "heads": <heads>})``."""
+    mechanism, kwargs = hybrid_sugar(mechanism, {} if kwargs is None else kwargs, f"{who}: ")
     spec = get(mechanism)  # unknown name -> ValueError with close matches
     for flag, wanted in need.items():
         if wanted and not getattr(spec, flag):
@@ -70,6 +75,53 @@ def check_mechanism(who: str, name: str, mechanism, kwargs, **need: bool):
         raise TypeError(f"{who}: {name}_kwargs must be JSON-serialisable (the model's config "
                         f"is saved as JSON); got {kwargs!r}: {e}") from None
     return spec.name, dict(kwargs)
+
+
+def _split_layers(who: str, value) -> list[str]:
+    """A list of strings, or one of them joined by commas (``"local,sdpa"``, as
+    ``--model-opt`` gives it), split outside parentheses (``"local(a=1, b=2)"``)."""
+    if isinstance(value, str):
+        value = re.split(r",(?![^()]*\))", value)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"{who}: layer_mechanisms must be a list of mechanism names (or one "
+                        f"comma-separated string of them) or None; got {value!r}")
+    return [v.strip() for v in value]
+
+
+def _as_mechanism(item: str) -> str:
+    """A layer's mechanism string, a hybrid's bare heads (``"local*2+sdpa*2"``) prefixed."""
+    return f"hybrid:{item}" if ":" not in item and any(c in item for c in "*+(") else item
+
+
+def check_layer_mechanisms(who: str, layer_mechanisms, *, num_layers: int, d_model: int,
+                           num_heads: int, max_len: int, causal: bool) -> list[str] | None:
+    """One mechanism per layer (Child et al. 2019's attention type per residual block):
+    canonical names, or ``"hybrid:<heads>"`` for an item with a ``:`` or that reads as a
+    hybrid's heads (``"local*2+sdpa*2"``, ``"local(block_size=8)"``), each with a causal
+    form (a hybrid's in every part) when ``causal``. ``None`` stays ``None``."""
+    if layer_mechanisms is None:
+        return None
+    items = _split_layers(who, layer_mechanisms)
+    if len(items) != num_layers:
+        raise ValueError(f"{who}: layer_mechanisms must give one mechanism per layer "
+                         f"(num_layers={num_layers}); got {len(items)}: {items}")
+    out = []
+    for i, item in enumerate(items):
+        where, item = f"{who}: layer_mechanisms[{i}]", _as_mechanism(item)
+        try:
+            name, kw = hybrid_sugar(item, {}, "")
+            spec = get(name)  # unknown name -> ValueError with close matches
+            if kw:  # built once, off the record, to check the string and its parts' flags
+                with torch.random.fork_rng(devices=[]):
+                    spec = create_for(name, head_dim=d_model // num_heads, num_heads=num_heads,
+                                      max_seq_len=max_len, **kw).spec
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{where}: {e}") from None
+        if causal and not spec.causal:
+            raise ValueError(f"{where}: {item!r} has no causal form (a hybrid needs one in "
+                             f"every part); choose among {list_mechanisms(causal=True)}")
+        out.append(f"hybrid:{kw['heads']}" if kw else spec.name)
+    return out
 
 
 def key_padding_capable(spec) -> bool:
@@ -258,12 +310,23 @@ class TransformerBlock(nn.Module):
 
 
 class TransformerStack(nn.Module):
-    """``num_layers`` :class:`TransformerBlock` s and the final LayerNorm (pre-norm)."""
+    """``num_layers`` :class:`TransformerBlock` s and the final LayerNorm (pre-norm);
+    ``layer_mechanisms`` (:func:`check_layer_mechanisms`) replaces ``mechanism`` layer by
+    layer, ``mechanism_kwargs`` reaching only the layers that run ``mechanism`` itself."""
 
-    def __init__(self, num_layers: int, d_model: int, num_heads: int, **block_kwargs) -> None:
+    def __init__(self, num_layers: int, d_model: int, num_heads: int, *,
+                 layer_mechanisms: list[str] | None = None, **block_kwargs) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(TransformerBlock(d_model, num_heads, **block_kwargs)
-                                    for _ in range(num_layers))
+        if layer_mechanisms is not None and len(layer_mechanisms) != num_layers:
+            raise ValueError(f"TransformerStack: layer_mechanisms must hold one mechanism per "
+                             f"layer ({num_layers}); got {len(layer_mechanisms)}")
+        main = block_kwargs.get("mechanism", "sdpa")
+        self.layers = nn.ModuleList(
+            TransformerBlock(d_model, num_heads, **block_kwargs) if m == main else
+            TransformerBlock(d_model, num_heads, **{**block_kwargs, "mechanism": m,
+                                                    "mechanism_kwargs": None})
+            for m in (map(_as_mechanism, layer_mechanisms) if layer_mechanisms
+                      else [main] * num_layers))
         self.norm = nn.LayerNorm(d_model)
 
     def forward(self, x: torch.Tensor, *, kv_caches=None, need_weights: bool = False, **kw):
@@ -303,9 +366,10 @@ class ModelBase(nn.Module):
 
 def transformer_args(who: str, *, mechanism, mechanism_kwargs, d_model, num_heads,
                      num_layers, d_ff, dropout, max_len, positions, pad_id, causal: bool,
-                     vocab: dict[str, int]) -> dict:
+                     vocab: dict[str, int], layer_mechanisms=None) -> dict:
     """Validate the arguments every transformer model shares; returns them normalised
-    (the mechanism by its canonical name), in the order of the constructors."""
+    (the mechanism by its canonical name), in the order of the constructors;
+    ``layer_mechanisms`` only when given (configs saved without it rebuild as before)."""
     for name, v in vocab.items():
         check_int(name, v, low=1, who=who)
     mechanism, mechanism_kwargs = check_mechanism(who, "mechanism", mechanism,
@@ -324,9 +388,17 @@ def transformer_args(who: str, *, mechanism, mechanism_kwargs, d_model, num_head
     for name, v in vocab.items():
         if pad_id >= v:
             raise ValueError(f"{who}: pad_id must be < {name}={v}; got pad_id={pad_id}")
+    if mechanism == "hybrid":  # its flags are its parts': checked as a layer's would be
+        check_layer_mechanisms(who, [f"hybrid:{mechanism_kwargs.get('heads') or 'sdpa'}"],
+                               num_layers=1, d_model=d_model, num_heads=num_heads,
+                               max_len=max_len, causal=causal)
+    layers = check_layer_mechanisms(who, layer_mechanisms, num_layers=num_layers,
+                                    d_model=d_model, num_heads=num_heads, max_len=max_len,
+                                    causal=causal)
     return dict(mechanism=mechanism, mechanism_kwargs=mechanism_kwargs, d_model=d_model,
                 num_heads=num_heads, num_layers=num_layers, d_ff=d_ff, dropout=dropout,
-                max_len=max_len, positions=positions, pad_id=pad_id)
+                max_len=max_len, positions=positions, pad_id=pad_id,
+                **({} if layers is None else {"layer_mechanisms": layers}))
 
 
 def attn_positions(positions: str) -> str | None:

@@ -57,13 +57,14 @@ class EncoderClassifier(ModelBase):
                  mechanism: str = "sdpa", mechanism_kwargs: dict | None = None,
                  d_model: int = 128, num_heads: int = 4, num_layers: int = 2,
                  d_ff: int | None = None, dropout: float = 0.1, max_len: int = 512,
-                 positions: str = "sinusoidal", pad_id: int = 0) -> None:
+                 positions: str = "sinusoidal", pad_id: int = 0,
+                 layer_mechanisms: list[str] | str | None = None) -> None:
         super().__init__()
         args = transformer_args(
             _WHO, mechanism=mechanism, mechanism_kwargs=mechanism_kwargs, d_model=d_model,
             num_heads=num_heads, num_layers=num_layers, d_ff=d_ff, dropout=dropout,
             max_len=max_len, positions=positions, pad_id=pad_id, causal=False,
-            vocab={"vocab_size": vocab_size})
+            vocab={"vocab_size": vocab_size}, layer_mechanisms=layer_mechanisms)
         check_int("num_classes", num_classes, low=2, who=_WHO)
         check_choice("pooling", pooling, POOLING, who=_WHO)
         self.config = {"vocab_size": vocab_size, "num_classes": num_classes,
@@ -73,7 +74,8 @@ class EncoderClassifier(ModelBase):
         self.encoder = TransformerStack(
             num_layers, d_model, num_heads, mechanism=args["mechanism"],
             mechanism_kwargs=args["mechanism_kwargs"], d_ff=d_ff, dropout=args["dropout"],
-            max_len=max_len, attn_positions=attn_positions(positions))
+            max_len=max_len, attn_positions=attn_positions(positions),
+            layer_mechanisms=args.get("layer_mechanisms"))
         self.pool = AttentionPooling(d_model) if pooling == "attention" else None
         self.dropout = nn.Dropout(args["dropout"])
         self.head = nn.Linear(d_model, num_classes)

@@ -82,20 +82,22 @@ class DecoderLM(ModelBase):
     def __init__(self, vocab_size: int, *, mechanism: str = "sdpa",
                  mechanism_kwargs: dict | None = None, d_model: int = 128, num_heads: int = 4,
                  num_layers: int = 2, d_ff: int | None = None, dropout: float = 0.1,
-                 max_len: int = 512, positions: str = "sinusoidal", pad_id: int = 0) -> None:
+                 max_len: int = 512, positions: str = "sinusoidal", pad_id: int = 0,
+                 layer_mechanisms: list[str] | str | None = None) -> None:
         super().__init__()
         args = transformer_args(
             _WHO, mechanism=mechanism, mechanism_kwargs=mechanism_kwargs, d_model=d_model,
             num_heads=num_heads, num_layers=num_layers, d_ff=d_ff, dropout=dropout,
             max_len=max_len, positions=positions, pad_id=pad_id, causal=True,
-            vocab={"vocab_size": vocab_size})
+            vocab={"vocab_size": vocab_size}, layer_mechanisms=layer_mechanisms)
         self.config = {"vocab_size": vocab_size, **args}
         self.vocab_size, self.max_len = vocab_size, max_len
         self.embed = TokenEmbedding(vocab_size, d_model, positions, max_len, args["dropout"])
         self.decoder = TransformerStack(
             num_layers, d_model, num_heads, mechanism=args["mechanism"],
             mechanism_kwargs=args["mechanism_kwargs"], d_ff=d_ff, dropout=args["dropout"],
-            max_len=max_len, attn_positions=attn_positions(positions))
+            max_len=max_len, attn_positions=attn_positions(positions),
+            layer_mechanisms=args.get("layer_mechanisms"))
 
     @property
     def spec(self):
@@ -112,8 +114,8 @@ class DecoderLM(ModelBase):
         return self._logits(ids, padding_mask=padding_mask)
 
     def can_cache(self) -> bool:
-        """Whether :meth:`generate` can decode with a KV cache for this mechanism."""
-        return self.spec.kv_cache
+        """Whether :meth:`generate` can decode with a KV cache: every layer's mechanism can."""
+        return all(layer.self_attn.spec.kv_cache for layer in self.decoder.layers)
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,

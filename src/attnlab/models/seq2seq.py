@@ -1,8 +1,9 @@
 """An encoder-decoder transformer (Vaswani et al. 2017) with pluggable attention.
 
 The encoder's self-attention and the decoder's causal self-attention use ``mechanism``;
-the decoder's cross-attention uses ``cross_mechanism`` (``"sdpa"`` by default; any
-mechanism whose registry flag ``cross`` is set, since queries and keys differ in length).
+the decoder's cross-attention uses ``cross_mechanism`` (``"sdpa"`` by default, whatever
+``mechanism`` is; any mechanism whose registry flag ``cross`` is set, since queries and keys
+differ in length), configured on its own with ``cross_mechanism_kwargs``.
 Token conventions of :mod:`attnlab.data.seq2seq` (``PAD = 0``, ``BOS = 1``, ``EOS = 2``)
 fit it directly.
 """
@@ -100,9 +101,16 @@ class Seq2SeqTransformer(ModelBase):
         return self.decode(tgt_in, memory, src_padding_mask, tgt_padding_mask)
 
     def can_cache(self) -> bool:
-        """Whether :meth:`greedy_decode` can keep the decoder's self-attention keys/values
-        (registry flag ``kv_cache``; cross-attention always reads the whole memory)."""
-        return self.decoder.layers[0].self_attn.spec.kv_cache
+        """Whether :meth:`greedy_decode` can decode one token per step with a KV cache.
+
+        The decoder's self-attention must keep its keys/values (registry flag ``kv_cache``),
+        and its cross-attention, then fed one query per step, must give that query what
+        the whole target gives it: flag ``kv_cache`` too (one query equals its row of the
+        full call). Not so for ``luong_monotonic``, whose window follows the query's index,
+        which a one-token call does not know.
+        """
+        layer = self.decoder.layers[0]
+        return layer.self_attn.spec.kv_cache and layer.cross_attn.spec.kv_cache
 
     @torch.no_grad()
     def greedy_decode(self, src: torch.Tensor, max_len: int, bos_id: int, eos_id: int,
@@ -130,8 +138,11 @@ class Seq2SeqTransformer(ModelBase):
         if use_cache is not None and not isinstance(use_cache, bool):
             raise TypeError(f"{_WHO}: use_cache must be None or a bool; got {use_cache!r}")
         if use_cache and not self.can_cache():
-            name = self.decoder.layers[0].self_attn.spec.name
-            raise ValueError(f"{_WHO}: use_cache=True but mechanism {name!r} cannot decode "
+            layer = self.decoder.layers[0]
+            which, spec = "mechanism", layer.self_attn.spec
+            if spec.kv_cache:  # then the cross-attention is what cannot
+                which, spec = "cross_mechanism", layer.cross_attn.spec
+            raise ValueError(f"{_WHO}: use_cache=True but {which} {spec.name!r} cannot decode "
                              f"with a KV cache (registry flag kv_cache); use use_cache=False")
         cached = self.can_cache() if use_cache is None else use_cache
         was = self.training

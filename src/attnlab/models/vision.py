@@ -143,7 +143,9 @@ class ViTInpainter(nn.Module):
 
     ``mechanism_kwargs`` are the mechanism's hyperparameters (e.g. ``{"num_landmarks": 8}``
     for ``nystromformer``); ``head_dim``, ``num_heads`` and ``max_seq_len = N`` are filled
-    in where a mechanism declares them.
+    in where a mechanism declares them, and so is ``grid``, the patch grid ``(rows, cols)``,
+    for a mechanism over a 2-D grid (``axial``) when not given. Filled values are derived:
+    ``config`` keeps the kwargs as given.
     """
 
     def __init__(self, image_size: int = 28, patch_size: int = 4, in_channels: int = 1, *,
@@ -208,9 +210,12 @@ class ViTInpainter(nn.Module):
             self.register_buffer("pos_table", _sincos_2d(self.grid, d_model)[None],
                                  persistent=False)
         attn_positions = positions if positions in ("rope", "alibi") else None
+        built_kwargs = dict(mechanism_kwargs)
+        if any(h.name == "grid" for h in spec.hparams) and "grid" not in built_kwargs:
+            built_kwargs["grid"] = (self.grid, self.grid)  # tokens are the patches' raster
         self.blocks = nn.ModuleList(
             _EncoderBlock(d_model, num_heads, d_ff, float(dropout), spec.name, attn_positions,
-                          self.num_patches, dict(mechanism_kwargs))
+                          self.num_patches, dict(built_kwargs))
             for _ in range(num_layers))
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, in_channels * patch_size ** 2)

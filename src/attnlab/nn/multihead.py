@@ -16,6 +16,7 @@ from attnlab.contract import format_shape
 from attnlab.nn.cache import KVCache, check_decoding, decoding_mask
 from attnlab.nn.length_fold import attend_folded, length_fold
 from attnlab.nn.masks import combine, layer_mask
+from attnlab.nn.options import ConvInputs, OutputGate, hybrid_sugar
 from attnlab.nn.positional import RotaryEmbedding
 from attnlab.registry import CONTEXT_HPARAMS, REQUIRED, create, get
 from attnlab.util.checks import check_bool, check_choice, check_float, check_int
@@ -61,9 +62,11 @@ class MultiheadAttention(nn.Module):
     Args:
         embed_dim: model width ``E``; ``head_dim = E // num_heads``.
         num_heads: query heads ``H``.
-        mechanism: a registered name (``attnlab.list_mechanisms()``). Extra keyword
+        mechanism: a registered name (``attnlab.list_mechanisms()``), or
+            ``"hybrid:<heads>"`` for ``"hybrid"`` with ``heads=<heads>``. Extra keyword
             arguments are its hyperparameters; ``head_dim``, ``num_heads`` and
             ``max_seq_len`` are filled in from the layer when the mechanism declares them.
+            The layer follows the built module's ``spec`` (a hybrid's: its parts' AND).
         num_kv_heads: key/value heads; must divide ``num_heads`` (default ``num_heads``).
         kdim, vdim: feature sizes of the key and value inputs (default ``embed_dim``).
         bias: biases on the four projections.
@@ -74,6 +77,11 @@ class MultiheadAttention(nn.Module):
         max_seq_len: longest sequence allowed (also sizes the RoPE tables up front).
         batch_first: ``True``: inputs ``(B, N, E)``. ``False`` takes ``(N, B, E)`` as
             ``torch.nn.MultiheadAttention`` does, by transposing; the output follows suit.
+        output_gate: gate each head's output elementwise with ``sigmoid(X W_h + b_h)`` of
+            the query input before ``out_proj`` (Qiu et al. 2025; :class:`OutputGate`).
+        conv_kernel_size: convolve the query, key and value inputs along the sequence
+            with a depthwise kernel of this many taps before their projections (CvT, Wu
+            et al. 2021; :class:`ConvInputs`): causal calls look back only.
 
     Masks (mind the two opposite bool conventions, each kept from its origin):
 
@@ -103,6 +111,8 @@ class MultiheadAttention(nn.Module):
         rope_base: float = 10000.0,
         max_seq_len: int | None = None,
         batch_first: bool = True,
+        output_gate: bool = False,
+        conv_kernel_size: int | None = None,
         device=None,
         dtype=None,
         **hparams,
@@ -119,25 +129,39 @@ class MultiheadAttention(nn.Module):
         self.is_causal = check_bool("is_causal", is_causal, who=_WHO)
         self.batch_first = check_bool("batch_first", batch_first, who=_WHO)
         self.positions = _positions(positions)
-
+        self.conv_kernel_size = check_int("conv_kernel_size", conv_kernel_size, nullable=True,
+                                          who=_WHO)
+        mechanism, hparams = hybrid_sugar(mechanism, hparams, _W)
         self.spec = get(mechanism)  # unknown name -> ValueError with close matches
+        if self.spec.inputs != "qkv":
+            raise ValueError(f"{_W}mechanism {self.spec.name!r} takes {self.spec.inputs} "
+                             f"inputs, not a layer's (q, k, v); choose one of "
+                             f"attnlab.list_mechanisms() (the graph and pair mechanisms "
+                             f"have their own models: attnlab.models)")
+        self.attn = create(self.spec.name, **self._mechanism_hparams(hparams))
+        if self.attn.spec is not type(self.attn).spec:  # its own flags (hybrid: parts' AND)
+            self.spec = self.attn.spec
         cross = self.kdim != E or self.vdim != E
         self._check_spec(self.is_causal, {"positions='alibi'": self.positions == "alibi"},
                          f"kdim={self.kdim}, vdim={self.vdim} != embed_dim={E}" if cross else "")
-        self.attn = create(self.spec.name, **self._mechanism_hparams(hparams))
         if device is not None or dtype is not None:
             self.attn.to(device=device, dtype=dtype)
-        self._build(check_bool("bias", bias, who=_WHO), rope_base, device, dtype)
+        self._build(check_bool("bias", bias, who=_WHO), rope_base, device, dtype,
+                    check_bool("output_gate", output_gate, who=_WHO))
         self.reset_parameters()
 
-    def _build(self, bias: bool, rope_base: float, device, dtype) -> None:
-        """The four projections, and RoPE's rotation when ``positions="rope"``."""
+    def _build(self, bias: bool, rope_base: float, device, dtype, output_gate: bool) -> None:
+        """The four projections, the options (gate, convolutions), and RoPE's rotation
+        when ``positions="rope"``."""
         E, d_kv = self.embed_dim, self.num_kv_heads * self.head_dim
         f = {"bias": bias, "device": device, "dtype": dtype}
         self.q_proj = nn.Linear(E, E, **f)
         self.k_proj = nn.Linear(self.kdim, d_kv, **f)
         self.v_proj = nn.Linear(self.vdim, d_kv, **f)
         self.out_proj = nn.Linear(E, E, **f)
+        self.gate = OutputGate(E, self.num_heads, self.head_dim, **f) if output_gate else None
+        self.conv = None if self.conv_kernel_size is None else ConvInputs(
+            self.conv_kernel_size, (E, self.kdim, self.vdim), device=device, dtype=dtype)
         self.rotary = None
         if self.positions == "rope":
             if self.head_dim % 2:
@@ -154,6 +178,8 @@ class MultiheadAttention(nn.Module):
         for lin in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
+        for option in filter(None, (self.gate, self.conv)):
+            option.reset_parameters()
 
     def _mechanism_hparams(self, hparams: dict) -> dict:
         # Learnable mechanisms (e.g. additive) size their parameters from these.
@@ -189,8 +215,10 @@ class MultiheadAttention(nn.Module):
 
     def extra_repr(self) -> str:
         extra = {"num_kv_heads": self.num_kv_heads, "positions": self.positions,
-                 "is_causal": self.is_causal}
-        defaults = {"num_kv_heads": self.num_heads, "positions": None, "is_causal": False}
+                 "is_causal": self.is_causal, "output_gate": self.gate is not None,
+                 "conv_kernel_size": self.conv_kernel_size}
+        defaults = {"num_kv_heads": self.num_heads, "positions": None, "is_causal": False,
+                    "output_gate": False, "conv_kernel_size": None}
         return ", ".join([f"embed_dim={self.embed_dim}", f"num_heads={self.num_heads}",
                           f"mechanism={self.spec.name!r}"]
                          + [f"{k}={v!r}" for k, v in extra.items() if v != defaults[k]])
@@ -300,6 +328,25 @@ class MultiheadAttention(nn.Module):
         eye = torch.eye(Nk, dtype=v.dtype, device=v.device).expand(*v.shape[:2], Nk, Nk)
         return res, self.attn(q, k, eye, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
 
+    def _run(self, q, key, value, mask, causal: bool, T: int, kv_cache, key_padding_mask,
+             need_weights: bool):
+        """The mechanism on ``q``: length-folded where valid and cheaper, else :meth:`_attend`."""
+        dropout_p = self.dropout if self.training else 0.0
+        effective = need_weights and not self.spec.returns_weights  # none of its own: A v
+        if effective and not getattr(self.attn, "effective_weights", True):
+            raise ValueError(f"{_W}mechanism {self.spec.name!r} has no attention weights: its "
+                             f"output is A v for no (Nq, Nk) matrix A (it mixes or filters "
+                             f"each feature apart); pass need_weights=False")
+        fold = None if kv_cache is not None else self._length_fold(key.shape[1])
+        if fold is None:
+            return self._attend(q, key, value, mask, causal, T, kv_cache, dropout_p,
+                                need_weights, effective)
+        # Keys/values mixed along the length first: E (X W) = (E X) W.
+        return attend_folded(self.attn, q, key, value, fold, (self.k_proj, self.v_proj),
+                             lambda x: self._split(x, self.num_kv_heads),
+                             key_padding_mask=key_padding_mask, dropout_p=dropout_p,
+                             effective=effective)
+
     def forward(
         self,
         query: torch.Tensor,
@@ -341,21 +388,22 @@ class MultiheadAttention(nn.Module):
         Nk = self._check_call(query, key, value, self_attn, T, causal, attn_mask,
                               key_padding_mask)
         # Before anything is appended to a cache: a bad mask must leave it untouched.
-        mask, causal = self._mask(attn_mask, key_padding_mask, Nq, Nk, causal, query, T,
-                                  kv_cache is not None)
-        q = self._split(self.q_proj(query), self.num_heads)
-        dropout_p = self.dropout if self.training else 0.0
-        effective = need_weights and not self.spec.returns_weights  # none of its own: A v
-        fold = None if kv_cache is not None else self._length_fold(Nk)
-        if fold is not None:  # keys/values mixed along the length first: E (X W) = (E X) W
-            res = attend_folded(self.attn, q, key, value, fold, (self.k_proj, self.v_proj),
-                                lambda x: self._split(x, self.num_kv_heads),
-                                key_padding_mask=key_padding_mask, dropout_p=dropout_p,
-                                effective=effective)
-        else:
-            res = self._attend(q, key, value, mask, causal, T, kv_cache, dropout_p,
-                               need_weights, effective)
+        mask, mech_causal = self._mask(attn_mask, key_padding_mask, Nq, Nk, causal, query, T,
+                                       kv_cache is not None)
+        xq, tail = query, None  # the gate reads the layer's own input, not the convolved
+        if self.conv is not None:
+            xq, key, value, tail = self.conv.apply(query, key, value, causal=causal,
+                                                   key_padding_mask=key_padding_mask,
+                                                   self_attn=self_attn, cache=kv_cache, T=T,
+                                                   who=_W)
+        q = self._split(self.q_proj(xq), self.num_heads)
+        res = self._run(q, key, value, mask, mech_causal, T, kv_cache, key_padding_mask,
+                        need_weights)
         out, weights = res if need_weights else (res, None)
+        if tail is not None:  # the call succeeded: the cache moves on with the keys
+            kv_cache.conv_tail = tail
+        if self.gate is not None:
+            out = self.gate(out, query)
         out = self.out_proj(out.transpose(1, 2).reshape(B, Nq, self.embed_dim))
         out = out if self.batch_first else out.transpose(0, 1)
         return (out, weights) if need_weights else out

@@ -4,7 +4,7 @@ Importing this package registers every task (each module decorates its classes w
 ``register_task``); nothing keeps a second list.
 """
 
-from attnlab.tasks import language, seq2seq, text, vision  # noqa: F401  (registration)
+from attnlab.tasks import graph, language, pair, seq2seq, text, vision  # noqa: F401  (registration)
 from attnlab.train.task import Task, get_task, list_tasks, register_task
 
 __all__ = ["Task", "get_task", "list_tasks", "register_task"]

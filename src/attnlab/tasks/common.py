@@ -46,7 +46,9 @@ class LazyBatches(Sequence):
         return self.make(i)
 
 
-_MODEL_KEYS = ("d_model", "num_heads", "num_layers", "d_ff", "dropout", "positions")
+# layer_mechanisms: one mechanism per layer, "local,sdpa" (models.blocks.check_layer_mechanisms)
+_MODEL_KEYS = ("d_model", "num_heads", "num_layers", "d_ff", "dropout", "positions",
+               "layer_mechanisms")
 
 
 def transformer_kwargs(model_kwargs: dict[str, Any], allowed: Sequence[str] = _MODEL_KEYS,

@@ -2,6 +2,11 @@
 
 Trained with teacher forcing (decoder input ``[BOS] + y``, labels ``y + [EOS]``), scored by
 greedy decoding: token accuracy against the reference and exact-match sequence accuracy.
+
+``--mechanism`` is the encoder's and decoder's self-attention; the decoder's cross-attention
+is a model option of its own, ``--model-opt cross_mechanism=NAME`` (``"sdpa"`` by default,
+any mechanism with a cross form) with ``cross_mechanism_kwargs`` (a JSON object of its
+hyperparameters), e.g. ``--model-opt cross_mechanism=luong_predictive``.
 """
 
 from __future__ import annotations
@@ -14,9 +19,14 @@ import torch.nn.functional as nnf
 from attnlab.data.seq2seq import BOS, EOS, PAD, collate, seq2seq_task
 from attnlab.models.seq2seq import Seq2SeqTransformer
 from attnlab.tasks.common import LazyBatches, chunks, epoch_order, eval_mode, transformer_kwargs
+from attnlab.train.config import ConfigError
 from attnlab.train.task import Task, register_task
 
 __all__ = ["Seq2Seq"]
+
+# The transformer options of every task, and the decoder's cross-attention.
+_MODEL_KEYS = ("d_model", "num_heads", "num_layers", "d_ff", "dropout", "positions",
+               "cross_mechanism", "cross_mechanism_kwargs")
 
 
 @register_task
@@ -29,8 +39,14 @@ class Seq2Seq(Task):
     summary = "Encoder-decoder on a generated translation-like task (reverse, sort or copy)"
     options: dict[str, Any] = {"task": "reverse", "min_len": 4, "max_len": 16, "vocab": 24,
                                "n_train": 20000, "n_validation": 1000, "n_test": 1000,
-                               "data_seed": 0, "cross_mechanism": "sdpa"}
+                               "data_seed": 0}
     defaults = {"max_steps": 2000, "batch_size": 64, "lr": 1e-3, "eval_every": 250}
+
+    def __init__(self, config, run_dir=None) -> None:
+        if "cross_mechanism" in config.task_kwargs:  # where it was once: say where it is now
+            raise ConfigError(f"task {self.name!r}: cross_mechanism is a model option: "
+                              f"--model-opt cross_mechanism=NAME (model_kwargs)")
+        super().__init__(config, run_dir)
 
     def setup(self) -> None:
         o = self.opts
@@ -47,10 +63,9 @@ class Seq2Seq(Task):
 
     def build_model(self):
         cfg, o = self.config, self.opts
-        kw = transformer_kwargs(cfg.model_kwargs, where=f"task {self.name!r}")
+        kw = transformer_kwargs(cfg.model_kwargs, _MODEL_KEYS, where=f"task {self.name!r}")
         return Seq2SeqTransformer(o["vocab"], o["vocab"], mechanism=cfg.mechanism,
                                   mechanism_kwargs=cfg.mechanism_kwargs,
-                                  cross_mechanism=o["cross_mechanism"],
                                   max_len=o["max_len"] + 2, **kw)
 
     def _batch(self, split: str, g: list[int]) -> dict[str, torch.Tensor]:

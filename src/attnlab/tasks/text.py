@@ -5,21 +5,30 @@ directory, reloaded on resume), sequences truncated to ``max_len`` (head, tail o
 head+tail), batches bucketed by length so short texts do not pay for long ones, and an
 encoder classifier (any mechanism) or the LSTM baseline. Metrics: accuracy, macro-F1,
 per-class F1 and the confusion matrix.
+
+IMDB also takes model ``"han"``, the Hierarchical Attention Network (Yang et al. 2016):
+each review is cut into sentences (:func:`split_sentences`), at most ``max_sentences`` of
+them kept (by ``truncate``: head, tail or head+tail, as tokens are for the other models)
+and at most ``max_words`` words of each (the first); the tokenizer is trained on the
+training split's sentences, batches are ``(B, S, T)`` documents x sentences x words,
+bucketed by sentence count.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
 import torch.nn.functional as nnf
 
-from attnlab.data.batching import BucketBatchSampler, pad_batch
+from attnlab.data.batching import TRUNCATE_MODES, BucketBatchSampler, pad_batch
 from attnlab.data.splits import split_manifest
 from attnlab.data.synthetic import listops
 from attnlab.data.text import TextDataset, TextSplit, load_emotions, load_imdb
-from attnlab.data.tokenize import CLS, PAD, load_tokenizer, train_tokenizer
+from attnlab.data.tokenize import CLS, PAD, UNK, load_tokenizer, train_tokenizer
 from attnlab.models.classifier import EncoderClassifier
+from attnlab.models.han import HierarchicalAttentionNetwork
 from attnlab.models.recurrent import LSTMClassifier
 from attnlab.tasks.common import (
     LazyBatches,
@@ -31,7 +40,28 @@ from attnlab.tasks.common import (
 from attnlab.train.config import ConfigError
 from attnlab.train.task import Task, register_task
 
-__all__ = ["TextClassification", "Emotions", "IMDB", "TextBytes", "ListOps"]
+__all__ = ["TextClassification", "Emotions", "IMDB", "TextBytes", "ListOps", "split_sentences"]
+
+# A sentence ends at . ! ? (a run of them, maybe closed by a quote or bracket) followed by
+# whitespace, or at an HTML line break (IMDB's <br />, which is dropped).
+_SENTENCE_BREAK = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+|<br\s*/?>", re.IGNORECASE)
+
+
+def split_sentences(text: str) -> list[str]:
+    """The sentences of ``text``: cut after ``.``, ``!`` or ``?`` (optionally followed by a
+    closing quote or bracket) and whitespace, and at ``<br />`` tags; each stripped, empty
+    ones dropped. ``"Great film! I loved it.<br /><br />Go"`` -> ``["Great film!", "I loved
+    it.", "Go"]``. A rule, not a parser: "Mr. Smith" is cut after "Mr."."""
+    return [s.strip() for s in _SENTENCE_BREAK.split(text) if s.strip()]
+
+
+def _keep(seq: list, budget: int, mode: str) -> list:
+    """At most ``budget`` items: the first, the last, or (``head+tail``) the first quarter
+    and the last three quarters of the budget, as token truncation does."""
+    if len(seq) <= budget:
+        return list(seq)
+    head = {"head": budget, "tail": 0, "head+tail": budget // 4}[mode]
+    return list(seq[:head]) + list(seq[len(seq) - (budget - head):])
 
 
 class TextClassification(Task):
@@ -80,6 +110,8 @@ class TextClassification(Task):
         ds = self.load()
         self.dataset = ds
         self.classes = tuple(ds.classes)
+        if self.config.model == "han":
+            return self._setup_sentences(ds)
         self.tokenizer = self._tokenizer(ds.splits["train"].texts)
         self.pad_id = PAD
         self.prepend = CLS if (self.config.model == "transformer"
@@ -106,6 +138,43 @@ class TextClassification(Task):
         }
         self.save_json("data.json", self._info)
 
+    def _setup_sentences(self, ds) -> None:
+        """Model ``han``: documents as lists of sentences of token ids (module docstring)."""
+        limits = {k: self.opts[k] for k in ("max_sentences", "max_words")}
+        for k, v in limits.items():
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"task {self.name!r}: {k} must be an int >= 1; got {v!r}")
+        if self.opts["truncate"] not in TRUNCATE_MODES:
+            raise ConfigError(f"task {self.name!r}: truncate must be one of {TRUNCATE_MODES}; "
+                              f"got {self.opts['truncate']!r}")
+        docs = {s: [split_sentences(t) for t in part.texts] for s, part in ds.splits.items()}
+        self.tokenizer = self._tokenizer([x for d in docs["train"] for x in d])
+        self.pad_id, self.prepend = PAD, None
+        self.ids, self.labels, cut = {}, {}, {"sentences": {}, "words": {}}
+        for split, part in ds.splits.items():
+            flat = self.tokenizer.encode_batch([x for d in docs[split] for x in d])
+            out, i = [], 0
+            for d in docs[split]:
+                sents = [x for x in flat[i:i + len(d)] if x] or [[UNK]]  # never empty
+                i += len(d)
+                out.append([x[:limits["max_words"]] for x in _keep(
+                    sents, limits["max_sentences"], self.opts["truncate"])])
+            cut["sentences"][split] = sum(len(d) > limits["max_sentences"] for d in docs[split])
+            cut["words"][split] = sum(len(x) > limits["max_words"] for x in flat)
+            self.ids[split] = out
+            self.labels[split] = torch.tensor(part.labels, dtype=torch.long)
+        self.lengths = {s: [len(d) for d in v] for s, v in self.ids.items()}
+        self._info = {
+            "dataset": ds.name, "source": ds.source, "classes": list(self.classes),
+            "notes": [*ds.notes, "model han: sentences split on . ! ? and <br />"],
+            "sizes": {s: len(v) for s, v in self.ids.items()},
+            "tokenizer": self.opts["tokenizer"], "vocab_size": self.tokenizer.vocab_size,
+            **limits, "truncated": cut,
+            "mean_sentences": {s: sum(map(len, docs[s])) / max(1, len(docs[s])) for s in docs},
+            "manifest": split_manifest({s: list(p.texts) for s, p in ds.splits.items()}),
+        }
+        self.save_json("data.json", self._info)
+
     def info(self) -> dict[str, Any]:
         return {k: v for k, v in self._info.items() if k != "manifest"}
 
@@ -117,6 +186,12 @@ class TextClassification(Task):
                                     where=f"task {self.name!r} model 'lstm'")
             return LSTMClassifier(self.tokenizer.vocab_size, len(self.classes),
                                   pad_id=self.pad_id, **kw)
+        if cfg.model == "han":
+            kw = transformer_kwargs(cfg.model_kwargs, ("d_model", "hidden", "num_layers",
+                                                      "dropout"),
+                                    where=f"task {self.name!r} model 'han'")
+            return HierarchicalAttentionNetwork(self.tokenizer.vocab_size, len(self.classes),
+                                                pad_id=self.pad_id, **kw)
         kw = transformer_kwargs(cfg.model_kwargs, where=f"task {self.name!r}")
         return EncoderClassifier(self.tokenizer.vocab_size, len(self.classes),
                                  pooling=self.opts["pooling"], mechanism=cfg.mechanism,
@@ -124,9 +199,24 @@ class TextClassification(Task):
                                  max_len=self.opts["max_len"], pad_id=self.pad_id, **kw)
 
     def _batch(self, split: str, group: list[int]) -> dict[str, torch.Tensor]:
+        if self.config.model == "han":
+            return self._sentence_batch(split, group)
         ids, pad = pad_batch([self.ids[split][i] for i in group], pad_id=self.pad_id,
                              max_len=self.opts["max_len"], truncate=self.opts["truncate"],
                              prepend=self.prepend, multiple=self.opts["pad_multiple"])
+        return {"ids": ids, "padding_mask": pad, "labels": self.labels[split][group]}
+
+    def _sentence_batch(self, split: str, group: list[int]) -> dict[str, torch.Tensor]:
+        """``ids`` ``(B, S, T)`` right-padded (words in a sentence, sentences in a document)
+        and ``padding_mask`` (True = pad), as :class:`HierarchicalAttentionNetwork` takes."""
+        docs = [self.ids[split][i] for i in group]
+        S, T = max(map(len, docs)), max(len(x) for d in docs for x in d)
+        ids = torch.full((len(docs), S, T), self.pad_id, dtype=torch.long)
+        pad = torch.ones(len(docs), S, T, dtype=torch.bool)
+        for b, d in enumerate(docs):
+            for s, x in enumerate(d):
+                ids[b, s, :len(x)] = torch.as_tensor(x, dtype=torch.long)
+                pad[b, s, :len(x)] = False
         return {"ids": ids, "padding_mask": pad, "labels": self.labels[split][group]}
 
     def train_batches(self, epoch: int):
@@ -166,6 +256,9 @@ class TextClassification(Task):
         with its tokens as the model saw them (truncated like the training data)."""
         if not hasattr(model, "attention_maps"):
             raise ConfigError(f"model {self.config.model!r} has no attention to show")
+        if self.config.model == "han":
+            raise ConfigError("model 'han' weighs words and sentences, not token pairs: see "
+                              "HierarchicalAttentionNetwork.attention_maps")
         ids, pad = pad_batch([self.tokenizer.encode(text)], pad_id=self.pad_id,
                              max_len=self.opts["max_len"], truncate=self.opts["truncate"],
                              prepend=self.prepend, multiple=self.opts["pad_multiple"])
@@ -205,15 +298,18 @@ class IMDB(TextClassification):
 
     name = "imdb"
     summary = "Sentiment of IMDB movie reviews (50k, 2 classes), long texts"
+    models = ("transformer", "lstm", "han")
     options = {**TextClassification.options, "max_len": 512, "truncate": "head+tail",
-               "tokenizer": "wordpiece", "vocab_size": 16000, "validation_fraction": 0.1}
+               "tokenizer": "wordpiece", "vocab_size": 16000, "validation_fraction": 0.1,
+               "max_sentences": 32, "max_words": 64}  # the last two: model "han" only
     defaults = {"max_steps": 3000, "batch_size": 32, "lr": 5e-4, "eval_every": 500,
                 "eval_batches": 20, "model_kwargs": {"d_model": 64, "num_layers": 1}}
 
     def load(self):
+        # han splits sentences at <br /> itself (split_sentences): keep the tags for it.
         return load_imdb(self.opts["data_dir"], seed=0,
                          validation_fraction=self.opts["validation_fraction"],
-                         download=self.opts["download"])
+                         download=self.opts["download"], clean_html=self.config.model != "han")
 
 
 @register_task
@@ -222,6 +318,7 @@ class TextBytes(IMDB):
 
     name = "text_bytes"
     summary = "Byte-level IMDB sentiment (Long Range Arena 'Text'), up to 1-4K bytes"
+    models = TextClassification.models  # bytes: no words to build sentences of
     options = {**IMDB.options, "tokenizer": "byte", "max_len": 1024, "truncate": "head",
                "lowercase": False}
     defaults = {"max_steps": 2000, "batch_size": 16, "lr": 5e-4, "eval_every": 500,

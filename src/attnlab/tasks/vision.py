@@ -17,7 +17,14 @@ from attnlab.data.images import load_digits, load_mnist
 from attnlab.data.inpaint import apply_mask, make_masks
 from attnlab.files import atomic_path
 from attnlab.models.vision import UNetInpainter, ViTInpainter, inpainting_loss
-from attnlab.tasks.common import LazyBatches, chunks, epoch_order, eval_mode, transformer_kwargs
+from attnlab.tasks.common import (
+    _MODEL_KEYS,
+    LazyBatches,
+    chunks,
+    epoch_order,
+    eval_mode,
+    transformer_kwargs,
+)
 from attnlab.train.config import ConfigError
 from attnlab.train.metrics import psnr, ssim
 from attnlab.train.task import Task, register_task
@@ -82,7 +89,10 @@ class Inpainting(Task):
             kw = transformer_kwargs(cfg.model_kwargs, ("base_channels", "depth"),
                                     where=f"task {self.name!r} model 'unet'")
             return UNetInpainter(c, **kw)
-        kw = transformer_kwargs(cfg.model_kwargs, where=f"task {self.name!r}")
+        # ViTInpainter builds its own blocks: one mechanism for every layer
+        kw = transformer_kwargs(cfg.model_kwargs, [k for k in _MODEL_KEYS
+                                                   if k != "layer_mechanisms"],
+                                where=f"task {self.name!r}")
         return ViTInpainter(h, self.opts["patch_size"], c, mechanism=cfg.mechanism,
                             mechanism_kwargs=cfg.mechanism_kwargs, **kw)
 

@@ -25,6 +25,7 @@ import torch
 from rich.console import Console
 
 from attnlab.files import read_json, write_json, write_text_atomic
+from attnlab.mechanisms.selection import total_reinforce_loss
 from attnlab.train.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -228,13 +229,18 @@ class _Run:
                else contextlib.nullcontext())
         with ctx:
             loss, units = self.task.loss(self.model, batch)
-        if not torch.isfinite(loss):
+        # Hard attention trained by REINFORCE (Xu et al. 2015): the reward of this forward's
+        # samples is minus its loss, one for the batch (Task.loss gives the mean only).
+        # The logged loss stays the task's.
+        surrogate = total_reinforce_loss(self.model, -loss.detach().float())
+        objective = loss if surrogate is None else loss + surrogate.to(loss.dtype)
+        if not torch.isfinite(objective):
             self.checkpoint()
             raise FloatingPointError(f"training loss is {loss.item()} at step "
                                      f"{self.p['step']} (lr {self.sched.get_last_lr()[0]:.2e}); "
                                      f"try a lower lr or grad_clip")
         self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(objective).backward()
         if self.cfg.grad_clip is not None:
             self.scaler.unscale_(self.opt)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
