@@ -186,6 +186,9 @@ def make_plan(*, task: str | None = None, profile: str = "quick",
             skipped[m] = f"no causal form ({task} decodes left to right)"
         elif cls.kind == "seq2seq" and not s.cross:
             skipped[m] = f"no cross-attention ({task} is encoder-decoder)"
+        elif cls.kind == "classification" and not s.key_padding:
+            skipped[m] = f"no key-padding mask ({task} pads its batches; every output of " \
+                         f"{m} mixes every position)"
     plan = Plan(task=task, profile=profile, mechanisms=names, seeds=tuple(seeds),
                 bench={**prof["bench"], "mechanisms": list(names)}, train=train,
                 mechanism_kwargs={m: dict(prof["hparams"][m]) for m in names

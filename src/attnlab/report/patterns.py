@@ -52,10 +52,15 @@ _RC = {"svg.fonttype": "none", "font.size": 9, "axes.titlesize": 9}
 
 def structured_mechanisms() -> list[str]:
     """Sorted names :func:`sparsity_pattern` accepts: the sparse family and the exact,
-    parameter-free mechanisms (softmax over every key, or every past key when causal)."""
+    parameter-free mechanisms (softmax over every key, or every past key when causal) that
+    can be built alone (``hybrid`` needs its layer's head count: its heads differ)."""
+    def alone(s):
+        return not any(h.default is registry.REQUIRED for h in s.hparams)
+
     return [n for n in registry.list_mechanisms()
             if registry.get(n).family == "sparse"
-            or (registry.get(n).exact and not registry.get(n).learnable)]
+            or (registry.get(n).exact and not registry.get(n).learnable
+                and alone(registry.get(n)))]
 
 
 def _check_n(n) -> int:
