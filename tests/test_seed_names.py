@@ -6,12 +6,13 @@ from __future__ import annotations
 import inspect
 import json
 import re
+from pathlib import Path
 
 import pytest
 
 import attnlab
 from attnlab.cli.main import main
-from attnlab.cli.seed_names import SEED_NAMES, find_seed_name, seed_key
+from attnlab.cli.seed_names import SEED_NAMES, find_seed_name, seed_key, seed_names_markdown
 from attnlab.nn import MultiheadAttention
 from attnlab.train.task import list_tasks
 
@@ -55,6 +56,12 @@ def test_attnlab_info_resolves_a_seed_name(name, capsys):
 def test_a_registered_name_wins_over_a_seed_name(capsys):
     assert main(["info", "hard", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["name"] == "hard"
+
+
+def test_docs_zoo_holds_the_current_table():
+    zoo = (Path(__file__).resolve().parents[1] / "docs" / "zoo.md").read_text()
+    assert seed_names_markdown() in zoo, "refresh the table of docs/zoo.md from " \
+        "attnlab.cli.seed_names.seed_names_markdown()"
 
 
 def test_list_seed_names_prints_every_row(capsys):

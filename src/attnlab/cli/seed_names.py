@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["SEED_NAMES", "SeedName", "find_seed_name", "seed_key"]
+__all__ = ["SEED_NAMES", "SeedName", "find_seed_name", "seed_key", "seed_names_markdown"]
 
 
 @dataclass(frozen=True)
@@ -102,3 +102,14 @@ def find_seed_name(name: str) -> SeedName | None:
         if key in (seed_key(row.name), seed_key(row.name.split("(")[0])):
             return row
     return None
+
+
+def seed_names_markdown() -> str:
+    """The table as Markdown, as docs/zoo.md holds it (a test keeps the two equal)."""
+    lines = ["| name (old project) | kind | what implements it | how / where |",
+             "|---|---|---|---|"]
+    for r in SEED_NAMES:
+        mechanisms = ", ".join(f"`{m}`" for m in r.mechanisms) or "-"
+        how = f"not yet: {r.planned}" if r.planned else r.how
+        lines.append(f"| {r.name} | {r.kind} | {mechanisms} | {how} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,96 @@
+"""The tables of docs/zoo.md: the mechanisms that take graph or pair inputs (and the
+models around them) on their own tasks, 3 seeds each, from ``attnlab train`` runs.
+
+    python benchmarks/zoo_tables.py RUNS_DIR            # trains what is missing, prints
+
+Each row is one ``attnlab train`` command (in a child process, so that its peak RSS is
+the run's own), its seeds' test metric as mean ± the 95% confidence interval (Student t,
+:mod:`attnlab.stats`), the training time per step (mean over seeds) and the process's
+peak RSS. A run directory that already holds a seed's ``summary.json`` is not trained
+again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from attnlab.stats import confidence_interval
+
+SEEDS = ("0", "1", "2")
+
+# (table, row label, task, attnlab train arguments)
+ROWS = [
+    ("graph", "gat (edge list)", "sbm", ["--mechanism", "gat"]),
+    ("graph", "graph_dot (edge list)", "sbm", ["--mechanism", "graph_dot"]),
+    ("graph", "gat, masked dense reference", "sbm", ["--mechanism", "gat", "--model",
+                                                     "gat_dense"]),
+    ("graph", "gat on karate club", "karate", ["--mechanism", "gat"]),
+    ("pair", "co_attention_parallel", "fact_lookup",
+     ["--model-opt", "pairing=co_attention_parallel"]),
+    ("pair", "co_attention_alternating", "fact_lookup",
+     ["--model-opt", "pairing=co_attention_alternating"]),
+    ("pair", "cross-attention (sdpa)", "fact_lookup", ["--model-opt", "pairing=cross"]),
+    ("seq2seq", "cross sdpa", "seq2seq", []),
+    ("seq2seq", "cross luong_monotonic", "seq2seq",
+     ["--model-opt", "cross_mechanism=luong_monotonic"]),
+    ("seq2seq", "cross luong_predictive", "seq2seq",
+     ["--model-opt", "cross_mechanism=luong_predictive"]),
+]
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in label).strip("_")
+
+
+def run_row(runs: Path, table: str, label: str, task: str, args: list[str]) -> dict:
+    out = runs / table / _slug(label)
+    done = all((out / f"seed-{s}" / "summary.json").is_file() for s in SEEDS)
+    rss = None
+    if not done:
+        cmd = ["attnlab", "train", "--task", task, *args, "--seeds", *SEEDS,
+               "--run-dir", str(out), "--no-progress"]
+        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+        _, status, usage = os.wait4(child.pid, 0)  # this child's own peak, not a running max
+        child.returncode = os.waitstatus_to_exitcode(status)
+        if child.returncode:
+            raise SystemExit(f"{' '.join(cmd)} failed ({child.returncode})")
+        rss = usage.ru_maxrss  # KiB on Linux
+        (out / "peak_rss_kib.txt").write_text(f"{rss}\n")
+    elif (out / "peak_rss_kib.txt").is_file():
+        text = (out / "peak_rss_kib.txt").read_text().strip()
+        rss = int(text) if text else None
+    sums = [json.loads((out / f"seed-{s}" / "summary.json").read_text()) for s in SEEDS]
+    metric = sums[0]["metric"]
+    values = [s["test"][metric] for s in sums]
+    ci = confidence_interval(values)
+    per_step = sum(s["train_time_s"] / max(1, s["steps"]) for s in sums) / len(sums)
+    return {"table": table, "label": label, "task": task, "metric": metric,
+            "mean": ci.mean, "half": (ci.high - ci.low) / 2, "values": values,
+            "ms_per_step": 1e3 * per_step, "steps": sums[0]["steps"], "rss_kib": rss,
+            "command": "attnlab train --task " + " ".join([task, *args, "--seeds", *SEEDS])}
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print(__doc__, file=sys.stderr)
+        return 2
+    runs = Path(argv[0])
+    rows = [run_row(runs, *r) for r in ROWS]
+    for table in dict.fromkeys(r["table"] for r in rows):
+        print(f"\n| {table} | task | test metric (mean ± 95% CI, 3 seeds) | per seed | "
+              f"ms / step | steps | peak RSS |\n|---|---|---|---|---|---|---|")
+        for r in (r for r in rows if r["table"] == table):
+            rss = f"{r['rss_kib'] / 1024:.0f} MiB" if r["rss_kib"] else "-"
+            seeds = " / ".join(f"{v:.3f}" for v in r["values"])
+            print(f"| {r['label']} | {r['task']} | {r['metric']} {r['mean']:.3f} ± "
+                  f"{r['half']:.3f} | {seeds} | {r['ms_per_step']:.1f} | {r['steps']} | "
+                  f"{rss} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
