@@ -136,3 +136,19 @@ def test_third_party_mechanism_registers_where_defined():
                               attn_mask=torch.ones(3, 3, dtype=torch.bool))
     finally:
         attnlab.registry._REGISTRY.pop("test_mean_pool")
+
+
+def test_inputs_outside_the_contract_need_their_own_gate():
+    common = dict(family="t", paper=Paper("t", "t", 2024, ""), time="O(N)", memory="O(N)",
+                  equation="-", exact=True, causal=False, arbitrary_mask=False, cross=False,
+                  returns_weights=False)
+    with pytest.raises(ValueError, match=r"inputs must be one of \('qkv', 'graph', 'pair'\)"):
+        register_mechanism("t_bad_inputs", inputs="graphs", **common)
+    with pytest.raises(ValueError, match=r"inputs='graph' is outside the \(q, k, v\) contract"):
+        register_mechanism("t_no_gate", inputs="graph", **common)
+    with pytest.raises(ValueError, match=r"inputs: expected one of"):
+        attnlab.list_mechanisms(inputs="qvk")
+    every = attnlab.list_mechanisms(inputs=None)
+    by_kind = [attnlab.list_mechanisms(inputs=k) for k in ("qkv", "graph", "pair")]
+    assert sorted(sum(by_kind, [])) == every and attnlab.list_mechanisms() == by_kind[0]
+    assert all(attnlab.get(n).limit.gate is not None for n in by_kind[1] + by_kind[2])

@@ -295,6 +295,28 @@ _REGISTRY: dict[str, MechanismSpec] = {}
 _ALIASES: dict[str, str] = {}
 
 
+def _check_registration(name, *, causal, cross, arbitrary_mask, kv_cache, key_padding,
+                        limit, inputs) -> None:
+    """The flags of one registration agree with each other (a ValueError/TypeError if not)."""
+    if kv_cache and not (causal and cross):
+        raise ValueError(f"register_mechanism({name!r}): kv_cache=True needs causal=True and "
+                         f"cross=True (new queries attend cached keys, Nq != Nk); got "
+                         f"causal={causal}, cross={cross}")
+    if arbitrary_mask and key_padding is False:
+        raise ValueError(f"register_mechanism({name!r}): key_padding=False contradicts "
+                         f"arbitrary_mask=True (a key-padding mask is one such mask); leave "
+                         f"key_padding out")
+    if limit is not None and not isinstance(limit, Limit):
+        raise TypeError(f"register_mechanism({name!r}): limit must be a Limit or None; got "
+                        f"{type(limit).__name__}")
+    if inputs not in INPUTS:
+        raise ValueError(f"register_mechanism({name!r}): inputs must be one of {INPUTS}; "
+                         f"got {inputs!r}")
+    if inputs != "qkv" and (limit is None or limit.gate is None):
+        raise ValueError(f"register_mechanism({name!r}): inputs={inputs!r} is outside the "
+                         f"(q, k, v) contract; give limit=Limit(..., gate=...) to check it")
+
+
 def register_mechanism(
     name: str,
     *,
@@ -331,24 +353,8 @@ def register_mechanism(
     ``inputs``: what forward takes (:data:`INPUTS`); outside "qkv" the correctness gate is
     the limit's own ``gate``.
     """
-    if inputs not in INPUTS:
-        raise ValueError(f"register_mechanism({name!r}): inputs must be one of {INPUTS}; "
-                         f"got {inputs!r}")
-    if inputs != "qkv" and (limit is None or limit.gate is None):
-        raise ValueError(f"register_mechanism({name!r}): inputs={inputs!r} is outside the "
-                         f"(q, k, v) contract; give limit=Limit(..., gate=...) to check it")
-
-    if kv_cache and not (causal and cross):
-        raise ValueError(f"register_mechanism({name!r}): kv_cache=True needs causal=True and "
-                         f"cross=True (new queries attend cached keys, Nq != Nk); got "
-                         f"causal={causal}, cross={cross}")
-    if arbitrary_mask and key_padding is False:
-        raise ValueError(f"register_mechanism({name!r}): key_padding=False contradicts "
-                         f"arbitrary_mask=True (a key-padding mask is one such mask); leave "
-                         f"key_padding out")
-    if limit is not None and not isinstance(limit, Limit):
-        raise TypeError(f"register_mechanism({name!r}): limit must be a Limit or None; got "
-                        f"{type(limit).__name__}")
+    _check_registration(name, causal=causal, cross=cross, arbitrary_mask=arbitrary_mask,
+                        kv_cache=kv_cache, key_padding=key_padding, limit=limit, inputs=inputs)
     flop_model = resolve_flop_model(flops, name)
 
     def deco(cls: type) -> type:
