@@ -48,6 +48,17 @@ def x_in(b=B, n=N, seed=3):
     return torch.randn(b, n, E, generator=torch.Generator().manual_seed(seed), dtype=DT)
 
 
+def assert_decodes(m, x, sizes, full) -> KVCache:
+    """Feed ``x`` in chunks of ``sizes`` through one cache: the outputs must be ``full``,
+    the causal forward's. Returns the cache."""
+    cache, outs, t = KVCache(), [], 0
+    for s in sizes:
+        outs.append(m(x[:, t:t + s], kv_cache=cache))
+        t += s
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-12, atol=1e-12)
+    return cache
+
+
 def identity_out(m):
     with torch.no_grad():  # out_proj = I: the output is the concatenated head outputs
         m.out_proj.weight.copy_(torch.eye(E, dtype=DT))
@@ -92,11 +103,7 @@ def test_gated_decoding_and_weights():
     x = x_in()
     full = m(x, is_causal=True)
     for sizes in SCHEDULES:
-        cache, outs, t = KVCache(), [], 0
-        for s in sizes:
-            outs.append(m(x[:, t:t + s], kv_cache=cache))
-            t += s
-        torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-12, atol=1e-12)
+        assert_decodes(m, x, sizes, full)
     _, w = m(x, need_weights=True)  # the weights are the mechanism's, before the gate
     torch.testing.assert_close(w, twin(m)(x, need_weights=True)[1], rtol=0, atol=0)
 
@@ -190,11 +197,7 @@ def test_convolution_decodes_with_the_cache(mechanism):
     x = x_in()
     full = m(x, is_causal=True)
     for sizes in SCHEDULES:
-        cache, outs, t = KVCache(), [], 0
-        for s in sizes:
-            outs.append(m(x[:, t:t + s], kv_cache=cache))
-            t += s
-        torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-12, atol=1e-12)
+        cache = assert_decodes(m, x, sizes, full)
         cache.reset()  # a new sequence starts from zeros, not the old tail
         torch.testing.assert_close(m(x[:, :4], kv_cache=cache), full[:, :4], rtol=1e-12,
                                    atol=1e-12)

@@ -378,9 +378,7 @@ def total_reinforce_loss(model: nn.Module, reward: torch.Tensor) -> torch.Tensor
     has the batch's mean loss can give), the same for every example: still unbiased, as
     the baseline is, but noisier than per-example rewards.
     """
-    mods = [m for m in model.modules() if isinstance(m, HardAttention) and m.has_samples]
-    if isinstance(reward, torch.Tensor) and reward.dim() == 0:
-        return (sum(m.reinforce_loss(reward.expand(m.recorded_batch)) for m in mods)
-                if mods else None)
-    losses = [m.reinforce_loss(reward) for m in mods]
+    one = isinstance(reward, torch.Tensor) and reward.dim() == 0
+    losses = [m.reinforce_loss(reward.expand(m.recorded_batch) if one else reward)
+              for m in model.modules() if isinstance(m, HardAttention) and m.has_samples]
     return sum(losses) if losses else None
