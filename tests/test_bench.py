@@ -126,8 +126,8 @@ def test_a_v1_database_gains_the_trainings_table_and_keeps_its_runs(tmp_path):
     con.close()
     with Store(db) as s:
         assert [r["id"] for r in s.runs()] == [1]
-        assert s.trainings() == []
-        assert s.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert s.trainings() == [] and s.generations() == []  # v2's and v4's tables added
+        assert s.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         cols = {r[1] for r in s.db.execute("PRAGMA table_info(measurements)")}
         assert {"flops_method", "effective_hparams"} <= cols  # v3's, added to the old table
 

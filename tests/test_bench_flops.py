@@ -337,7 +337,7 @@ def test_a_v2_database_reads_as_it_is_and_upgrades_to_v3(tmp_path):
     assert old["roof_fraction"] is None
     assert old["message"] == "roof fraction 1.10 > 1: FLOPs or roof mis-measured"
     with Store(db) as s:
-        assert s.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert s.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         cols = {r[1] for r in s.db.execute("PRAGMA table_info(measurements)")}
         assert {"flops_method", "effective_hparams"} <= cols
         assert s.measurements(1)[0]["flops"] == 1.1e8  # old rows kept

@@ -173,8 +173,8 @@ def test_decoding_errors():
         m(tokens(B=3, n=1), kv_cache=cache)
     with pytest.raises(ValueError, match=r"decoding is causal; got is_causal=False"):
         m(x[:, :1], kv_cache=cache, is_causal=False)
-    with pytest.raises(TypeError, match=r"kv_cache must be an attnlab.nn.KVCache or None; "
-                                        r"got dict"):
+    with pytest.raises(TypeError, match=r"kv_cache must be an attnlab.nn.KVCache, an "
+                                        r"attnlab.nn.StateCache or None; got dict"):
         m(x[:, :1], kv_cache={})
     with pytest.raises(ValueError, match=r"sequence length 9 exceeds max_seq_len=8"):
         m(tokens(n=5), kv_cache=cache)  # T + Nnew = 4 + 5
@@ -188,7 +188,7 @@ def test_decoding_errors():
         layer("sdpa", num_kv_heads=4)(x[:, :1], kv_cache=cache)
 
 
-@pytest.mark.parametrize("name", ["linear", "synthesizer_random", "sliding_window"])
+@pytest.mark.parametrize("name", ["linformer", "synthesizer_random", "bigbird"])
 def test_mechanism_without_kv_cache_is_refused_with_the_list(name):
     m = MultiheadAttention(E, H, name, max_seq_len=16)
     with pytest.raises(ValueError, match=rf"mechanism '{name}' cannot decode with a kv_cache.*"

@@ -201,6 +201,9 @@ class MechanismSpec:
     # Decoding with attnlab.nn.KVCache equals the full causal forward: one query attending
     # every cached key is its own causal row (softmax over scores of q_i and k_j alone).
     kv_cache: bool = False
+    # Decoding with its own bounded state (attnlab.nn.StateCache, Mechanism.decode) equals
+    # the full causal forward: a recurrent state (S = sum phi(k) v^T) or a rolling window.
+    decode_state: bool = False
     # register_mechanism(key_padding=...) as given (None: as arbitrary_mask). ``key_padding``
     # is derived from it, not stored, so that dataclasses.replace(spec, arbitrary_mask=False)
     # does not keep a True that only followed from arbitrary_mask.
@@ -239,6 +242,7 @@ class MechanismSpec:
             "arbitrary_mask": self.arbitrary_mask,
             "key_padding": self.key_padding,
             "kv_cache": self.kv_cache,
+            "decode_state": self.decode_state,
             "cross": self.cross,
             "returns_weights": self.returns_weights,
             "differentiable": self.differentiable,
@@ -296,8 +300,15 @@ _ALIASES: dict[str, str] = {}
 
 
 def _check_registration(name, *, causal, cross, arbitrary_mask, kv_cache, key_padding,
-                        limit, inputs) -> None:
+                        limit, inputs, decode_state=False) -> None:
     """The flags of one registration agree with each other (a ValueError/TypeError if not)."""
+    if decode_state and not causal:
+        raise ValueError(f"register_mechanism({name!r}): decode_state=True needs causal=True "
+                         f"(decoding continues a causal sequence); got causal={causal}")
+    if decode_state and kv_cache:
+        raise ValueError(f"register_mechanism({name!r}): decode_state=True and kv_cache=True "
+                         f"are two ways to decode; a mechanism has one (kv_cache: every key "
+                         f"kept; decode_state: its own bounded state)")
     if kv_cache and not (causal and cross):
         raise ValueError(f"register_mechanism({name!r}): kv_cache=True needs causal=True and "
                          f"cross=True (new queries attend cached keys, Nq != Nk); got "
@@ -342,11 +353,14 @@ def register_mechanism(
     key_padding: bool | None = None,
     flops: str | Callable[..., float] | None = None,
     inputs: str = "qkv",
+    decode_state: bool = False,
 ) -> Callable[[type], type]:
     """Class decorator: register a :class:`~attnlab.mechanisms.base.Mechanism` subclass.
 
     ``kv_cache``: incremental decoding with cached keys/values equals the full causal
-    forward (needs ``causal`` and ``cross``). ``key_padding``: takes a bool key-padding
+    forward (needs ``causal`` and ``cross``). ``decode_state``: the class implements
+    ``Mechanism._decode`` (a recurrent state or a rolling window) and decoding with it
+    equals the full causal forward (needs ``causal``). ``key_padding``: takes a bool key-padding
     mask ``(B, H, 1, Nk)`` even without ``arbitrary_mask`` (``None``: same as
     ``arbitrary_mask``, which implies it). ``flops``: the work it needs, a model name from
     :data:`attnlab.flops.FLOP_MODELS` or a callable (see :mod:`attnlab.flops`).
@@ -354,7 +368,8 @@ def register_mechanism(
     the limit's own ``gate``.
     """
     _check_registration(name, causal=causal, cross=cross, arbitrary_mask=arbitrary_mask,
-                        kv_cache=kv_cache, key_padding=key_padding, limit=limit, inputs=inputs)
+                        kv_cache=kv_cache, key_padding=key_padding, limit=limit, inputs=inputs,
+                        decode_state=decode_state)
     flop_model = resolve_flop_model(flops, name)
 
     def deco(cls: type) -> type:
@@ -366,6 +381,7 @@ def register_mechanism(
             hparams=tuple(hparams), summary=summary or (cls.__doc__ or "").strip().split("\n")[0],
             tiny_hparams=dict(tiny_hparams or {}), limit=limit, kv_cache=kv_cache,
             declared_key_padding=key_padding, flops=flop_model, inputs=inputs,
+            decode_state=decode_state,
         )
         for key in (name, *aliases):
             if key in _REGISTRY or key in _ALIASES:
@@ -411,8 +427,8 @@ def list_mechanisms(family: str | None = None, *, inputs: str | None = "qkv",
     """
     if inputs is not None and inputs not in INPUTS:
         raise ValueError(f"inputs: expected one of {INPUTS} or None; got {inputs!r}")
-    valid = {"exact", "causal", "arbitrary_mask", "key_padding", "kv_cache", "cross",
-             "returns_weights", "differentiable", "half_precision", "learnable"}
+    valid = {"exact", "causal", "arbitrary_mask", "key_padding", "kv_cache", "decode_state",
+             "cross", "returns_weights", "differentiable", "half_precision", "learnable"}
     bad = set(flags) - valid
     if bad:
         raise TypeError(f"list_mechanisms: unknown filter {sorted(bad)}; accepted: {sorted(valid)}")

@@ -9,8 +9,9 @@ import sqlite3
 __all__ = ["ADDED_COLUMNS", "MEASUREMENT_COLUMNS", "SCHEMA", "SCHEMA_VERSION", "upgrade"]
 
 # v2 added the trainings table (one row per trained seed); v3 the measurements' FLOP method
-# and effective hyperparameters (ADDED_COLUMNS), and start/end roofs in a run's machine JSON.
-SCHEMA_VERSION = 3
+# and effective hyperparameters (ADDED_COLUMNS), and start/end roofs in a run's machine JSON;
+# v4 the generations table (attnlab.bench.generation: decoding cost after a prompt).
+SCHEMA_VERSION = 4
 MEASUREMENT_COLUMNS = (
     "mechanism", "label", "hparams", "N", "batch", "heads", "head_dim", "dtype", "pass_",
     "causal", "device", "status", "time_s", "time_iqr_s", "runs", "peak_mem_bytes", "flops",
@@ -60,6 +61,18 @@ CREATE TABLE IF NOT EXISTS trainings (
     parameters INTEGER, summary TEXT NOT NULL,   -- JSON: the run's summary.json
     config TEXT NOT NULL, versions TEXT NOT NULL, machine TEXT NOT NULL,
     git_commit TEXT, finished_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS generations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    measured_at TEXT NOT NULL,
+    mechanism TEXT NOT NULL, hparams TEXT NOT NULL,      -- JSON
+    prompt_len INTEGER NOT NULL, new_tokens INTEGER NOT NULL,
+    embed_dim INTEGER NOT NULL, num_heads INTEGER NOT NULL, threads INTEGER NOT NULL,
+    kind TEXT NOT NULL,                 -- kv_cache | state
+    status TEXT NOT NULL,               -- ok | error | timeout
+    prefill_s REAL, tokens_per_s REAL, first_ms REAL, last_ms REAL,
+    cache_bytes INTEGER, peak_decode_bytes INTEGER, message TEXT,
+    machine TEXT NOT NULL               -- JSON
 );
 """
 

@@ -349,6 +349,23 @@ class Store:
                 r[k] = json.loads(r[k])
         return rows
 
+    # ----------------------------------------------------------------- generations
+    def add_generation(self, row: dict[str, Any], machine: dict) -> None:
+        """One point of :mod:`attnlab.bench.generation` (its GENERATION_COLUMNS)."""
+        cols = [c for c in row if c != "hparams"]
+        with self.db:
+            self.db.execute(
+                f"INSERT INTO generations (measured_at, hparams, machine, {', '.join(cols)}) "
+                f"VALUES (?, ?, ?, {', '.join('?' * len(cols))})",
+                (_now(), json.dumps(row["hparams"]), json.dumps(machine),
+                 *(row[c] for c in cols)))
+
+    def generations(self) -> list[dict[str, Any]]:
+        rows = [dict(r) for r in self.db.execute("SELECT * FROM generations ORDER BY id")]
+        for r in rows:
+            r["hparams"], r["machine"] = json.loads(r["hparams"]), json.loads(r["machine"])
+        return rows
+
     def measurements(self, run_id: int | str) -> list[dict[str, Any]]:
         rid = self.resolve(run_id)
         rows = self.db.execute("SELECT * FROM measurements WHERE run_id=? ORDER BY id",

@@ -3,6 +3,7 @@
     attnlab bench --profile quick                   # run (the default subcommand)
     attnlab bench run --mechanisms sdpa sliding_window:window=128 --n 1024 4096 --pass both
     attnlab bench runs | show RUN | export RUN --format csv | compare A B | plot RUN
+    attnlab bench generate --prompts 1024 4096 16384   # decoding: KV cache vs state
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ from attnlab.bench.grid import grid_from_file, make_grid
 from attnlab.bench.plots import plot_run
 from attnlab.bench.runner import run_sweep
 from attnlab.bench.store import Store
-from attnlab.cli import command_line, plain
+from attnlab.cli import bench_generate, command_line, plain
 from attnlab.files import atomic_path, write_text_atomic
 
-SUBCOMMANDS = ("run", "runs", "show", "export", "compare", "plot")
+SUBCOMMANDS = ("run", "runs", "show", "export", "compare", "plot", "generate", "generations")
 DEFAULT_DB = "results/bench.db"
 
 
@@ -118,7 +119,8 @@ def add_parser(sub) -> None:
     pp = bsub.add_parser("plot", help="PNG and SVG plots of a run")
     pp.add_argument("run", nargs="?", default="latest", help="run id")
     pp.add_argument("--out", help="directory (default results/plots/run-ID)")
-    for p in (pr, pl, ps, pe, pc, pp):
+    gen = bench_generate.add_parsers(bsub, _mechanism)
+    for p in (pr, pl, ps, pe, pc, pp, *gen):
         p.add_argument("--db", help=f"results database (default $ATTNLAB_DB or {DEFAULT_DB})")
 
 
@@ -320,4 +322,8 @@ def cmd_plot(args, console: Console) -> int:
 def run(args, console: Console) -> int:
     handlers = {"run": cmd_run, "runs": cmd_runs, "show": cmd_show, "export": cmd_export,
                 "compare": cmd_compare, "plot": cmd_plot}
+    if args.bench_command == "generate":
+        return bench_generate.cmd_generate(args, console, _db_path(args))
+    if args.bench_command == "generations":
+        return bench_generate.cmd_generations(args, console, _db_path(args))
     return handlers[args.bench_command](args, console)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -124,10 +126,20 @@ def cmd_generate(args, console: Console) -> int:
                           f"model run (e.g. --task wikitext2)")
     ids = tok.encode(args.prompt) or [tok.token_to_id("[BOS]") or 0]
     g = torch.Generator().manual_seed(args.seed)
+    use_cache = {"auto": None, "yes": True, "no": False}[args.cache]
+    start = time.perf_counter()
     out = model.generate(torch.tensor([ids]), args.max_new_tokens,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                         generator=g)
+                         generator=g, use_cache=use_cache)
+    seconds = time.perf_counter() - start
     print(tok.decode(out[0].tolist()))
+    spec = model.spec
+    how = ("recomputing the context" if use_cache is False or not model.can_cache() else
+           "a KV cache" if spec.kv_cache else "its bounded state (StateCache)")
+    new = out.shape[1] - len(ids)
+    # on stderr: stdout is the text alone, for pipes
+    print(f"{new} tokens in {seconds:.2f} s ({new / max(seconds, 1e-9):.1f} tokens/s), "
+          f"{spec.name} decoding with {how}", file=sys.stderr)
     return 0
 
 
@@ -188,6 +200,10 @@ def add_parsers(sub) -> None:
     pg.add_argument("--top-p", type=float, help="nucleus sampling: the likeliest tokens of "
                                                "total probability p (default: all)")
     pg.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
+    pg.add_argument("--cache", choices=("auto", "yes", "no"), default="auto",
+                    help="decode incrementally (a KV cache, or the mechanism's bounded "
+                         "state: linear, performer, windows, the gated recurrences): auto "
+                         "when the mechanism can, yes requires it, no recomputes the context")
     pi = sub.add_parser("inpaint", help="before / masked / after images from an inpainting run")
     pi.add_argument("run", help="run directory of one seed")
     pi.add_argument("--n", type=int, default=8, help="images")

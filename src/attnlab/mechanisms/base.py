@@ -155,6 +155,40 @@ class Mechanism(nn.Module):
     def _attend(self, q, k, v, attn_mask, is_causal, scale, dropout_p, need_weights):
         raise NotImplementedError
 
+    # ------------------------------------------------------- decoding with a state
+    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state=None, *,
+               scale: float | None = None, enable_gqa: bool = False):
+        """Causal decoding with the mechanism's own bounded state (spec ``decode_state``).
+
+        ``q, k, v`` ``(B, H, n, D)`` are ``n >= 1`` new positions ``t .. t+n-1`` of one
+        sequence, ``t`` the positions ``state`` has absorbed (``None``: none yet, ``t = 0``).
+        Returns ``(out, new_state)``: ``out`` ``(B, H, n, Dv)`` equals rows ``t .. t+n-1``
+        of the full causal forward over all ``t + n`` positions, and ``new_state`` carries
+        what the next call needs, of a size that does not grow with ``t`` (a recurrent
+        state ``S = sum phi(k) v^T``, or a rolling window of keys and values). ``state`` is
+        not modified: the caller keeps or drops the returned one. No dropout, no mask.
+        """
+        if not self.spec.decode_state:
+            raise ValueError(f"{self.spec.name} has no decoding state (registry flag "
+                             f"decode_state); decode with attnlab.nn.KVCache if its spec has "
+                             f"kv_cache, else recompute the causal forward")
+        check_inputs(q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa,
+                     spec=self.spec)
+        if q.shape[2] != k.shape[2]:
+            raise ValueError(f"{self.spec.name}.decode: q, k and v are the same new positions;"
+                             f" got Nq={q.shape[2]}, Nk={k.shape[2]}")
+        if q.shape[0] * q.shape[1] * q.shape[2] == 0:
+            raise ValueError(f"{self.spec.name}.decode: needs at least one new position, "
+                             f"batch and head; got q {tuple(q.shape)}")
+        if not self.native_gqa:
+            k, v = repeat_kv_heads(k, q.shape[1]), repeat_kv_heads(v, q.shape[1])
+        s = self.default_scale(q.shape[-1]) if scale is None else float(scale)
+        return self._decode(q, k, v, state, s)
+
+    def _decode(self, q, k, v, state, scale):
+        """``(out, new_state)`` for :meth:`decode` (inputs checked, heads repeated)."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------ a hook for layers
     def length_projections(self, n: int):
         """``(E, F)``, each ``(r, n)``, when the mechanism's first step mixes keys and values

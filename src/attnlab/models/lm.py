@@ -14,7 +14,6 @@ from attnlab.models.blocks import (
     check_padding_mask,
     transformer_args,
 )
-from attnlab.nn.cache import KVCache
 from attnlab.registry import list_mechanisms
 from attnlab.util.checks import check_float, check_int
 
@@ -114,8 +113,10 @@ class DecoderLM(ModelBase):
         return self._logits(ids, padding_mask=padding_mask)
 
     def can_cache(self) -> bool:
-        """Whether :meth:`generate` can decode with a KV cache: every layer's mechanism can."""
-        return all(layer.self_attn.spec.kv_cache for layer in self.decoder.layers)
+        """Whether :meth:`generate` can decode incrementally: every layer's mechanism keeps
+        its keys (a KV cache) or its own bounded state (registry flag ``decode_state``)."""
+        return all(layer.self_attn.spec.kv_cache or layer.self_attn.spec.decode_state
+                   for layer in self.decoder.layers)
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
@@ -131,8 +132,9 @@ class DecoderLM(ModelBase):
         and generation stops when every row is finished.
 
         The context is at most ``max_len`` tokens: a longer one is cropped to its last
-        ``max_len``. ``use_cache=None`` decodes with a KV cache when the mechanism allows it
-        (registry flag ``kv_cache``), ``True`` requires it, ``False`` recomputes the whole
+        ``max_len``. ``use_cache=None`` decodes incrementally when the mechanism allows it
+        (a KV cache, registry flag ``kv_cache``, or its own state, flag ``decode_state``:
+        a recurrent state or a rolling window), ``True`` requires it, ``False`` recomputes the whole
         (cropped) context each step. Both give the same tokens: once the context is full,
         the cache is refilled from the cropped context, exactly what recomputing sees.
         Runs in eval mode (no dropout) and restores the training mode afterwards.
@@ -153,13 +155,10 @@ class DecoderLM(ModelBase):
         if use_cache is not None and not isinstance(use_cache, bool):
             raise TypeError(f"{_WHO}: use_cache must be None or a bool; got {use_cache!r}")
         if use_cache and not self.can_cache():
-            try:
-                able = list_mechanisms(kv_cache=True)
-            except TypeError:  # a registry without the kv_cache flag
-                able = []
+            able = list_mechanisms(kv_cache=True) + list_mechanisms(decode_state=True)
             raise ValueError(f"{_WHO}: use_cache=True but mechanism {self.spec.name!r} cannot "
-                             f"decode with a KV cache (registry flag kv_cache); use "
-                             f"use_cache=False or one of {able}")
+                             f"decode incrementally (registry flags kv_cache, decode_state); "
+                             f"use use_cache=False or one of {sorted(able)}")
         cached = self.can_cache() if use_cache is None else use_cache
         was = self.training
         self.eval()
@@ -186,7 +185,7 @@ class DecoderLM(ModelBase):
                 # First step, or the context slid past max_len (absolute positions restart
                 # at 0 for the cropped window, as when recomputing): prefill from scratch.
 
-                caches = [KVCache() for _ in self.decoder.layers]
+                caches = [layer.self_attn.new_cache() for layer in self.decoder.layers]
                 logits = self._logits(context, caches=caches)[:, -1]
             token = sample_next(logits, **sampling)
             if eos_id is not None:

@@ -23,7 +23,6 @@ from attnlab.models.blocks import (
     check_padding_mask,
     transformer_args,
 )
-from attnlab.nn.cache import KVCache
 from attnlab.util.checks import check_int
 
 __all__ = ["Seq2SeqTransformer"]
@@ -110,7 +109,8 @@ class Seq2SeqTransformer(ModelBase):
         which a one-token call does not know.
         """
         layer = self.decoder.layers[0]
-        return layer.self_attn.spec.kv_cache and layer.cross_attn.spec.kv_cache
+        self_spec = layer.self_attn.spec
+        return (self_spec.kv_cache or self_spec.decode_state) and layer.cross_attn.spec.kv_cache
 
     @torch.no_grad()
     def greedy_decode(self, src: torch.Tensor, max_len: int, bos_id: int, eos_id: int,
@@ -140,7 +140,7 @@ class Seq2SeqTransformer(ModelBase):
         if use_cache and not self.can_cache():
             layer = self.decoder.layers[0]
             which, spec = "mechanism", layer.self_attn.spec
-            if spec.kv_cache:  # then the cross-attention is what cannot
+            if spec.kv_cache or spec.decode_state:  # then the cross-attention cannot
                 which, spec = "cross_mechanism", layer.cross_attn.spec
             raise ValueError(f"{_WHO}: use_cache=True but {which} {spec.name!r} cannot decode "
                              f"with a KV cache (registry flag kv_cache); use use_cache=False")
@@ -152,9 +152,8 @@ class Seq2SeqTransformer(ModelBase):
             out = torch.full((src.shape[0], 1), bos_id, dtype=torch.long, device=src.device)
             done = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
             caches = None
-            if cached:
-
-                caches = [KVCache() for _ in self.decoder.layers]
+            if cached:  # a KVCache, or the mechanism's own state (StateCache)
+                caches = [layer.self_attn.new_cache() for layer in self.decoder.layers]
             for t in range(max_len):
                 if caches is None:
                     logits = self.decode(out, memory, src_padding_mask)

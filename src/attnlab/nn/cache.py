@@ -14,18 +14,26 @@ projects the new tokens' keys and values, rotates them at their absolute positio
 which equals ``mha(torch.cat([prompt, next_token], 1), is_causal=True)[:, -1:]`` for
 every mechanism whose spec has ``kv_cache=True``. One cache belongs to one layer (it
 holds that layer's projected keys and values); a model keeps one per layer.
+
+A mechanism that promises a bounded decoding cost (spec ``decode_state``: ``linear``,
+``performer``, the gated recurrences, the windows) decodes with :class:`StateCache`
+instead, the same way: it holds what :meth:`attnlab.Mechanism.decode` returned, a
+recurrent state ``S = sum phi(k) v^T`` or a rolling window, whose size does not grow with
+the sequence. :func:`new_cache` gives the cache a mechanism decodes with.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Any
 
 import torch
 
 from attnlab.contract import format_shape
 from attnlab.registry import MechanismSpec, list_mechanisms
 
-__all__ = ["KVCache", "check_decoding", "decoding_mask"]
+__all__ = ["KVCache", "StateCache", "check_decoding", "check_state_call", "decoding_mask",
+           "new_cache", "state_nbytes"]
 
 
 @dataclass
@@ -90,18 +98,72 @@ class KVCache:
                              f"in (B, Hkv, T)")
 
 
+def state_nbytes(state: Any) -> int:
+    """Bytes of the tensors in a decoding state (nested dicts, tuples, lists, dataclasses)."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_nbytes(x) for x in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_nbytes(x) for x in state)
+    if is_dataclass(state) and not isinstance(state, type):
+        return sum(state_nbytes(getattr(state, f.name)) for f in fields(state))
+    return 0
+
+
+@dataclass
+class StateCache:
+    """What :meth:`attnlab.Mechanism.decode` returned for one layer: its bounded decoding
+    state after ``length`` positions (``None`` before the first call)."""
+
+    state: Any = None
+    length: int = 0
+    batch_size: int | None = None
+
+    def update(self, state: Any, n: int, batch: int) -> None:
+        """The state after ``n`` more positions of a batch of ``batch`` sequences."""
+        self.state, self.length, self.batch_size = state, self.length + n, batch
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the state holds (flat in the sequence length: that is its promise)."""
+        return state_nbytes(self.state)
+
+    def reset(self) -> None:
+        """Forget every position (start a new sequence)."""
+        self.state, self.length, self.batch_size = None, 0, None
+
+
+def new_cache(spec: MechanismSpec):
+    """The cache a layer with mechanism ``spec`` decodes with: :class:`KVCache` (spec
+    ``kv_cache``), :class:`StateCache` (spec ``decode_state``); a ``ValueError`` if none."""
+    if spec.kv_cache:
+        return KVCache()
+    if spec.decode_state:
+        return StateCache()
+    raise ValueError(f"mechanism {spec.name!r} cannot decode incrementally (registry flags "
+                     f"kv_cache and decode_state are both False); use one of "
+                     f"{list_mechanisms(kv_cache=True) + list_mechanisms(decode_state=True)}")
+
+
 def check_decoding(cache, spec: MechanismSpec, self_attn: bool, key_padding_mask, is_causal,
                    batch: int) -> int:
     """:class:`~attnlab.nn.MultiheadAttention`'s checks of a ``kv_cache`` call; returns
     the cache's length ``T`` (where the new tokens start)."""
     w = "MultiheadAttention: "
-    if not isinstance(cache, KVCache):
-        raise TypeError(f"{w}kv_cache must be an attnlab.nn.KVCache or None; got "
-                        f"{type(cache).__name__}")
-    if not spec.kv_cache:
+    if not isinstance(cache, (KVCache, StateCache)):
+        raise TypeError(f"{w}kv_cache must be an attnlab.nn.KVCache, an attnlab.nn.StateCache "
+                        f"or None; got {type(cache).__name__}")
+    want = KVCache if spec.kv_cache else StateCache if spec.decode_state else None
+    if want is None:
         raise ValueError(f"{w}mechanism {spec.name!r} cannot decode with a kv_cache (one query "
-                         f"attending every cached key is not its causal row); use one of "
-                         f"{list_mechanisms(kv_cache=True)}")
+                         f"attending every cached key is not its causal row, and it keeps no "
+                         f"decoding state); use one of {list_mechanisms(kv_cache=True)} "
+                         f"(KVCache) or {list_mechanisms(decode_state=True)} (StateCache)")
+    if not isinstance(cache, want):
+        raise TypeError(f"{w}mechanism {spec.name!r} decodes with an attnlab.nn."
+                        f"{want.__name__} (attnlab.nn.new_cache(spec) gives it); got "
+                        f"{type(cache).__name__}")
     if not self_attn:
         raise ValueError(f"{w}kv_cache is for causal self-attention: key and value must be "
                          f"None (they come from the cache); got key")
@@ -114,6 +176,18 @@ def check_decoding(cache, spec: MechanismSpec, self_attn: bool, key_padding_mask
         raise ValueError(f"{w}query batch size {batch} does not match the kv_cache's "
                          f"{cache.batch_size} (reset() it for a new batch)")
     return cache.length
+
+
+def check_state_call(spec: MechanismSpec, attn_mask, need_weights: bool, positions,
+                     who: str) -> None:
+    """What decoding with a :class:`StateCache` cannot take: the state has absorbed the
+    keys, so no mask (nor ALiBi's bias on them) can reach them, and no weights are formed."""
+    for bad, what in ((attn_mask is not None, "attn_mask"),
+                      (need_weights, "need_weights=True"),
+                      (positions == "alibi", "positions='alibi' (a bias on the keys)")):
+        if bad:
+            raise ValueError(f"{who}decoding with a StateCache ({spec.name!r} keeps a state, "
+                             f"not its keys) cannot take {what}")
 
 
 def decoding_mask(T: int, n: int, device=None) -> tuple[torch.Tensor | None, bool]:

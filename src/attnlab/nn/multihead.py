@@ -13,7 +13,14 @@ import torch
 from torch import nn
 
 from attnlab.contract import format_shape
-from attnlab.nn.cache import KVCache, check_decoding, decoding_mask
+from attnlab.nn.cache import (
+    KVCache,
+    StateCache,
+    check_decoding,
+    check_state_call,
+    decoding_mask,
+    new_cache,
+)
 from attnlab.nn.length_fold import attend_folded, length_fold
 from attnlab.nn.masks import combine, layer_mask
 from attnlab.nn.options import ConvInputs, OutputGate, hybrid_sugar
@@ -213,6 +220,11 @@ class MultiheadAttention(nn.Module):
             raise ValueError(f"{_W}mechanism {s.name!r} does not support cross-attention; "
                              f"got {cross}")
 
+    def new_cache(self):
+        """An empty cache for decoding with this layer: a :class:`~attnlab.nn.KVCache` or,
+        for a mechanism with a bounded state, a :class:`~attnlab.nn.StateCache`."""
+        return new_cache(self.spec)
+
     def extra_repr(self) -> str:
         extra = {"num_kv_heads": self.num_kv_heads, "positions": self.positions,
                  "is_causal": self.is_causal, "output_gate": self.gate is not None,
@@ -317,9 +329,13 @@ class MultiheadAttention(nn.Module):
         v = self._split(self.v_proj(value), self.num_kv_heads)
         if self.rotary is not None:
             q, k = self.rotary(q, k, T)  # rotate the Hkv key heads, not H copies of them
+        gqa = self.num_kv_heads != self.num_heads
+        if isinstance(kv_cache, StateCache):  # the mechanism's own state: no keys kept here
+            out, state = self.attn.decode(q, k, v, kv_cache.state, enable_gqa=gqa)
+            kv_cache.update(state, q.shape[2], q.shape[0])
+            return out
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)
-        gqa = self.num_kv_heads != self.num_heads
         res = self.attn(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p,
                         need_weights=need_weights and not effective, enable_gqa=gqa)
         if not effective:
@@ -357,7 +373,7 @@ class MultiheadAttention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         is_causal: bool | None = None,
         need_weights: bool = False,
-        kv_cache: KVCache | None = None,
+        kv_cache: KVCache | StateCache | None = None,
     ):
         """Attend; ``key=None`` is self-attention and ``value=None`` reuses ``key``.
 
@@ -373,7 +389,10 @@ class MultiheadAttention(nn.Module):
         keys and values are appended to the cache and the queries attend all ``T + Nq``
         keys, query ``i`` those ``<= T + i``. RoPE and ALiBi use the absolute positions.
         Only mechanisms with ``kv_cache`` in their spec; ``attn_mask`` (``(Nq, T + Nq)``)
-        may add to the causal constraint, ``key_padding_mask`` may not be given.
+        may add to the causal constraint, ``key_padding_mask`` may not be given. A
+        mechanism with ``decode_state`` decodes with a :class:`~attnlab.nn.StateCache` the
+        same way (no ``attn_mask``, no weights, no ALiBi); :meth:`new_cache` gives the
+        cache this layer's mechanism takes.
         """
         query, key, value, self_attn = self._inputs(query, key, value)
         B, Nq = query.shape[:2]
@@ -388,8 +407,12 @@ class MultiheadAttention(nn.Module):
         Nk = self._check_call(query, key, value, self_attn, T, causal, attn_mask,
                               key_padding_mask)
         # Before anything is appended to a cache: a bad mask must leave it untouched.
-        mask, mech_causal = self._mask(attn_mask, key_padding_mask, Nq, Nk, causal, query, T,
-                                       kv_cache is not None)
+        if isinstance(kv_cache, StateCache):
+            check_state_call(self.spec, attn_mask, need_weights, self.positions, _W)
+            mask, mech_causal = None, True
+        else:
+            mask, mech_causal = self._mask(attn_mask, key_padding_mask, Nq, Nk, causal, query,
+                                           T, kv_cache is not None)
         xq, tail = query, None  # the gate reads the layer's own input, not the convolved
         if self.conv is not None:
             xq, key, value, tail = self.conv.apply(query, key, value, causal=causal,
