@@ -24,11 +24,8 @@ def test_kv_cache_holds_every_key_and_value_of_the_sequence():
 
 
 def test_a_bounded_state_does_not_grow_with_the_prompt():
-    states = attnlab.list_mechanisms(decode_state=True)
-    if not states:
-        pytest.skip("no mechanism with a decoding state registered")
-    name = "linear" if "linear" in states else states[0]
-    sizes = {p: measure_generation(name, prompt_len=p, new_tokens=NEW, embed_dim=E,
+    assert "linear" in attnlab.list_mechanisms(decode_state=True)
+    sizes = {p: measure_generation("linear", prompt_len=p, new_tokens=NEW, embed_dim=E,
                                    num_heads=H, threads=1)["cache_bytes"] for p in (16, 160)}
     assert sizes[16] == sizes[160] > 0
 

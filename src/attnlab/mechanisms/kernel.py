@@ -29,6 +29,9 @@ features and sums are computed in float32 for half-precision inputs. No mechanis
 forms attention weights, so arbitrary masks, ``need_weights`` and weight dropout are
 refused with a clear error.
 Causal with ``Nq != Nk`` is top-left aligned (key ``j`` allowed iff ``j <= i``).
+**Decoding** (:meth:`~attnlab.Mechanism.decode`) keeps the causal form's ``S, z``
+(:mod:`attnlab.mechanisms._engines.kernel_decode`): the Performer's with its keys' running
+max, in eval mode; cosFormer's needs ``max_seq_len`` (one ``M`` for the whole sequence).
 
 **Key padding** (a bool ``attn_mask`` ``(B, H, 1, Nk)``, ``False`` = padded key) is exact:
 a padded key contributes nothing, its feature row ``phi(K_j)`` is zeroed in both ``S`` and
@@ -49,6 +52,7 @@ import torch.nn.functional as F
 
 from attnlab.contract import work_dtype
 from attnlab.mechanisms._engines.kernel_causal import kernel_attention  # re-exported
+from attnlab.mechanisms._engines.kernel_decode import check_positions, decode_mechanism
 from attnlab.mechanisms.base import Mechanism, by_heads, key_padding_keep
 from attnlab.registry import REQUIRED, HParam, Limit, Paper, register_mechanism
 from attnlab.verify import causal_allowed
@@ -79,7 +83,8 @@ QIN_2022 = Paper(
 )
 
 _FLAGS = dict(family="kernel", exact=False, causal=True, arbitrary_mask=False, key_padding=True,
-              cross=True, returns_weights=False, half_precision=True, learnable=False)
+              cross=True, returns_weights=False, half_precision=True, learnable=False,
+              decode_state=True)
 _CHUNK = HParam("chunk_size", int, 64, "rows per chunk of the causal prefix sums", low=1)
 
 
@@ -180,6 +185,17 @@ class _KernelMechanism(Mechanism):
         out = kernel_attention(phi_q, phi_k, v, is_causal, self.hp["eps"],
                                self.hp["chunk_size"], log_scale)
         return out.to(dtype)
+
+    # Decoding (spec decode_state): the causal form's state S, z continued (the engine
+    # kernel_decode); the Performer's keeps its keys' running max too (_running_max).
+    _running_max = False
+
+    def _decode_features(self, q, k, scale, state):
+        """``_features`` of the new positions ``t .. t+n-1``, continuing ``state``."""
+        return self._features(q, k, True, scale, None)
+
+    def _decode(self, q, k, v, state, scale):
+        return decode_mechanism(self, q, k, v, state, scale)
 
 
 @register_mechanism(
@@ -301,7 +317,13 @@ class PerformerAttention(_KernelMechanism):
             self.redraw_features()  # once per call: every slice of heads shares the draw
         return super()._attend(q, *args)
 
-    def _features(self, q, k, is_causal, scale, keep):
+    _running_max = True
+
+    def _decode_features(self, q, k, scale, state):
+        run_from = None if state is None else state["log_scale"]
+        return self._features(q, k, True, scale, None, run_from)
+
+    def _features(self, q, k, is_causal, scale, keep, run_from=None):
         if q.shape[-1] != self.hp["head_dim"]:
             raise ValueError(
                 f"performer: q head dim {q.shape[-1]} does not match head_dim="
@@ -334,6 +356,8 @@ class PerformerAttention(_KernelMechanism):
             shift = shift.masked_fill(torch.isneginf(shift), 0.0).unsqueeze(-1)  # no real key
             return phi_q, keys(shift).exp() + c, None
         run_max = row_max.cummax(dim=-1).values
+        if run_from is not None:  # decoding: the running max over the keys before these
+            run_max = torch.maximum(run_max, run_from.unsqueeze(-1))
         if keep is not None:
             # Keys before the first real one have no running max yet: they take the first
             # real key's (any value <= it keeps run_max non-decreasing; their rows are zeroed).
@@ -388,10 +412,18 @@ class CosFormerAttention(_KernelMechanism):
         elif max(nq, nk) > M:
             raise ValueError(f"cosformer: max_seq_len={M} must be >= N=max(Nq, Nk)="
                              f"{max(nq, nk)} (cos(pi/2 (i-j)/M) needs |i - j| < M)")
+        return _cos_sin(q * scale, 0, M), _cos_sin(k, 0, M), None
 
-        def feat(x, n):
-            a = torch.arange(n, device=x.device, dtype=x.dtype) * (math.pi / (2 * M))
-            r = torch.relu(x)
-            return torch.cat([r * a.cos().unsqueeze(-1), r * a.sin().unsqueeze(-1)], dim=-1)
+    def _decode_features(self, q, k, scale, state):
+        # Absolute positions t .. t+n-1 against one M for the whole sequence.
+        M, t = self.hp["max_seq_len"], 0 if state is None else state["t"]
+        check_positions("cosformer", M, t, q.shape[-2])
+        return _cos_sin(q * scale, t, M), _cos_sin(k, t, M), None
 
-        return feat(q * scale, nq), feat(k, nk), None
+
+def _cos_sin(x, start: int, M: int):
+    """``[ReLU(x_i) cos(pi i / 2M), ReLU(x_i) sin(pi i / 2M)]`` at positions ``start + i``."""
+    a = torch.arange(start, start + x.shape[-2], device=x.device, dtype=x.dtype)
+    a = a * (math.pi / (2 * M))
+    r = torch.relu(x)
+    return torch.cat([r * a.cos().unsqueeze(-1), r * a.sin().unsqueeze(-1)], dim=-1)

@@ -11,5 +11,7 @@ families, one file (or package) each; what they share lives here:
   patterns and :class:`~attnlab.mechanisms._engines.sparse_flex.SparseMechanism`, the base
   of every mechanism given by a pattern, which picks a backend per call;
 * :mod:`~attnlab.mechanisms._engines.kernel_causal`: feature-map (linear) attention with
-  its chunked causal prefix sums and hand-written backward.
+  its chunked causal prefix sums and hand-written backward;
+* :mod:`~attnlab.mechanisms._engines.kernel_decode`: decoding feature-map attention with
+  its recurrent state ``S, z`` (chunkwise prefill, the Performer's running max).
 """
