@@ -154,6 +154,31 @@ def test_wikitext2_layout_trains_and_generates(tmp_path, capsys):
     assert out[:2] == ["the", "game"] and len(out) >= 2
 
 
+def _wikitext_files(tmp_path):
+    words = "the game was played in the city of york and the team won".split()
+    for split, n in (("train", 120), ("valid", 20), ("test", 20)):
+        lines = [" " + " ".join(words[(i + j) % len(words)] for j in range(9)) + " \n"
+                 for i in range(n)]
+        (tmp_path / f"wiki.{split}.tokens").write_text("".join(lines))
+
+
+def test_generate_decodes_a_linear_model_with_its_state(tmp_path, capsys):
+    """``attnlab generate`` of a ``linear`` language model: its recurrent state (a
+    StateCache) and recomputing the context give the same greedy text."""
+    _wikitext_files(tmp_path)
+    r = run(tmp_path, "wikitext2", steps=4, mechanism="linear", data_dir=str(tmp_path),
+            max_len=16, tokenizer="word", vocab_size=None)
+    texts = {}
+    for cache in ("yes", "no"):
+        assert main(["generate", str(r.run_dir), "--prompt", "the game", "--max-new-tokens",
+                     "20", "--temperature", "0", "--cache", cache]) == 0
+        got = capsys.readouterr()
+        texts[cache] = got.out
+        want = "bounded state" if cache == "yes" else "recomputing"
+        assert want in got.err and "tokens/s" in got.err
+    assert texts["yes"] == texts["no"] and texts["yes"].split()[:2] == ["the", "game"]
+
+
 @needs_shared
 def test_inpaint_mnist_test_only_copy_is_split(tmp_path):
     r = run(tmp_path, "inpaint_mnist", steps=2, data_dir=str(SHARED), n_train=64)
