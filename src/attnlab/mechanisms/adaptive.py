@@ -29,6 +29,11 @@ With ``is_causal=False`` attnlab extends it to a bidirectional span, ``x = |t - 
 position embeddings of the paper's model belong to the surrounding layer, not here.
 The weights are computed as ``softmax(s + log m)`` (equal to the formula above, and
 stable): ``m = 0`` becomes ``-inf`` and fully masked rows give zeros.
+
+Decoding (registry flag ``decode_state``): no key further back than ``S`` is ever seen,
+so the state is a rolling buffer of the last ``S - 1`` keys and values
+(:mod:`attnlab.mechanisms._engines.window_decode`), whatever the spans learned; each new
+query scores only the ``W`` of them its heads' spans reach, as the forward does.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnlab.contract import masked_softmax, work_dtype
+from attnlab.mechanisms._engines.window_decode import Window, decode_softmax
 from attnlab.mechanisms.base import Mechanism, by_heads
 from attnlab.registry import REQUIRED, HParam, Limit, Paper, register_mechanism
 
@@ -117,7 +123,7 @@ class _Band:
     equation="a_tr = m_z(t-r) exp(s_tr) / sum_q m_z(t-q) exp(s_tq),  "
              "m_z(x) = clamp((R + z - x) / R, 0, 1),  s = scale * q k^T + M,  x = t - r",
     exact=False, causal=True, arbitrary_mask=True, cross=False, returns_weights=True,
-    half_precision=True, learnable=True,
+    half_precision=True, learnable=True, decode_state=True,
     aliases=("adaptive_attention_span",),
     hparams=[
         HParam("num_heads", int, REQUIRED, "heads H (one span per head)", low=1),
@@ -173,13 +179,17 @@ class AdaptiveSpanAttention(Mechanism):
         z_max = float(self.spans.max())
         return max(1, min(math.ceil(z_max) + self.hp["ramp"], self.hp["max_span"], n))
 
-    def _attend(self, q, k, v, attn_mask, is_causal, scale, dropout_p, need_weights):
-        B, H, N, _ = q.shape
+    def _check_heads(self, q) -> None:
+        H = q.shape[1]
         if H != self.hp["num_heads"]:
             raise ValueError(
                 f"adaptive_span: num_heads={self.hp['num_heads']} (one span per head) does "
                 f"not match the H={H} heads of q; build it with num_heads={H}"
             )
+
+    def _attend(self, q, k, v, attn_mask, is_causal, scale, dropout_p, need_weights):
+        B, H, N, _ = q.shape
+        self._check_heads(q)
         band = _Band(N, self.window(N), min(self.hp["block_size"], N), is_causal)
         if need_weights:  # dense (B, H, N, N) weights: O(N^2) anyway, all heads at once
             return self._attend_heads(q, k, v, attn_mask, slice(None), band, scale,
@@ -236,3 +246,18 @@ class AdaptiveSpanAttention(Mechanism):
             full = p.new_zeros(B, H, nb, b, N + 1).scatter(-1, idx, p)
             weights = full.flatten(2, 3)[:, :, :N, :N].to(v.dtype)
         return out, weights
+
+    def _decode(self, q, k, v, state, scale):
+        """The last ``max_span - 1`` keys kept; ``softmax(s + log m_z(i - j))`` over ``W``."""
+        self._check_heads(q)
+        S, R = self.hp["max_span"], float(self.hp["ramp"])
+        wdt, W = work_dtype(q.dtype), self.window(self.hp["max_span"])
+        z = (S * self.span_frac.to(wdt).clamp(0.0, 1.0)).view(-1, 1, 1)
+        tiny = torch.finfo(wdt).tiny
+
+        def log_m(i, j):  # (H, c, L): the forward's soft mask, -inf where m = 0
+            dist = (i - j).to(wdt)
+            m = ((R + z - dist) / R).clamp(0.0, 1.0) * (dist < W).to(wdt)
+            return torch.where(m > 0, m.clamp_min(tiny).log(), float("-inf"))
+
+        return decode_softmax(self, q, k, v, state, scale, Window(S, reach=W), bias=log_m)

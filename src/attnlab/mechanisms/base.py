@@ -172,11 +172,12 @@ class Mechanism(nn.Module):
             raise ValueError(f"{self.spec.name} has no decoding state (registry flag "
                              f"decode_state); decode with attnlab.nn.KVCache if its spec has "
                              f"kv_cache, else recompute the causal forward")
-        check_inputs(q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa,
-                     spec=self.spec)
-        if q.shape[2] != k.shape[2]:
+        if all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k)) \
+                and q.shape[2] != k.shape[2]:
             raise ValueError(f"{self.spec.name}.decode: q, k and v are the same new positions;"
                              f" got Nq={q.shape[2]}, Nk={k.shape[2]}")
+        check_inputs(q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa,
+                     spec=self.spec)
         if q.shape[0] * q.shape[1] * q.shape[2] == 0:
             raise ValueError(f"{self.spec.name}.decode: needs at least one new position, "
                              f"batch and head; got q {tuple(q.shape)}")

@@ -42,6 +42,10 @@ on the normalised kernel, as the paper's weight dropout: one draw per head for
 ``dynamic_conv``. ``need_weights`` returns the banded ``(N, N)`` matrix ``A`` with
 ``out = A v`` (formed only then); the forward itself is ``k`` shifted multiply-adds,
 ``O(N k Dv)`` time and ``O(N (k + Dv))`` memory, no ``N x N`` tensor.
+
+Decoding (registry flag ``decode_state``): a causal row reads the values of the token and
+the ``k - 1`` before it, so the state is those ``k - 1`` values (no keys: neither reads
+them), :mod:`attnlab.mechanisms._engines.window_decode`; a token costs ``O(k Dv)``.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnlab.contract import work_dtype
+from attnlab.mechanisms._engines.window_decode import decode_conv
 from attnlab.mechanisms.base import Mechanism, key_padding_keep
 from attnlab.registry import REQUIRED, HParam, Limit, Paper, register_mechanism
 from attnlab.verify import param_f64
@@ -69,7 +74,7 @@ WU_2019 = Paper(
 # exact: each computes its own formula exactly (it approximates nothing); learnable.
 _FLAGS = dict(family="convolution", exact=True, causal=True, arbitrary_mask=False,
               key_padding=True, cross=False, returns_weights=True, half_precision=True,
-              learnable=True)
+              learnable=True, decode_state=True)
 _KERNEL = HParam("kernel_size", int, 7, "taps k of the kernel (the paper's layers use 3 "
                  "to 31); even k: one more tap on the left", low=1)
 _NUM_HEADS = HParam("num_heads", int, REQUIRED, "heads H (one kernel per head)", low=1)
@@ -165,6 +170,12 @@ class _Conv(Mechanism):
             A = A * keep[:, :, None, :].to(A.dtype)
         return out, A.to(v.dtype)
 
+    def _decode(self, q, k, v, state, scale):
+        """Causal taps over the token and the ``k - 1`` before it: those values are the
+        state (:func:`~attnlab.mechanisms._engines.window_decode.decode_conv`)."""
+        self._check_heads(q)
+        return decode_conv(self, self._kernel(q, v, scale), v, state)
+
 
 @register_mechanism(
     "lightweight_conv",
@@ -193,10 +204,13 @@ class LightweightConv(_Conv):
         bound = math.sqrt(6.0 / (k + H * k))
         self.weight = nn.Parameter(torch.empty(H, k).uniform_(-bound, bound))
 
+    def _kernel(self, q, v, scale):
+        W = self.weight.to(work_dtype(v.dtype))
+        return torch.softmax(W * scale, dim=-1)[:, None, :]        # (H, 1, k)
+
     def _attend(self, q, k, v, attn_mask, is_causal, scale, dropout_p, need_weights):
         self._check_heads(q)
-        W = self.weight.to(work_dtype(v.dtype))
-        w = torch.softmax(W * scale, dim=-1)[:, None, :]           # (H, 1, k)
+        w = self._kernel(q, v, scale)
         out, A = self._convolve(v, w, attn_mask, is_causal, dropout_p, need_weights)
         return _with_unused(out, q, k), A
 
@@ -229,14 +243,17 @@ class DynamicConv(_Conv):
         bound = math.sqrt(6.0 / (d + k))
         self.weight = nn.Parameter(torch.empty(H, k, d).uniform_(-bound, bound))
 
-    def _attend(self, q, k, v, attn_mask, is_causal, scale, dropout_p, need_weights):
-        self._check_heads(q)
+    def _kernel(self, q, v, scale):
         if q.shape[-1] != self.hp["head_dim"]:
             raise ValueError(f"dynamic_conv: q head dim {q.shape[-1]} does not match "
                              f"head_dim={self.hp['head_dim']} the module was built with; "
                              f"create it with head_dim={q.shape[-1]}")
         work = work_dtype(q.dtype)
         logits = torch.einsum("bhnc,htc->bhnt", q.to(work), self.weight.to(work))
-        w = torch.softmax(logits * scale, dim=-1)                  # (B, H, N, k)
+        return torch.softmax(logits * scale, dim=-1)               # (B, H, N, k)
+
+    def _attend(self, q, k, v, attn_mask, is_causal, scale, dropout_p, need_weights):
+        self._check_heads(q)
+        w = self._kernel(q, v, scale)
         out, A = self._convolve(v, w, attn_mask, is_causal, dropout_p, need_weights)
         return _with_unused(out, k), A

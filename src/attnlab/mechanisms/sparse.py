@@ -32,6 +32,17 @@ time is ``O(N K D)`` and memory ``O(N K (1 + D/b))`` with autograd: the scores, 
 key/value blocks each query block gathers (``N K D / b``); the complexity strings spell
 ``K`` out. A forward without autograd holds one chunk of them at a time (see
 :mod:`attnlab.mechanisms._engines.blocksparse`): ``O(N D)`` above its inputs.
+
+Decoding (registry flag ``decode_state``): the causal rows of ``local``,
+``sliding_window``, ``dilated_window`` and ``longformer`` read keys within a span ``W``
+(``b``, ``w``, ``(w - 1) d + 1``, ``w//2 + 1``) plus, for ``longformer``, the global tokens:
+their state is a rolling buffer of the last ``W - 1`` keys and values (and, for
+``longformer``, positions ``0 .. max(G)``), so a token costs ``O(W D)``
+(:mod:`attnlab.mechanisms._engines.window_decode`). ``longformer`` decodes only with
+global tokens counted from the start (one counted from the end moves as the sequence
+grows). ``bigbird``, ``sparse_transformer`` and ``block_sparse`` keep no such state: their
+random blocks, strided columns, summary columns and layouts reach keys arbitrarily far
+back (and depend on ``N``), so a causal row may need every past key.
 """
 
 from __future__ import annotations
@@ -43,6 +54,7 @@ import torch
 
 from attnlab.mechanisms._engines.blocksparse import SparsePattern
 from attnlab.mechanisms._engines.sparse_flex import BACKENDS, SparseMechanism
+from attnlab.mechanisms._engines.window_decode import Window, decode_softmax
 from attnlab.registry import HParam, Limit, Paper, register_mechanism
 
 __all__ = ["BigBirdAttention", "BlockSparseAttention", "DilatedWindowAttention",
@@ -107,7 +119,7 @@ class _GlobalTokensMixin:
     aliases=("block_local", "local_attention"), hparams=[_block(64), _BACKEND],
     tiny_hparams=dict(block_size=4),
     limit=Limit(hparams=lambda n: {"block_size": n}, note="block_size = N: full attention"),
-    **_FLAGS)
+    decode_state=True, **_FLAGS)
 class LocalAttention(SparseMechanism):
     """Local (blocked) attention: each token attends only within its block of b tokens.
 
@@ -119,12 +131,17 @@ class LocalAttention(SparseMechanism):
         b = self.hp["block_size"]
         return SparsePattern(n, b, causal, local=b)
 
+    def _decode(self, q, k, v, state, scale):  # the current block's keys: span b
+        b = self.hp["block_size"]
+        win = Window(b, allowed=lambda i, j: i // b == j // b)
+        return decode_softmax(self, q, k, v, state, scale, win)
+
 
 @register_mechanism(
     "sliding_window", paper=BELTAGY_2020, time="O(N (w + b) D)", memory="O(N (w + b) (1 + D/b))",
     equation=_SOFTMAX + "S_i = {j : |i - j| <= w//2}; causal: {j : i - w < j <= i}",
     aliases=("swa",), hparams=[_WINDOW, _block(64), _BACKEND],
-    tiny_hparams=_TINY, limit=_FULL_WINDOW, **_FLAGS)
+    tiny_hparams=_TINY, limit=_FULL_WINDOW, decode_state=True, **_FLAGS)
 class SlidingWindowAttention(SparseMechanism):
     """Sliding-window attention: each token attends the w tokens around it.
 
@@ -138,6 +155,9 @@ class SlidingWindowAttention(SparseMechanism):
         band = (-(w - 1), 0, 1) if causal else _bidirectional_band(w)
         return SparsePattern(n, self.hp["block_size"], causal, band=band)
 
+    def _decode(self, q, k, v, state, scale):  # i - w < j <= i
+        return decode_softmax(self, q, k, v, state, scale, Window(self.hp["window"]))
+
 
 @register_mechanism(
     "dilated_window", paper=BELTAGY_2020, time="O(N (w min(d, b) + b) D)",
@@ -149,7 +169,7 @@ class SlidingWindowAttention(SparseMechanism):
     tiny_hparams=dict(_TINY, dilation=2),
     limit=Limit(hparams=lambda n: {"window": 2 * n, "dilation": 1},
                 note="dilation 1, window >= 2N: full attention"),
-    **_FLAGS)
+    decode_state=True, **_FLAGS)
 class DilatedWindowAttention(SparseMechanism):
     """Dilated sliding window: w keys spaced d apart, ``S_i = {i + d t : |t| <= w//2}``.
 
@@ -163,6 +183,11 @@ class DilatedWindowAttention(SparseMechanism):
         band = (-(w - 1) * d, 0, d) if causal else _bidirectional_band(w, d)
         return SparsePattern(n, self.hp["block_size"], causal, band=band)
 
+    def _decode(self, q, k, v, state, scale):  # j = i - d t, 0 <= t < w
+        w, d = self.hp["window"], self.hp["dilation"]
+        win = Window((w - 1) * d + 1, allowed=lambda i, j: (i - j) % d == 0)
+        return decode_softmax(self, q, k, v, state, scale, win)
+
 
 @register_mechanism(
     "longformer", paper=BELTAGY_2020, time="O(N (w + g b) D)", memory="O(N (w + g b) (1 + D/b))",
@@ -171,7 +196,7 @@ class DilatedWindowAttention(SparseMechanism):
     tiny_hparams=_TINY,
     limit=Limit(hparams=lambda n: {"global_tokens": tuple(range(n))},
                 note="every token global: full attention"),
-    **_FLAGS)
+    decode_state=True, **_FLAGS)
 class LongformerAttention(_GlobalTokensMixin, SparseMechanism):
     """Longformer: a sliding window plus global tokens G that attend and are attended by all.
 
@@ -187,6 +212,22 @@ class LongformerAttention(_GlobalTokensMixin, SparseMechanism):
         g = self._check_globals(self._validated_globals(), n)
         return SparsePattern(n, self.hp["block_size"], causal,
                              band=_bidirectional_band(self.hp["window"]), global_tokens=g)
+
+    def _decode(self, q, k, v, state, scale):
+        """Window ``i - j <= w//2`` plus the global tokens, positions ``0 .. max(G)`` kept."""
+        g = self._validated_globals()
+        if any(t < 0 for t in g):
+            raise ValueError(f"longformer.decode: global_tokens {g} count from the end, which "
+                             f"moves as the sequence grows (its rows would need every key); "
+                             f"decode with indices >= 0")
+        G = torch.tensor(sorted(set(g)), dtype=torch.int64, device=q.device)
+        half = self.hp["window"] // 2
+
+        def allowed(i, j):
+            return (i - j <= half) | torch.isin(i, G) | torch.isin(j, G)
+
+        win = Window(half + 1, allowed, pinned=max(g, default=-1) + 1)
+        return decode_softmax(self, q, k, v, state, scale, win)
 
 
 @register_mechanism(

@@ -301,8 +301,9 @@ class MultiheadAttention(nn.Module):
         return query, key, value, self_attn
 
     def _check_call(self, query, key, value, self_attn: bool, T: int, causal: bool,
-                    attn_mask, key_padding_mask) -> int:
-        """Keys and values, the lengths and what the mechanism supports; returns ``Nk``."""
+                    attn_mask, key_padding_mask, state: bool = False) -> int:
+        """Keys and values, the lengths and what the mechanism supports; returns ``Nk``.
+        ``state``: decoding with a StateCache, whose mechanism sees the new keys only."""
         B, Nq = query.shape[:2]
         if not self_attn:
             self._check_input("key", key, self.kdim, B, self.k_proj)
@@ -314,9 +315,10 @@ class MultiheadAttention(nn.Module):
         if self.max_seq_len is not None and max(Nq, Nk) > self.max_seq_len:
             raise ValueError(f"{_W}sequence length {max(Nq, Nk)} exceeds "
                              f"max_seq_len={self.max_seq_len}")
+        seen = key.shape[1] if state else Nk
         self._check_spec(causal, {"key_padding_mask": key_padding_mask is not None,
                                   "attn_mask": attn_mask is not None},
-                         f"Nq={Nq} != Nk={Nk}" if Nq != Nk else "")
+                         f"Nq={Nq} != Nk={seen}" if Nq != seen else "")
         return Nk
 
     def _attend(self, q, key, value, mask, causal: bool, T: int, kv_cache, dropout_p: float,
@@ -405,7 +407,7 @@ class MultiheadAttention(nn.Module):
             is_causal = True
         causal = self.is_causal if is_causal is None else is_causal
         Nk = self._check_call(query, key, value, self_attn, T, causal, attn_mask,
-                              key_padding_mask)
+                              key_padding_mask, isinstance(kv_cache, StateCache))
         # Before anything is appended to a cache: a bad mask must leave it untouched.
         if isinstance(kv_cache, StateCache):
             check_state_call(self.spec, attn_mask, need_weights, self.positions, _W)

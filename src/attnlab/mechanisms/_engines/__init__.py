@@ -13,5 +13,8 @@ families, one file (or package) each; what they share lives here:
 * :mod:`~attnlab.mechanisms._engines.kernel_causal`: feature-map (linear) attention with
   its chunked causal prefix sums and hand-written backward;
 * :mod:`~attnlab.mechanisms._engines.kernel_decode`: decoding feature-map attention with
-  its recurrent state ``S, z`` (chunkwise prefill, the Performer's running max).
+  its recurrent state ``S, z`` (chunkwise prefill, the Performer's running max);
+* :mod:`~attnlab.mechanisms._engines.window_decode`: decoding causal windows (sliding,
+  local, dilated, longformer, adaptive span, convolutions) with a rolling buffer of
+  keys/values and their positions.
 """
