@@ -2,6 +2,10 @@
 models around them) on their own tasks, 3 seeds each, from ``attnlab train`` runs.
 
     python benchmarks/zoo_tables.py RUNS_DIR            # trains what is missing, prints
+    python benchmarks/zoo_tables.py RUNS_DIR --imdb-dir DIR   # and the IMDB (HAN) table
+
+The IMDB rows need the original files (``aclImdb`` or its CSV, see ``attnlab.data.text``)
+and run only when ``--imdb-dir`` names them.
 
 Each row is one ``attnlab train`` command (in a child process, so that its peak RSS is
 the run's own), its seeds' test metric as mean ± the 95% confidence interval (Student t,
@@ -12,6 +16,7 @@ again.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -41,6 +46,12 @@ ROWS = [
      ["--model-opt", "cross_mechanism=luong_monotonic", *_SHORT]),
     ("seq2seq", "cross luong_predictive", "seq2seq",
      ["--model-opt", "cross_mechanism=luong_predictive", *_SHORT]),
+]
+# HAN against the flat encoder classifier at one budget (1000 of the task's 3000 steps)
+_IMDB = ["--max-steps", "1000"]
+IMDB_ROWS = [
+    ("imdb", "HAN (word + sentence attention)", "imdb", ["--model", "han", *_IMDB]),
+    ("imdb", "transformer, sdpa (512 tokens)", "imdb", _IMDB),
 ]
 
 
@@ -77,11 +88,16 @@ def run_row(runs: Path, table: str, label: str, task: str, args: list[str]) -> d
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print(__doc__, file=sys.stderr)
-        return 2
-    runs = Path(argv[0])
-    rows = [run_row(runs, *r) for r in ROWS]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", type=Path, help="where the runs are (trained if missing)")
+    parser.add_argument("--imdb-dir", type=Path, default=None,
+                        help="IMDB's original files: adds the HAN table")
+    args = parser.parse_args(argv)
+    rows = [run_row(args.runs, *r) for r in ROWS]
+    if args.imdb_dir is not None:
+        data = ["--task-opt", f"data_dir={args.imdb_dir}"]
+        rows += [run_row(args.runs, t, label, task, [*a, *data])
+                 for t, label, task, a in IMDB_ROWS]
     for table in dict.fromkeys(r["table"] for r in rows):
         print(f"\n| {table} | task | test metric (mean ± 95% CI, 3 seeds) | per seed | "
               f"ms / step | steps | peak RSS |\n|---|---|---|---|---|---|---|")
