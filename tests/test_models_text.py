@@ -600,10 +600,11 @@ def test_generate_errors():
             m.generate(p, 2, **kw)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
         m.generate(p, -1)
-    with pytest.raises(ValueError, match="use_cache=True but mechanism 'linear' cannot"):
-        lm("linear").generate(p, 2, use_cache=True)
-    with pytest.raises(ValueError, match="use_cache=True but mechanism 'linear' cannot"):
-        s2s("linear").greedy_decode(p, 2, BOS, EOS, use_cache=True)
+    # hierarchical is causal but has neither a KV cache nor a bounded decoding state
+    with pytest.raises(ValueError, match="use_cache=True but mechanism 'hierarchical' cannot"):
+        lm("hierarchical").generate(p, 2, use_cache=True)
+    with pytest.raises(ValueError, match="use_cache=True but mechanism 'hierarchical' cannot"):
+        s2s("hierarchical").greedy_decode(p, 2, BOS, EOS, use_cache=True)
     with pytest.raises(ValueError, match="max_len must be <= the model's max_len=32"):
         s2s().greedy_decode(p, 33, BOS, EOS)
     with pytest.raises(ValueError, match="eos_id must be < tgt_vocab=15"):
