@@ -34,7 +34,8 @@ from collections.abc import Callable
 
 import torch
 
-from attnlab.contract import format_shape, work_dtype
+from attnlab.contract import work_dtype
+from attnlab.mechanisms._engines.decode_state import check_decode_state
 from attnlab.mechanisms.base import head_slices
 
 __all__ = ["check_positions", "check_state", "decode_by_heads", "decode_kernel",
@@ -45,31 +46,11 @@ def check_state(who: str, state, shape: tuple[int, int, int, int], dtype: torch.
                 device: torch.device, log_scale: bool) -> None:
     """A ``ValueError``/``TypeError`` naming ``state`` unless it is ``None`` or a state of
     ``shape = (B, H, F, Dv)`` in ``dtype`` on ``device`` (with ``"log_scale"`` iff asked)."""
-    if state is None:
-        return
-    if not isinstance(state, dict):
-        raise TypeError(f"{who}.decode: state must be None or the dict a previous decode "
-                        f"returned; got {type(state).__name__}")
-    want = {"S", "z", "t"} | ({"log_scale"} if log_scale else set())
-    if set(state) != want:
-        raise ValueError(f"{who}.decode: state must have the keys {sorted(want)}; got "
-                         f"{sorted(state)} (a state of another mechanism?)")
-    t = state["t"]
-    if isinstance(t, bool) or not isinstance(t, int) or t < 0:
-        raise ValueError(f"{who}.decode: state['t'] must be an int >= 0 (positions absorbed);"
-                         f" got {t!r}")
     B, H, F, Dv = shape
-    expected = {"S": (B, H, F, Dv), "z": (B, H, F), "log_scale": (B, H)}
-    for key in sorted(want - {"t"}):
-        x = state[key]
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{who}.decode: state[{key!r}] must be a torch.Tensor; got "
-                            f"{type(x).__name__}")
-        if tuple(x.shape) != expected[key] or x.dtype != dtype or x.device != device:
-            raise ValueError(
-                f"{who}.decode: state[{key!r}] {format_shape(x)} {x.dtype} on {x.device} does "
-                f"not continue these inputs: expected {expected[key]} {dtype} on {device} "
-                f"(B={B}, H={H}, F={F}, Dv={Dv}); a state serves one batch of one layer")
+    expected = {"S": ((B, H, F, Dv), dtype), "z": ((B, H, F), dtype)}
+    if log_scale:
+        expected["log_scale"] = ((B, H), dtype)
+    check_decode_state(who, state, expected, device, f"(B={B}, H={H}, F={F}, Dv={Dv})")
 
 
 def _chunks(a, b, v1, S, m, m_prev, chunk):

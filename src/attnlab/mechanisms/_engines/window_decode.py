@@ -34,7 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
-from attnlab.contract import format_shape, masked_softmax, work_dtype
+from attnlab.contract import masked_softmax, work_dtype
+from attnlab.mechanisms._engines.decode_state import check_decode_state
 
 __all__ = ["MIN_CHUNK", "Window", "check_window_state", "conv_weights", "decode_conv",
            "decode_softmax", "decode_window", "softmax_weights"]
@@ -72,33 +73,11 @@ def check_window_state(who: str, state, win: Window, B: int, H: int, dims: dict,
                        dtype: torch.dtype, device: torch.device) -> None:
     """A ``TypeError``/``ValueError`` naming ``state`` unless it is ``None`` or a state of
     this window for these inputs; ``dims`` maps ``"k"``/``"v"`` to their last dims."""
-    if state is None:
-        return
-    if not isinstance(state, dict):
-        raise TypeError(f"{who}.decode: state must be None or the dict a previous decode "
-                        f"returned; got {type(state).__name__}")
-    want = {*dims, "pos", "t"}
-    if set(state) != want:
-        raise ValueError(f"{who}.decode: state must have the keys {sorted(want)}; got "
-                         f"{sorted(state)} (a state of another mechanism?)")
-    t = state["t"]
-    if isinstance(t, bool) or not isinstance(t, int) or t < 0:
-        raise ValueError(f"{who}.decode: state['t'] must be an int >= 0 (positions absorbed);"
-                         f" got {t!r}")
     S = win.slots
     expected = {key: ((B, H, S, d), dtype) for key, d in dims.items()}
     expected["pos"] = ((S,), torch.int64)
-    for key, (shape, dt) in expected.items():
-        x = state[key]
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{who}.decode: state[{key!r}] must be a torch.Tensor; got "
-                            f"{type(x).__name__}")
-        if tuple(x.shape) != shape or x.dtype != dt or x.device != device:
-            raise ValueError(
-                f"{who}.decode: state[{key!r}] {format_shape(x)} {x.dtype} on {x.device} does "
-                f"not continue these inputs: expected {shape} {dt} on {device} (B={B}, H={H},"
-                f" {S} slots = {win.pinned} pinned + span {win.span} - 1); a state serves one "
-                f"batch of one layer with the same hyperparameters")
+    check_decode_state(who, state, expected, device,
+                       f"(B={B}, H={H}, {S} slots = {win.pinned} pinned + span {win.span} - 1)")
 
 
 def _pinned(old, new, pos, t: int, P: int):
