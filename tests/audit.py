@@ -310,10 +310,14 @@ def mask_cases(name: str) -> list[Case]:
 # through landmark means (Nystromformer), so one allowed key does not give that key's v;
 # GAU's relu^2 weights are not normalised; the convolutions' softmax is over the kernel's
 # taps, not renormalised over the allowed keys; Luong's local-p multiplies by a Gaussian
-# (rows sum to less than 1); persistent memory's slots are always attended.
+# (rows sum to less than 1); persistent memory's slots are always attended; the gated
+# linear family and DeltaNet weigh values by an unnormalised (decayed) q . k, sigmoid
+# attention by an unnormalised sigma, differential attention by a difference of softmaxes.
 _NOT_CONVEX = ("linformer", "nystromformer", "gau", "lightweight_conv", "dynamic_conv",
-               "luong_predictive", "persistent_memory")
-_UNBOUNDED = ("gau",)  # no softmax bounds relu^2: near float16's range, refuse clearly
+               "luong_predictive", "persistent_memory", "retnet", "gla", "mamba2",
+               "deltanet", "sigmoid", "differential")
+_UNBOUNDED = ("gau", "retnet", "mamba2")  # nothing bounds relu^2 or (unscaled) q . k: near float16's
+# range they refuse clearly
 
 
 def one_valid_key_case(name: str) -> Case:

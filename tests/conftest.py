@@ -127,3 +127,18 @@ def near_range_inputs(dtype, B=2, H=2, N=16, D=64, Dv=None, seed=0):
             for _ in range(2))
     v = torch.randn(B, H, N, Dv or D, generator=g, dtype=torch.float64)
     return tuple(t.to(dtype) for t in (q, k, v))
+
+
+def assert_causal(mech, q, k, v, t: int) -> None:
+    """Tokens after ``t`` (changed a lot) change no output row ``<= t`` and no gradient of
+    those rows reaches them; they do change the later rows."""
+    out = mech(q, k, v, is_causal=True)
+    q2, k2, v2 = (x.clone() for x in (q, k, v))
+    for x in (q2, k2, v2):
+        x[:, :, t + 1:] = torch.randn_like(x[:, :, t + 1:]) * 5
+    out2 = mech(q2, k2, v2, is_causal=True)
+    torch.testing.assert_close(out2[:, :, :t + 1], out[:, :, :t + 1], rtol=0, atol=0)
+    assert (out2[:, :, t + 1:] - out[:, :, t + 1:]).abs().max() > 1e-3
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    mech(*leaves, is_causal=True)[:, :, :t + 1].pow(2).sum().backward()
+    assert all((x.grad[:, :, t + 1:] == 0).all() for x in leaves)

@@ -127,6 +127,27 @@ def test_the_wrong_cache_or_a_mask_is_refused_by_name():
     assert cache.length == 0 and cache.state is None
 
 
+@pytest.mark.parametrize("name", DECODE)
+def test_a_foreign_state_is_refused_by_name(name):
+    """Every state is checked by one function (engines/decode_state.py): each way a state
+    can fail to continue these inputs is refused, naming the key."""
+    mech = create_for(name, head_dim=4, num_heads=H, max_seq_len=64,
+                      **attnlab.get(name).tiny_hparams).double()
+    q, k, v = (torch.randn(2, H, 3, 4, dtype=torch.float64) for _ in range(3))
+    _, state = mech.decode(q, k, v)
+    key = next(key for key, x in sorted(state.items()) if torch.is_tensor(x)
+               and x.is_floating_point())
+    bad = [([1], TypeError, "state must be None or the dict"),
+           ({key: state[key]}, ValueError, r"state must have the keys"),
+           ({**state, "t": -1}, ValueError, r"state\['t'\] must be an int >= 0"),
+           ({**state, key: state[key][:1]}, ValueError, r"does not continue these inputs"),
+           ({**state, key: state[key].float()}, ValueError, r"torch.float32"),
+           ({**state, key: 0.0}, TypeError, rf"state\['{key}'\] must be a torch.Tensor")]
+    for st_, exc, pattern in bad:
+        with pytest.raises(exc, match=pattern):
+            mech.decode(q, k, v, st_)
+
+
 def test_mechanism_decode_checks_its_inputs():
     mech = create_for(DECODE[0], head_dim=4, num_heads=H, max_seq_len=64,
                       **attnlab.get(DECODE[0]).tiny_hparams)

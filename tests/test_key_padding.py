@@ -32,8 +32,9 @@ from attnlab.mechanisms.base import is_key_padding_mask
 from attnlab.nn import MultiheadAttention
 from attnlab.registry import Paper, register_mechanism
 
-PADDING_ONLY = ["cosformer", "dynamic_conv", "hierarchical", "lightweight_conv", "linear",
-                "linformer", "nystromformer", "performer", "reformer", "sinkhorn"]
+PADDING_ONLY = ["cosformer", "deltanet", "dynamic_conv", "gla", "hierarchical",
+                "lightweight_conv", "linear", "linformer", "mamba2", "nystromformer", "performer",
+                "reformer", "retnet", "sinkhorn"]
 KERNEL = ["linear", "performer", "cosformer"]
 TIGHT = dict(atol=1e-12, rtol=1e-10)
 H, D = 2, 4

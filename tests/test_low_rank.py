@@ -203,9 +203,12 @@ def cond(q, k, scale):
        pinv=st.sampled_from(["exact", "iterative"]), seed=st.integers(0, 999))
 def test_nystrom_one_landmark_per_token_is_exact_float32(B, H, N, D, pinv, seed):
     q, k, v = qkv(B, H, N, N, D, D, seed=seed)
-    assume(cond(q, k, D ** -0.5) <= 1e4)
+    c = cond(q, k, D ** -0.5)
+    assume(c <= 1e4)
     ny = attnlab.create("nystromformer", num_landmarks=N, pinv=pinv, pinv_iterations=40)
-    tol = 1e-4 if pinv == "exact" else 1e-3
+    # A float32 (pseudo-)inverse is accurate to about cond * eps: the tolerance follows it
+    # (seed 141, N = 12 has cond 5.2e3, an error of 2.3e-4 within cond * eps = 6.2e-4).
+    tol = max(1e-4 if pinv == "exact" else 1e-3, c * torch.finfo(torch.float32).eps)
     torch.testing.assert_close(ny(q, k, v).double(), naive_attention_f64(q, k, v), atol=tol, rtol=0)
 
 

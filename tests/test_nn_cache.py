@@ -50,7 +50,7 @@ def decode(m, x, sizes, cache=None):
 
 def test_kv_cache_flag_is_exactly_the_softmax_family_with_cross_attention():
     assert KV_CACHE == sorted(["sdpa", "reference", "flash", "dot", "scaled_dot", "general",
-                               "additive", "topk", "hard", "hybrid"])
+                               "additive", "topk", "hard", "hybrid", "sigmoid", "differential"])
     for name in attnlab.list_mechanisms():
         s = attnlab.get(name)
         assert s.to_dict()["kv_cache"] is s.kv_cache
@@ -192,7 +192,7 @@ def test_decoding_errors():
 def test_mechanism_without_kv_cache_is_refused_with_the_list(name):
     m = MultiheadAttention(E, H, name, max_seq_len=16)
     with pytest.raises(ValueError, match=rf"mechanism '{name}' cannot decode with a kv_cache.*"
-                                         rf"use one of \['additive', 'dot', 'flash'"):
+                                         rf"use one of \['additive', 'differential', 'dot'"):
         m(tokens(n=2).float(), kv_cache=KVCache())
 
 
