@@ -1,9 +1,10 @@
 """``attnlab tasks | train | generate | inpaint``: train any mechanism on a task, use the result.
 
-Options reach three places, each validated by its owner before anything runs:
+Options reach four places, each validated by its owner before anything runs:
 ``--set field=value`` (TrainConfig: lr, max_steps, ...), ``--task-opt key=value`` (the task:
 data_dir, max_len, tokenizer, ...), ``--model-opt key=value`` (model shape: d_model,
-num_layers, ...) and ``--mech-opt key=value`` (the mechanism's hyperparameters).
+num_layers, ...), ``--mech-opt key=value`` (the mechanism's hyperparameters) and
+``--regime-opt key=value`` (the training regime's: ``--regime adversarial``, ...).
 Values are read as JSON when they parse (``3``, ``1e-3``, ``true``, ``null``), else as text.
 """
 
@@ -25,6 +26,7 @@ from attnlab.files import writable_dir
 from attnlab.tasks import get_task, list_tasks
 from attnlab.train.config import ConfigError, TrainConfig
 from attnlab.train.loop import load_trained
+from attnlab.train.regimes import get_regime, list_regimes
 from attnlab.train.runs import train_seeds
 
 __all__ = ["add_parsers", "HANDLERS"]
@@ -58,13 +60,14 @@ def build_config(args) -> TrainConfig:
         raise ConfigError("attnlab train needs --task (see `attnlab tasks`)")
     cls = get_task(task)
     fields = {**base, **_pairs(args.set, "--set")}
-    for flag in ("mechanism", "model", "max_steps", "batch_size", "lr", "device"):
+    for flag in ("mechanism", "model", "max_steps", "batch_size", "lr", "device", "regime",
+                 "init_from"):
         if getattr(args, flag) is not None:
             fields[flag] = getattr(args, flag)
     if args.time_budget is not None:
         fields["time_budget_s"] = args.time_budget
     for key, flag in (("task_kwargs", "task_opt"), ("model_kwargs", "model_opt"),
-                      ("mechanism_kwargs", "mech_opt")):
+                      ("mechanism_kwargs", "mech_opt"), ("regime_kwargs", "regime_opt")):
         fields[key] = {**fields.get(key, {}), **_pairs(getattr(args, flag), f"--{flag}")}
     if args.data_dir:
         if "data_dir" not in cls.options:
@@ -90,6 +93,13 @@ def cmd_tasks(args, console: Console) -> int:
         table.add_row(name, t.kind, f"{t.metric} ({t.mode})", ", ".join(t.models), opts,
                       t.summary)
     console.print(table)
+    regimes = Table(title="training regimes (attnlab train --regime NAME --regime-opt k=v)")
+    for col in ("regime", "options (defaults)", "what"):
+        regimes.add_column(col, overflow="fold")
+    for name in list_regimes():
+        r = get_regime(name)
+        regimes.add_row(name, ", ".join(f"{k}={v}" for k, v in r.options.items()), r.summary)
+    console.print(regimes)
     return 0
 
 
@@ -189,6 +199,14 @@ def add_parsers(sub) -> None:
     pt.add_argument("--mech-opt", action="append", metavar="KEY=VALUE",
                     help="a hyperparameter of the mechanism (repeatable; see attnlab info "
                          "NAME)")
+    pt.add_argument("--regime", help="how the model is trained: standard (default), "
+                                     "adversarial, distill, ... (see attnlab tasks)")
+    pt.add_argument("--regime-opt", action="append", metavar="KEY=VALUE",
+                    help="an option of the regime (repeatable)")
+    pt.add_argument("--init-from", metavar="RUN_OR_CHECKPOINT",
+                    help="start from the weights of a finished run (one seed's directory, "
+                         "or its best.pt) wherever names and shapes agree, e.g. a "
+                         "pre-trained encoder")
     pt.add_argument("--no-progress", action="store_true", help="no progress bar")
     pg = sub.add_parser("generate", help="sample text from a trained language model run")
     pg.add_argument("run", help="run directory (one seed: runs/wikitext2/sdpa/seed-0)")

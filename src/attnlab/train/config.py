@@ -53,6 +53,9 @@ class TrainConfig:
     model: str = "transformer"          # or a task's baseline, e.g. "lstm", "unet"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     task_kwargs: dict[str, Any] = field(default_factory=dict)
+    regime: str = "standard"            # how it is trained: attnlab.train.regimes
+    regime_kwargs: dict[str, Any] = field(default_factory=dict)
+    init_from: str | None = None        # a finished run (or .pt) whose weights start this one
     seed: int = 0
     max_steps: int = 1000
     batch_size: int = 32
@@ -90,7 +93,12 @@ class TrainConfig:
         self._need("task", isinstance(self.task, str) and bool(self.task), "a task name")
         self._need("mechanism", isinstance(self.mechanism, str) and bool(self.mechanism),
                    "a mechanism name")
-        for name in ("mechanism_kwargs", "model_kwargs", "task_kwargs"):
+        self._need("regime", isinstance(self.regime, str) and bool(self.regime),
+                   "a regime name")
+        self._need("init_from", self.init_from is None
+                   or (isinstance(self.init_from, str) and bool(self.init_from)),
+                   "None or the path of a run directory or checkpoint")
+        for name in ("mechanism_kwargs", "model_kwargs", "task_kwargs", "regime_kwargs"):
             self._need(name, isinstance(getattr(self, name), dict), "a dict")
         self._need("seed", is_int(self.seed) and self.seed >= 0, "an int >= 0")
         for name in ("max_steps", "batch_size", "eval_every", "checkpoint_every"):

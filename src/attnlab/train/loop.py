@@ -36,6 +36,7 @@ from attnlab.train.checkpoint import (
 from attnlab.train.config import ConfigError, TrainConfig, read_run_config
 from attnlab.train.metrics import convergence
 from attnlab.train.progress import TrainProgress
+from attnlab.train.regimes import Regime, get_regime, init_weights
 from attnlab.train.task import Task, get_task
 
 __all__ = ["train", "RunResult", "build_optimizer", "lr_factor", "load_trained"]
@@ -158,7 +159,13 @@ class _Run:
         _seed_everything(cfg.seed)
         self.task: Task = get_task(cfg.task)(cfg, run_dir)
         self.task.setup()
-        self.model = self.task.build_model().to(self.device)
+        self.model = self.task.build_model()
+        # Pre-trained weights start a fresh run only: a resumed one restores its own below.
+        self.init_info = (init_weights(self.model, cfg.init_from)
+                          if cfg.init_from and state is None else None)
+        self.model.to(self.device)
+        self.regime: Regime = get_regime(cfg.regime)(cfg, self.task, run_dir)
+        self.regime.setup(self.model, self.device)
         self.opt = build_optimizer(self.model, cfg)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
         self.use_scaler = cfg.amp and self.device.type == "cuda"
@@ -172,7 +179,11 @@ class _Run:
             self._restore(state)
         self.writer = _tensorboard(run_dir)
         self.model_info = {"model": cfg.model, "mechanism": cfg.mechanism,
-                           "parameters": sum(x.numel() for x in self.model.parameters())}
+                           "parameters": sum(x.numel() for x in self.model.parameters()),
+                           **self.regime.info()}
+        if self.init_info is not None:
+            self.task.save_json("init_from.json", self.init_info)
+            self.model_info["init_from"] = cfg.init_from
 
     def _restore(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -193,7 +204,8 @@ class _Run:
 
     def evaluate(self) -> None:
         p, task = self.p, self.task
-        metrics = task.evaluate(self.model, "validation", self.cfg.eval_batches)
+        metrics = evaluate_all(task, self.regime, self.model, "validation",
+                               self.cfg.eval_batches)
         row = {"step": p["step"], "epoch": p["epoch"], "time_s": round(p["train_time_s"], 3),
                "lr": self.sched.get_last_lr()[0],
                "train_loss": p["loss_sum"] / max(1, p["loss_n"]),
@@ -228,7 +240,7 @@ class _Run:
         ctx = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.cfg.amp
                else contextlib.nullcontext())
         with ctx:
-            loss, units = self.task.loss(self.model, batch)
+            loss, units = self.regime.loss(self.model, batch)
         # Hard attention trained by REINFORCE (Xu et al. 2015): the reward of this forward's
         # samples is minus its loss, one for the batch (Task.loss gives the mean only).
         # The logged loss stays the task's.
@@ -316,8 +328,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
         console.print(f"interrupted at step {run.p['step']}: resume with --resume")
         return RunResult(run_dir, status, run.p["step"], _best(run.history, run.task, run.p),
                          None)
-    return _finish(run.task, run.model, run_dir, cfg, status, run.p, run.history,
-                   run.model_info, console)
+    return _finish(run, run_dir, cfg, status, console)
 
 
 def _scalar(v: Any) -> bool:
@@ -329,12 +340,24 @@ def _best(history: list[dict], task: Task, p: dict) -> dict[str, Any]:
     return rows[0] if rows else {}
 
 
-def _finish(task: Task, model, run_dir: Path, cfg: TrainConfig, status: str, p: dict,
-            history: list[dict], model_info: dict, console: Console) -> RunResult:
+def evaluate_all(task: Task, regime: Regime, model, split: str,
+                 max_batches: int | None = None) -> dict[str, Any]:
+    """The task's metrics on ``split`` and the regime's own (an attack's accuracy, ...)."""
+    metrics = task.evaluate(model, split, max_batches)
+    extra = regime.evaluate(model, split, max_batches)
+    clash = sorted(set(metrics) & set(extra))
+    if clash:
+        raise RuntimeError(f"regime {regime.name!r} reports {clash}, which task "
+                           f"{task.name!r} reports too: rename them")
+    return {**metrics, **extra}
 
+
+def _finish(run: _Run, run_dir: Path, cfg: TrainConfig, status: str,
+            console: Console) -> RunResult:
+    task, model, p, history = run.task, run.model, run.p, run.history
     best = load_checkpoint(run_dir / "best.pt")
     model.load_state_dict(best["model"])
-    test = task.evaluate(model, "test")
+    test = evaluate_all(task, run.regime, model, "test")
     key = f"val_{task.metric}"
     conv = convergence([r["step"] for r in history], [r["time_s"] for r in history],
                        [r[key] for r in history], mode=task.mode,
@@ -348,7 +371,7 @@ def _finish(task: Task, model, run_dir: Path, cfg: TrainConfig, status: str, p: 
         "throughput_unit": f"{task.count_unit}/s", "metric": task.metric, "mode": task.mode,
         "best_step": p["best_step"], "best_validation": best["metrics"],
         "test": test, "convergence": conv, "target_fraction": cfg.target_fraction,
-        **model_info, "data": task.info(),
+        **run.model_info, "data": task.info(),
     }
     write_json(run_dir / "summary.json", summary, default=float)
     console.print(f"[bold]{cfg.task}[/bold] {cfg.model}/{cfg.mechanism} seed {cfg.seed}: "
