@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import torch
+from conftest import naive_attention_f64
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,16 +18,7 @@ from attnlab.mechanisms._engines.flash import FlashAttentionFunction
 
 def dense(q, k, v, mask, scale):
     """Causal softmax attention, top-left aligned (key j allowed iff j <= i), float64."""
-    Nq, Nk = q.shape[2], k.shape[2]
-    s = scale * q @ k.transpose(-2, -1)
-    allowed = torch.ones(Nq, Nk, dtype=torch.bool).tril_()
-    if mask is not None and mask.dtype == torch.bool:
-        allowed = allowed & mask
-    elif mask is not None:
-        s = s + mask
-    s = s.masked_fill(~allowed, -math.inf)
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a row with no allowed key gives 0
-    return p @ v
+    return naive_attention_f64(q, k, v, mask, is_causal=True, scale=scale)
 
 
 def inputs(seed, B, H, Nq, Nk, D, kind):

@@ -85,6 +85,16 @@ def key_padding_keep(attn_mask: torch.Tensor | None, B: int, H: int, nk: int):
     return attn_mask[:, :, 0, :].expand(B, H, nk)
 
 
+def check_head_sizes(mech, q: torch.Tensor, sized: str = "its parameters") -> None:
+    """A ``ValueError`` unless ``q``'s heads ``H`` and head dim ``D`` are the ``num_heads``
+    and ``head_dim`` that ``mech`` sized ``sized`` with (where it has those hyperparameters)."""
+    for name, got, what in (("num_heads", q.shape[1], "H heads of q"),
+                            ("head_dim", q.shape[-1], "head dim D of q")):
+        if name in mech.hp and got != mech.hp[name]:
+            raise ValueError(f"{mech.spec.name}: {name}={mech.hp[name]} (the size of {sized}) "
+                             f"does not match the {what}, {got}; build it with {name}={got}")
+
+
 def empty_attention(q, k, v, need_weights: bool, params=()):
     """The result of a call with no (query, key) pair: ``(out, weights or None)``.
 

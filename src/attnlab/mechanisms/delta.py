@@ -68,7 +68,7 @@ from torch import nn
 
 from attnlab.contract import work_dtype
 from attnlab.mechanisms._engines.decode_state import check_decode_state
-from attnlab.mechanisms.base import Mechanism, by_heads, key_padding_keep
+from attnlab.mechanisms.base import Mechanism, by_heads, check_head_sizes, key_padding_keep
 from attnlab.registry import REQUIRED, HParam, Limit, Paper, register_mechanism
 from attnlab.verify import param_f64
 
@@ -245,14 +245,6 @@ class DeltaNet(Mechanism):
         self.w_beta = nn.Parameter(torch.empty(H, D).uniform_(-bound, bound))
         self.b_beta = nn.Parameter(torch.zeros(H))
 
-    def _check_sizes(self, q) -> None:
-        H, D = q.shape[1], q.shape[-1]
-        for name, got in (("num_heads", H), ("head_dim", D)):
-            if got != self.hp[name]:
-                what = "H heads of q" if name == "num_heads" else "head dim D of q"
-                raise ValueError(f"deltanet: {name}={self.hp[name]} (the size of w_beta) does "
-                                 f"not match the {what}, {got}; build it with {name}={got}")
-
     def _prepare(self, q, k, v, scale, heads, keep=None):
         """Work-dtype ``(scale q / |q|, k / |k|, v, beta)`` for the heads ``heads``;
         ``keep`` ``(B, H, N)`` bool (or None) marks the real positions."""
@@ -271,7 +263,7 @@ class DeltaNet(Mechanism):
         if dropout_p > 0:
             raise ValueError(f"deltanet: dropout_p={dropout_p} is not supported: the delta rule "
                              f"never forms the attention weights it would drop; pass 0")
-        self._check_sizes(q)
+        check_head_sizes(self, q, "w_beta")
         C = self.hp["chunk_size"]
 
         def heads(q, k, v, mask, s):
@@ -290,7 +282,7 @@ class DeltaNet(Mechanism):
     def _decode(self, q, k, v, state, scale):
         """The state ``{"S": (B, H, D, Dv), "t": int}`` continued over ``n`` positions:
         recurrently for ``n < chunk_size``, else chunkwise (a long prefill)."""
-        self._check_sizes(q)
+        check_head_sizes(self, q, "w_beta")
         qn, kn, vw, beta = self._prepare(q, k, v, scale, slice(None))
         B, H, _, D = qn.shape
         check_decode_state("deltanet", state, {"S": ((B, H, D, vw.shape[-1]), qn.dtype)},

@@ -55,7 +55,7 @@ from attnlab.mechanisms._engines.gated_chunk import (
     chunk_gated,
     decode_gated,
 )
-from attnlab.mechanisms.base import Mechanism, by_heads, key_padding_keep
+from attnlab.mechanisms.base import Mechanism, by_heads, check_head_sizes, key_padding_keep
 from attnlab.registry import REQUIRED, HParam, Limit, Paper, register_mechanism
 from attnlab.verify import param_f64
 
@@ -107,9 +107,7 @@ def retnet_reference(q, k, v, *, mech, scale, is_causal):
     q, k, v = q.double(), k.double(), v.double()
     H, N = q.shape[1], q.shape[2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    gamma = mech.hp["gamma"]
-    gammas = (torch.full((H,), gamma, dtype=torch.float64) if gamma is not None
-              else 1 - 2.0 ** (-5.0 - torch.arange(H, dtype=torch.float64)))
+    gammas = retnet_gammas(H, mech.hp["gamma"])
     dist = torch.arange(N)[:, None] - torch.arange(N)[None, :]
     D = gammas[:, None, None] ** dist.abs()
     if is_causal:
@@ -154,14 +152,6 @@ class _GatedLinear(Mechanism):
         indices (a ``LongTensor``) of these heads."""
         raise NotImplementedError
 
-    def _check_sizes(self, q) -> None:
-        for name, got, what in (("num_heads", q.shape[1], "H heads of q"),
-                                ("head_dim", q.shape[-1], "head dim D of q")):
-            if name in self.hp and got != self.hp[name]:
-                raise ValueError(f"{self.spec.name}: {name}={self.hp[name]} (the size of its "
-                                 f"parameters) does not match the {what}, {got}; build it "
-                                 f"with {name}={got}")
-
     def _prepare(self, q, k, v, scale, heads, keep=None):
         """Work-dtype ``(scale q, k, v, g)``; ``keep`` ``(B, H, N)`` bool (or None) marks the
         real positions: a padded one is zeroed and decays by 1, an identity step."""
@@ -182,7 +172,7 @@ class _GatedLinear(Mechanism):
             raise ValueError(f"{self.spec.name}: dropout_p={dropout_p} is not supported: the "
                              f"recurrence never forms the attention weights it would drop; "
                              f"pass 0")
-        self._check_sizes(q)
+        check_head_sizes(self, q)
         C, c = self.hp["chunk_size"], self._sub_chunk()
         index = torch.arange(q.shape[1], device=q.device)
 
@@ -201,7 +191,7 @@ class _GatedLinear(Mechanism):
 
     def _decode(self, q, k, v, state, scale):
         """The state ``{"S": (B, H, Dk, Dv), "t": int}`` continued over ``n`` positions."""
-        self._check_sizes(q)
+        check_head_sizes(self, q)
         index = torch.arange(q.shape[1], device=q.device)
         args = self._prepare(q, k, v, scale, index)
         out, new = decode_gated(self.spec.name, *args, state, self.hp["chunk_size"],
