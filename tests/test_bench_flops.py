@@ -83,6 +83,22 @@ def test_softmax_model_equals_an_independent_count(B, H, nq, nk, D, Dv):
     assert fl.softmax_attention_flops(**kw, causal=True, pass_="fwd+bwd") == 3 * fwd
 
 
+@pytest.mark.parametrize("B,H,nq,nk,D,Dv", [s for s in SHAPES if s[4] % 2 == 0])
+def test_differential_model_counts_two_half_head_maps(B, H, nq, nk, D, Dv):
+    # Two softmax maps, each scoring on D/2 and applied to the whole V, counted by the
+    # profiler on plain matmuls (no zero padding): the model is that count, dense and
+    # causal (allowed pairs only).
+    kw = dict(B=B, H=H, Nq=nq, Nk=nk, D=D, Dv=Dv)
+    half = D // 2
+    for backward, pass_ in ((False, "fwd"), (True, "fwd+bwd")):
+        two_maps = 2 * counted_naive(B, H, nq, nk, half, Dv, backward)
+        assert fl.differential_attention_flops(**kw, pass_=pass_) == two_maps
+    fwd = 2 * 2 * B * H * pairs_by_mask(nq, nk, True) * (half + Dv)
+    assert fl.differential_attention_flops(**kw, causal=True) == fwd
+    with pytest.raises(ValueError, match=r"D must be even .*; got 5"):
+        fl.differential_attention_flops(**{**kw, "D": 5})
+
+
 def test_flop_models_refuse_bad_arguments():
     ok = dict(B=1, H=1, Nq=4, Nk=4, D=8)
     with pytest.raises(ValueError, match=r"pass_ must be one of \['fwd', 'fwd\+bwd'\]; got 'bwd'"):
@@ -100,7 +116,9 @@ def test_register_mechanism_resolves_or_refuses_a_flop_model():
         return 1.0
 
     for bad, err, pattern in [("softmax", ValueError, r"unknown FLOP model 'softmax'; known: "
-                                                       r"\['bilinear_attention', 'softmax_attention'\]"),
+                                                       r"\['bilinear_attention', "
+                                                       r"'differential_attention', "
+                                                       r"'softmax_attention'\]"),
                               (3, TypeError, r"flops must be a model name, a callable or None; "
                                              r"got int 3")]:
         with pytest.raises(err, match=pattern):
@@ -116,8 +134,11 @@ def test_the_exact_family_declares_its_models_and_the_rest_keeps_the_counter():
     declared = {n: fl.model_name(get(n).flops) for n in attnlab.list_mechanisms()
                 if get(n).flops is not None}
     assert declared == {**dict.fromkeys(SOFTMAX_FAMILY, "softmax_attention"),
-                        **dict.fromkeys(BILINEAR, "bilinear_attention")}
-    assert all(get(n).exact for n in declared)
+                        **dict.fromkeys(BILINEAR, "bilinear_attention"),
+                        "differential": "differential_attention"}
+    # differential is not exact but its work is two half-head softmax maps; the profiler
+    # would count its zero-padded heads (above the matmul roof).
+    assert all(get(n).exact for n in declared if n != "differential")
     # exact=True but not Q K^T work (synthesised logits, an MLP score): counted as run.
     assert {"additive", "synthesizer_dense"} <= set(attnlab.list_mechanisms(exact=True)) - set(
         declared)

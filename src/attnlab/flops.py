@@ -28,7 +28,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 __all__ = ["FLOP_MODELS", "PASS_FACTOR", "attention_pairs", "bilinear_attention_flops",
-           "model_name", "resolve_flop_model", "softmax_attention_flops"]
+           "differential_attention_flops", "model_name", "resolve_flop_model",
+           "softmax_attention_flops"]
 
 #: Work of a pass in units of the forward's: backward counted as 2 x forward.
 PASS_FACTOR = {"fwd": 1, "fwd+bwd": 3}
@@ -89,10 +90,28 @@ def bilinear_attention_flops(*, B: int, H: int, Nq: int, Nk: int, D: int,
     return attention + float(factor * 2 * B * H * Nq * D * D)
 
 
+def differential_attention_flops(*, B: int, H: int, Nq: int, Nk: int, D: int,
+                                 Dv: int | None = None, causal: bool = False,
+                                 pass_: str = "fwd", hparams: dict | None = None) -> float:
+    """Differential attention (Ye et al. 2024): two softmax maps, each scoring with half the
+    head (``Q_i K_i^T`` over ``D / 2``) and each applied to the full ``V`` (``Dv``), so
+    ``2 B H pairs (D + 2 Dv)`` forward, times 3 for ``fwd+bwd``. The kernel zero-pads
+    ``Q_i, K_i`` to ``Dv`` for PyTorch's fused path; those zeros are not work the result
+    needs (a profiler counts them, and so read the mechanism above the matmul roof).
+    ``lambda`` and the RMSNorm are elementwise."""
+    Dv = D if Dv is None else Dv
+    pairs, factor = _checked("differential_attention_flops", B, H, Nq, Nk, D, Dv, causal, pass_)
+    if D % 2:
+        raise ValueError(f"differential_attention_flops: D must be even (Q and K split into "
+                         f"halves); got {D}")
+    return float(factor * 2 * B * H * pairs * (D + 2 * Dv))
+
+
 #: Models a mechanism names in ``register_mechanism(flops=NAME)``.
 FLOP_MODELS: dict[str, FlopModel] = {
     "softmax_attention": softmax_attention_flops,
     "bilinear_attention": bilinear_attention_flops,
+    "differential_attention": differential_attention_flops,
 }
 
 

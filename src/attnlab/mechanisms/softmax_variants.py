@@ -250,6 +250,7 @@ class SigmoidAttention(Mechanism):
              "scale = 1/sqrt(D/2)",
     aliases=("diff_attention",),
     learnable=True,
+    flops="differential_attention",  # a profiler counts the zero-padded heads' matmuls
     hparams=[
         HParam("head_dim", int, REQUIRED, "size D of each query/key head (even: Q and K split "
                "into halves of D / 2)", low=1),
