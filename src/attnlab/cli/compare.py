@@ -20,6 +20,7 @@ from rich.table import Table
 
 from attnlab.bench.analysis import format_length
 from attnlab.cli import command_line, plain, positive_int
+from attnlab.cli.train import key_value_pairs
 from attnlab.compare.plan import PROFILES, make_plan
 from attnlab.compare.run import CompareInterrupted, run_compare
 from attnlab.compare.suite import (
@@ -60,6 +61,9 @@ def parse_question(text: str) -> tuple[int, int | None]:
 
 def _plan_or_suite(args):
     """The default suite (no --task, profile quick), else one task's plan."""
+    if args.task is None and (args.regime or args.regime_opt):
+        raise ConfigError("--regime: give --task; the default suite trains its studies "
+                          "with the standard regime")
     if args.task is None and args.profile == "quick":
         if args.data_dir:
             raise ConfigError("--data-dir: the default suite generates its data; give "
@@ -70,7 +74,9 @@ def _plan_or_suite(args):
         return suite, f"{len(suite.mechanisms)} mechanisms on {studies}", "suite-quick"
     task_kwargs = {"data_dir": args.data_dir} if args.data_dir else {}
     plan = make_plan(task=args.task, profile=args.profile, mechanisms=args.mechanisms,
-                     seeds=args.seeds, max_steps=args.max_steps, task_kwargs=task_kwargs)
+                     seeds=args.seeds, max_steps=args.max_steps, task_kwargs=task_kwargs,
+                     regime=args.regime,
+                     regime_kwargs=key_value_pairs(args.regime_opt, "--regime-opt"))
     return plan, f"{len(plan.mechanisms)} mechanisms on {plan.task}", \
         f"{plan.task}-{plan.profile}"
 
@@ -221,6 +227,10 @@ def add_parsers(sub) -> None:
     pc.add_argument("--jobs", type=positive_int, help="training runs at a time (default: the "
                                                       "number of cores)")
     pc.add_argument("--data-dir", help="dataset files, for a --task that reads them")
+    pc.add_argument("--regime", help="training regime of every run (attnlab tasks lists "
+                                     "them; default: standard)")
+    pc.add_argument("--regime-opt", action="append", metavar="KEY=VALUE",
+                    help="an option of --regime (repeatable)")
     pc.add_argument("--advise", action="append", metavar="N[:BUDGET]", help=_ADVISE)
     pc.add_argument("--no-progress", action="store_true", help="no progress bars")
     pr = sub.add_parser("report", help="rebuild a compare run's report from its stored "

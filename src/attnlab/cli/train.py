@@ -39,7 +39,8 @@ def _value(text: str):
         return text
 
 
-def _pairs(items: list[str] | None, flag: str) -> dict:
+def key_value_pairs(items: list[str] | None, flag: str) -> dict:
+    """``--flag key=value`` items as a dict (values parsed as JSON where they parse)."""
     out = {}
     for item in items or []:
         key, sep, val = item.partition("=")
@@ -59,7 +60,7 @@ def build_config(args) -> TrainConfig:
     if not task:
         raise ConfigError("attnlab train needs --task (see `attnlab tasks`)")
     cls = get_task(task)
-    fields = {**base, **_pairs(args.set, "--set")}
+    fields = {**base, **key_value_pairs(args.set, "--set")}
     for flag in ("mechanism", "model", "max_steps", "batch_size", "lr", "device", "regime",
                  "init_from"):
         if getattr(args, flag) is not None:
@@ -68,7 +69,8 @@ def build_config(args) -> TrainConfig:
         fields["time_budget_s"] = args.time_budget
     for key, flag in (("task_kwargs", "task_opt"), ("model_kwargs", "model_opt"),
                       ("mechanism_kwargs", "mech_opt"), ("regime_kwargs", "regime_opt")):
-        fields[key] = {**fields.get(key, {}), **_pairs(getattr(args, flag), f"--{flag}")}
+        fields[key] = {**fields.get(key, {}),
+                       **key_value_pairs(getattr(args, flag), f"--{flag}")}
     if args.data_dir:
         if "data_dir" not in cls.options:
             raise ConfigError(f"task {cls.name!r} generates its data (or ships it with a "

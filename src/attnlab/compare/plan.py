@@ -32,7 +32,8 @@ from typing import Any
 from attnlab.bench.grid import make_grid
 from attnlab.files import FileFormatError, read_json, write_json
 from attnlab.registry import get, list_mechanisms, resolve_name
-from attnlab.train.config import ConfigError
+from attnlab.train.config import ConfigError, check_names
+from attnlab.train.regimes import get_regime
 from attnlab.train.task import get_task
 from attnlab.util.checks import did_you_mean
 
@@ -155,8 +156,11 @@ def _mechanisms(names: list[str] | None) -> tuple[str, ...]:
 def make_plan(*, task: str | None = None, profile: str = "quick",
               mechanisms: list[str] | None = None, seeds: list[int] | None = None,
               max_steps: int | None = None, task_kwargs: dict[str, Any] | None = None,
-              threads: int = 1) -> Plan:
-    """A validated plan; every error (unknown names, bad values) before anything runs."""
+              threads: int = 1, regime: str | None = None,
+              regime_kwargs: dict[str, Any] | None = None) -> Plan:
+    """A validated plan; every error (unknown names, bad values) before anything runs.
+    ``regime`` / ``regime_kwargs``: the training regime of every run (``attnlab train
+    --regime``); left out of the plan when standard, so earlier plans resume as before."""
 
     if profile not in PROFILES:
         hint = did_you_mean(profile, PROFILES, n=1, cutoff=0.6, style="paren")
@@ -178,6 +182,11 @@ def make_plan(*, task: str | None = None, profile: str = "quick",
         train["eval_every"] = min(train.get("eval_every", max_steps), max_steps)
         train["warmup_steps"] = min(train.get("warmup_steps", 0), max_steps // 4)
     train["checkpoint_every"] = train.get("eval_every", 200)
+    if (regime or "standard") != "standard" or regime_kwargs:
+        regime = regime or "standard"
+        check_names(regime_kwargs or {}, get_regime(regime).options,  # unknown -> named
+                    what=f"--regime-opt: regime {regime!r}: unknown option(s)")
+        train["regime"], train["regime_kwargs"] = regime, dict(regime_kwargs or {})
     cls.make_config(**train)  # validates every field and the task's options by name
     skipped = {}
     for m in names:  # what the task's model needs that the mechanism does not have
