@@ -100,11 +100,12 @@ def differential_attention_flops(*, B: int, H: int, Nq: int, Nk: int, D: int,
     needs (a profiler counts them, and so read the mechanism above the matmul roof).
     ``lambda`` and the RMSNorm are elementwise."""
     Dv = D if Dv is None else Dv
-    pairs, factor = _checked("differential_attention_flops", B, H, Nq, Nk, D, Dv, causal, pass_)
+    _checked("differential_attention_flops", B, H, Nq, Nk, D, Dv, causal, pass_)
     if D % 2:
         raise ValueError(f"differential_attention_flops: D must be even (Q and K split into "
                          f"halves); got {D}")
-    return float(factor * 2 * B * H * pairs * (D + 2 * Dv))
+    return 2 * softmax_attention_flops(B=B, H=H, Nq=Nq, Nk=Nk, D=D // 2, Dv=Dv,
+                                       causal=causal, pass_=pass_)
 
 
 #: Models a mechanism names in ``register_mechanism(flops=NAME)``.
