@@ -22,7 +22,8 @@ chunk with a hand-written backward (:mod:`attnlab.mechanisms._engines.kernel_cau
   ``cos(pi/2 (i - j) / M) = cos(a_i) cos(a_j) + sin(a_i) sin(a_j)``, ``a_i = pi i / (2M)``.
 
 Conventions shared by the three: the denominator is floored, ``O_i = num_i / max(den_i,
-eps)`` (rows whose features vanish give zeros, never NaN); ``scale`` (default 1 for
+eps)`` (rows whose features vanish give zeros, never NaN; the Performer's true ``den_i``,
+whatever shifts stabilise its features); ``scale`` (default 1 for
 ``linear`` and ``cosformer``) multiplies the query before the feature map, except in the
 Performer, which puts ``scale^(1/2)`` on both q and k (default ``1/sqrt(D)``, as softmax);
 features and sums are computed in float32 for half-precision inputs. No mechanism here
@@ -51,6 +52,15 @@ import torch
 import torch.nn.functional as F
 
 from attnlab.contract import work_dtype
+from attnlab.mechanisms._engines.favor import (  # re-exported: all but three
+    decode_favor,
+    favor_features,
+    orthogonal_gaussian,
+    peaked_inputs,
+    performer_gate,
+    performer_limit_inputs,
+    row_floor,
+)
 from attnlab.mechanisms._engines.kernel_causal import kernel_attention  # re-exported
 from attnlab.mechanisms._engines.kernel_decode import check_positions, decode_mechanism
 from attnlab.mechanisms.base import Mechanism, by_heads, key_padding_keep
@@ -58,7 +68,7 @@ from attnlab.registry import REQUIRED, HParam, Limit, Paper, register_mechanism
 from attnlab.verify import causal_allowed
 
 __all__ = ["CosFormerAttention", "LinearAttention", "PerformerAttention", "kernel_attention",
-           "orthogonal_gaussian"]
+           "orthogonal_gaussian", "peaked_inputs", "performer_gate", "performer_limit_inputs"]
 
 KATHAROPOULOS_2020 = Paper(
     "Transformers are RNNs: Fast Autoregressive Transformers with Linear Attention",
@@ -122,36 +132,15 @@ def cosformer_reference(q, k, v, *, mech, scale, is_causal):
     return _weighted_average(A, v, is_causal, mech.hp["eps"])
 
 
-def performer_limit_inputs(q, k, v, gen):
-    """Inputs on which FAVOR+ with many features is close to softmax, and still telling.
-
-    The estimator's relative variance per feature is ``exp(|x_q + x_k|^2) - 1`` with
-    ``x = q (1/sqrt(D))^(1/2)`` (Choromanski et al., Lemma 2), so ``|x| <= 0.8`` keeps it
-    below ``exp(2.56) - 1`` for every pair. Independent directions in ``D`` dimensions
-    would give logits ``x_q . x_k`` of only ``|x|^2 / sqrt(D)`` (nearly uniform weights, where
-    a wrong scale hardly shows), so q and k lie in one random 4-dimensional subspace: the
-    logits spread over ``+-|x|^2``. Norms vary over ``[0.2, 0.8]`` so that the ``|x|^2 / 2``
-    normalisation matters. ``v`` is left as drawn.
-    """
-    d = q.shape[-1]
-    r = min(4, d)
-    basis = torch.linalg.qr(torch.randn(d, r, generator=gen, dtype=torch.float64))[0].T
-
-    def shaped(x):
-        u = x[..., :r] / x[..., :r].norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        norm = 0.2 + 0.6 * torch.rand(*x.shape[:-1], 1, generator=gen, dtype=torch.float64)
-        return (u * norm) @ basis * d ** 0.25  # |x| = norm once scaled by (1/sqrt(D))^(1/2)
-
-    return shaped(q), shaped(k), v
-
-
 # ----------------------------------------------------------------------------- mechanisms
 class _KernelMechanism(Mechanism):
     """Shared ``_attend``: features in float32 (or float64), then :func:`kernel_attention`."""
 
     def _features(self, q, k, is_causal, scale, keep):
-        """``(phi_q, phi_k, log_scale or None)`` for work-dtype ``q, k``; ``keep``
-        (``(B, H, Nk)`` bool or None) marks the real keys, whose rows alone must matter."""
+        """``(phi_q, phi_k, log_scale or None, floor)`` for work-dtype ``q, k``; ``keep``
+        (``(B, H, Nk)`` bool or None) marks the real keys, whose rows alone must matter;
+        ``floor`` is ``eps`` in the units the engine holds each row's denominator in
+        (a float, or ``(B, H, Nq, 1)`` for shifted features)."""
         raise NotImplementedError
 
     def _feature_size(self, d: int) -> int:
@@ -179,20 +168,20 @@ class _KernelMechanism(Mechanism):
         keep = key_padding_keep(attn_mask, *k.shape[:3])
         if keep is not None:  # padded content must reach nothing, not even as inf * 0
             k, v = (t.masked_fill(~keep.unsqueeze(-1), 0.0) for t in (k, v))
-        phi_q, phi_k, log_scale = self._features(q, k, is_causal, scale, keep)
+        phi_q, phi_k, log_scale, floor = self._features(q, k, is_causal, scale, keep)
         if keep is not None:  # a padded key adds nothing to S or z
             phi_k = phi_k * keep.unsqueeze(-1).to(phi_k.dtype)
-        out = kernel_attention(phi_q, phi_k, v, is_causal, self.hp["eps"],
-                               self.hp["chunk_size"], log_scale)
+        out = kernel_attention(phi_q, phi_k, v, is_causal, floor, self.hp["chunk_size"],
+                               log_scale)
         return out.to(dtype)
 
     # Decoding (spec decode_state): the causal form's state S, z continued (the engine
-    # kernel_decode); the Performer's keeps its keys' running max too (_running_max).
+    # kernel_decode); the Performer's keeps its keys' running max too (engine favor).
     _running_max = False
 
     def _decode_features(self, q, k, scale, state):
-        """``_features`` of the new positions ``t .. t+n-1``, continuing ``state``."""
-        return self._features(q, k, True, scale, None)
+        """``(phi_q, phi_k, None)`` of the new positions ``t .. t+n-1``, continuing ``state``."""
+        return self._features(q, k, True, scale, None)[:3]
 
     def _decode(self, q, k, v, state, scale):
         return decode_mechanism(self, q, k, v, state, scale)
@@ -227,18 +216,8 @@ class LinearAttention(_KernelMechanism):
 
     def _features(self, q, k, is_causal, scale, keep):
         # add_ in place is safe: elu's backward reads its input, not its output.
-        return F.elu(q if scale == 1.0 else q * scale).add_(1.0), F.elu(k).add_(1.0), None
-
-
-def orthogonal_gaussian(m: int, d: int, generator=None) -> torch.Tensor:
-    """``(m, d)`` FAVOR+ projection: stacked ``d x d`` blocks of orthogonal rows, each row's
-    norm resampled from the chi(d) law of a Gaussian vector's norm (as performer-pytorch)."""
-    g = torch.randn(-(-m // d), d, d, generator=generator, dtype=torch.float64)
-    Q, R = torch.linalg.qr(g)  # one batched QR; R's diagonal signs make Q Haar-uniform
-    Q = Q * torch.sign(torch.diagonal(R, dim1=-2, dim2=-1)).unsqueeze(-2)
-    rows = Q.transpose(-2, -1).reshape(-1, d)[:m]
-    norms = torch.randn(m, d, generator=generator, dtype=torch.float64).norm(dim=1)
-    return (rows * norms.unsqueeze(1)).float()
+        phi_q = F.elu(q if scale == 1.0 else q * scale).add_(1.0)
+        return phi_q, F.elu(k).add_(1.0), None, self.hp["eps"]
 
 
 @register_mechanism(
@@ -270,9 +249,12 @@ def orthogonal_gaussian(m: int, d: int, generator=None) -> torch.Tensor:
     # or a dropped |x|^2/2 normalisation (>= 0.059) exceed tol = 0.05. Causally the early
     # rows (few keys, large outputs) set the scale of the metric: only the 2x error is
     # caught reliably there (>= 0.06). 16384 features cost 2x and do not remove the tail.
+    # The gate adds a check of its own equation on peaked inputs (performer_gate), where
+    # shifts of tens are applied: a floor in shifted units (errors of 0.2-2) fails it.
     limit=Limit(hparams=lambda n: {"num_features": 8192, "kernel_eps": 0.0},
-                note="8192 random features, small |q|, |k|: softmax attention within MC error",
-                tol=0.05, inputs=performer_limit_inputs, statistical=True),
+                note="8192 random features, small |q|, |k|: softmax attention within MC "
+                     "error; and its own equation on peaked inputs",
+                tol=0.05, inputs=performer_limit_inputs, statistical=True, gate=performer_gate),
     **_FLAGS,
 )
 class PerformerAttention(_KernelMechanism):
@@ -291,8 +273,9 @@ class PerformerAttention(_KernelMechanism):
     would let future keys change past outputs. ``kernel_eps`` (1e-4, as performer-pytorch)
     is added to every shifted feature: a small bias towards uniform weights that keeps a
     few large features from dominating the estimate (``kernel_eps=0`` gives the plain
-    unbiased estimator). ``eps`` floors the denominator, which is in these shifted units,
-    hence its tiny default.
+    unbiased estimator; its maxima are then of the whole exponent). ``eps`` floors the
+    *true* denominator ``phi(q_i)^T z``: the engines compare with ``eps`` in each row's
+    shifted units (:mod:`attnlab.mechanisms._engines.favor`).
     """
 
     def __init__(self, **hparams) -> None:
@@ -319,52 +302,18 @@ class PerformerAttention(_KernelMechanism):
 
     _running_max = True
 
-    def _decode_features(self, q, k, scale, state):
-        run_from = None if state is None else state["log_scale"]
-        return self._features(q, k, True, scale, None, run_from)
+    def _decode(self, q, k, v, state, scale):
+        return decode_favor(self, q, k, v, state, scale)
 
-    def _features(self, q, k, is_causal, scale, keep, run_from=None):
+    def _features(self, q, k, is_causal, scale, keep):
         if q.shape[-1] != self.hp["head_dim"]:
             raise ValueError(
                 f"performer: q head dim {q.shape[-1]} does not match head_dim="
                 f"{self.hp['head_dim']} the features were drawn for; create it with "
                 f"head_dim={q.shape[-1]}")
-        # x scaled by scale^(1/2) is folded into w (an (m, D) matrix, not an (N, D) copy).
-        w = self.projection.to(device=q.device, dtype=q.dtype) * math.sqrt(scale)
-        log_norm = -0.5 * math.log(self.hp["num_features"])  # 1/sqrt(m), inside the exp
-        c = self.hp["kernel_eps"] * math.exp(log_norm)
-
-        def parts(x):  # (w_i^T x, |x|^2 / 2) for the scaled x
-            return x @ w.T, (0.5 * scale) * (x * x).sum(dim=-1, keepdim=True)
-
-        (wq, dq), (wk, dk) = parts(q), parts(k)
-
-        def keys(shift):  # padded rows: exp(-inf) = 0 (their exponent is relative to real keys)
-            arg = wk - (dk + shift - log_norm)
-            return arg if keep is None else arg.masked_fill(~keep.unsqueeze(-1), -math.inf)
-
-        # As the reference code: shift by the max of w^T x alone (not of the whole exponent),
-        # then add kernel_eps; the shift is a per-row (q) or per-head (k) constant. The row
-        # constants are summed first so each (N, m) map costs one subtraction, one exp and
-        # one addition.
-        phi_q = (wq - (dq + wq.amax(dim=-1, keepdim=True).detach() - log_norm)).exp() + c
-        row_max = wk.detach().amax(dim=-1)                                 # (B, H, Nk)
-        if keep is not None:  # maxima over real keys only: padding must not move them
-            row_max = row_max.masked_fill(~keep, -math.inf)
-        if not is_causal:
-            shift = row_max.amax(dim=-1, keepdim=True)
-            shift = shift.masked_fill(torch.isneginf(shift), 0.0).unsqueeze(-1)  # no real key
-            return phi_q, keys(shift).exp() + c, None
-        run_max = row_max.cummax(dim=-1).values
-        if run_from is not None:  # decoding: the running max over the keys before these
-            run_max = torch.maximum(run_max, run_from.unsqueeze(-1))
-        if keep is not None:
-            # Keys before the first real one have no running max yet: they take the first
-            # real key's (any value <= it keeps run_max non-decreasing; their rows are zeroed).
-            first = run_max.masked_fill(torch.isneginf(run_max), math.inf).amin(-1, keepdim=True)
-            run_max = torch.where(torch.isneginf(run_max), first.nan_to_num(posinf=0.0),
-                                  run_max)
-        return phi_q, keys(run_max.unsqueeze(-1)).exp() + c, run_max
+        phi_q, phi_k, log_scale, units = favor_features(
+            q, k, self.projection, scale, self.hp["kernel_eps"], is_causal, keep)
+        return phi_q, phi_k, log_scale, row_floor(self.hp["eps"], units)
 
 
 @register_mechanism(
@@ -412,7 +361,7 @@ class CosFormerAttention(_KernelMechanism):
         elif max(nq, nk) > M:
             raise ValueError(f"cosformer: max_seq_len={M} must be >= N=max(Nq, Nk)="
                              f"{max(nq, nk)} (cos(pi/2 (i-j)/M) needs |i - j| < M)")
-        return _cos_sin(q * scale, 0, M), _cos_sin(k, 0, M), None
+        return _cos_sin(q * scale, 0, M), _cos_sin(k, 0, M), None, self.hp["eps"]
 
     def _decode_features(self, q, k, scale, state):
         # Absolute positions t .. t+n-1 against one M for the whole sequence.

@@ -230,7 +230,9 @@ class FlashAttentionFunction(torch.autograd.Function):
                                                      buf)
         out = O.view(B, H, Nq, Dv).to(q.dtype)
         ctx.tiles, ctx.scale = tiles, scale
-        ctx.save_for_backward(q, k, v, out, L, attn_mask)
+        # O kept in the work dtype: D_i = rowsum(dO_i * O_i) from a float16-rounded O made
+        # dq 2.6x SDPA's error (the flash rule's bound is 2x); O(N Dv) floats more.
+        ctx.save_for_backward(q, k, v, O.view(B, H, Nq, Dv), L, attn_mask)
         return out
 
     @staticmethod
