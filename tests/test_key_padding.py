@@ -34,7 +34,7 @@ from attnlab.registry import Paper, register_mechanism
 
 PADDING_ONLY = ["cosformer", "deltanet", "dynamic_conv", "gla", "hierarchical",
                 "lightweight_conv", "linear", "linformer", "mamba2", "nystromformer", "performer",
-                "reformer", "retnet", "sinkhorn"]
+                "reformer", "retnet", "ring", "sinkhorn"]
 KERNEL = ["linear", "performer", "cosformer"]
 TIGHT = dict(atol=1e-12, rtol=1e-10)
 H, D = 2, 4

@@ -4,6 +4,7 @@
     attnlab bench run --mechanisms sdpa sliding_window:window=128 --n 1024 4096 --pass both
     attnlab bench runs | show RUN | export RUN --format csv | compare A B | plot RUN
     attnlab bench generate --prompts 1024 4096 16384   # decoding: KV cache vs state
+    attnlab bench ring --procs 1 2 4 --n 4096 --causal  # ring attention over P processes
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ from attnlab.bench.grid import grid_from_file, make_grid
 from attnlab.bench.plots import plot_run
 from attnlab.bench.runner import run_sweep
 from attnlab.bench.store import Store
-from attnlab.cli import bench_generate, command_line, plain
+from attnlab.cli import bench_generate, bench_ring, command_line, plain
 from attnlab.files import atomic_path, write_text_atomic
 
-SUBCOMMANDS = ("run", "runs", "show", "export", "compare", "plot", "generate", "generations")
+SUBCOMMANDS = ("run", "runs", "show", "export", "compare", "plot", "generate", "generations",
+               "ring")
 DEFAULT_DB = "results/bench.db"
 
 
@@ -120,6 +122,7 @@ def add_parser(sub) -> None:
     pp.add_argument("run", nargs="?", default="latest", help="run id")
     pp.add_argument("--out", help="directory (default results/plots/run-ID)")
     gen = bench_generate.add_parsers(bsub, _mechanism)
+    bench_ring.add_parser(bsub)
     for p in (pr, pl, ps, pe, pc, pp, *gen):
         p.add_argument("--db", help=f"results database (default $ATTNLAB_DB or {DEFAULT_DB})")
 
@@ -326,4 +329,6 @@ def run(args, console: Console) -> int:
         return bench_generate.cmd_generate(args, console, _db_path(args))
     if args.bench_command == "generations":
         return bench_generate.cmd_generations(args, console, _db_path(args))
+    if args.bench_command == "ring":
+        return bench_ring.cmd_ring(args, console)
     return handlers[args.bench_command](args, console)

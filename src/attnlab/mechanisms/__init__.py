@@ -29,6 +29,7 @@ from attnlab.mechanisms import (
     low_rank,  # noqa: F401
     luong,  # noqa: F401
     memory,  # noqa: F401
+    ring,  # noqa: F401
     selection,  # noqa: F401
     softmax_variants,  # noqa: F401
     sparse,  # noqa: F401
