@@ -24,6 +24,7 @@ from attnlab.data.tokenize import (
     CLS,
     EOS,
     KINDS,
+    MASK,
     PAD,
     SPECIAL_TOKENS,
     UNK,
@@ -66,55 +67,55 @@ def _data_dir() -> Path:
 
 @pytest.mark.parametrize("kind", kinds())
 def test_specials_at_fixed_ids_and_vocab_contiguous(kind):
-    assert (PAD, UNK, CLS, BOS, EOS) == (0, 1, 2, 3, 4)
+    assert (PAD, UNK, CLS, BOS, EOS, MASK) == (0, 1, 2, 3, 4, 5)
     tok = _train(kind)
     assert tok.kind == kind
-    assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
-    assert [tok.id_to_token(i) for i in range(5)] == list(SPECIAL_TOKENS)
+    assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4, 5]
+    assert [tok.id_to_token(i) for i in range(6)] == list(SPECIAL_TOKENS)
     vocab = tok.get_vocab()
     assert sorted(vocab.values()) == list(range(tok.vocab_size))
-    # Plain text never produces PAD/CLS/BOS/EOS, even when it spells them.
-    ids = tok.encode("the fox [CLS] [PAD] [EOS]")
-    assert not {PAD, CLS, BOS, EOS} & set(ids)
+    # Plain text never produces PAD/CLS/BOS/EOS/MASK, even when it spells them.
+    ids = tok.encode("the fox [CLS] [PAD] [EOS] [MASK]")
+    assert not {PAD, CLS, BOS, EOS, MASK} & set(ids)
 
 
 @pytest.mark.parametrize("kind", kinds("word", "wordpiece"))
 def test_special_strings_in_training_text_keep_fixed_ids(kind):
     # The library's WordLevel trainer renumbers a special that also occurs as a word;
     # the tokenizer must repair that (whitespace_split keeps "[CLS]" one word).
-    texts = ["a b [CLS] c [CLS] [PAD] [UNK]"] * 3
+    texts = ["a b [CLS] c [CLS] [PAD] [UNK] [MASK]"] * 3
     tok = train_tokenizer(kind, texts, lowercase=False, pre_tokenizer="whitespace_split")
-    assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+    assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4, 5]
     assert sorted(tok.get_vocab().values()) == list(range(tok.vocab_size))
-    assert tok.encode("a")[0] >= 5
+    assert tok.encode("a")[0] >= 6
 
 
 @needs_lib
 def test_word_vocab_matches_python_count_and_unknown_is_unk():
     tok = train_tokenizer("word", CORPUS)
     words = Counter(w for t in CORPUS for w in re.findall(r"\w+|[^\w\s]+", t.lower()))
-    assert tok.vocab_size == 5 + len(words)
+    assert tok.vocab_size == 6 + len(words)
     # Most frequent first, ties by string: the library's documented deterministic order.
     ranked = sorted(words, key=lambda w: (-words[w], w))
-    assert [tok.id_to_token(i) for i in range(5, tok.vocab_size)] == ranked
+    assert [tok.id_to_token(i) for i in range(6, tok.vocab_size)] == ranked
     ids = tok.encode("The zebra jumps")
     assert ids == [tok.token_to_id("the"), UNK, tok.token_to_id("jumps")]
     assert tok.decode(ids) == "the [UNK] jumps"
     # vocab_size and min_frequency cut from the bottom of the same ranking
-    small = train_tokenizer("word", CORPUS, vocab_size=8)
-    assert [small.id_to_token(i) for i in range(5, 8)] == ranked[:3]
+    small = train_tokenizer("word", CORPUS, vocab_size=9)
+    assert [small.id_to_token(i) for i in range(6, 9)] == ranked[:3]
     frequent = train_tokenizer("word", CORPUS, min_frequency=3)
-    assert {frequent.id_to_token(i) for i in range(5, frequent.vocab_size)} == {
+    assert {frequent.id_to_token(i) for i in range(6, frequent.vocab_size)} == {
         w for w, n in words.items() if n >= 3}
 
 
 def test_char_vocab_and_unknown():
     tok = train_tokenizer("char", ["abca", "b"], lowercase=False)
     assert tok.chars == ["a", "b", "c"]  # by frequency, then code point
-    assert tok.encode("cabz") == [7, 5, 6, UNK]
+    assert tok.encode("cabz") == [8, 6, 7, UNK]
     assert tok.decode(tok.encode("cabz")) == "cab[UNK]"
-    assert train_tokenizer("char", ["abca", "b"], vocab_size=7).chars == ["a", "b"]
-    assert train_tokenizer("char", ["AbcA"]).encode("A") == [5]  # lowercased
+    assert train_tokenizer("char", ["abca", "b"], vocab_size=8).chars == ["a", "b"]
+    assert train_tokenizer("char", ["AbcA"]).encode("A") == [6]  # lowercased
 
 
 @pytest.mark.parametrize("kind", kinds("bpe", "byte"))
@@ -171,7 +172,7 @@ def test_wordpiece_is_greedy_longest_match_over_its_vocab(word):
 @needs_lib
 def test_bpe_learns_merges_of_frequent_words():
     tok = train_tokenizer("bpe", CORPUS * 4, vocab_size=320)
-    assert 261 < tok.vocab_size <= 320
+    assert 262 < tok.vocab_size <= 320
     assert len(tok.encode("the fox")) < len("the fox")  # merged, unlike bytes
     assert len(tok.encode(" lazy")) == 1  # a frequent word (with its space) is one token
 
@@ -181,16 +182,16 @@ def test_bpe_learns_merges_of_frequent_words():
 
 def test_byte_token_names():
     tok = train_tokenizer("byte", [])
-    assert tok.id_to_token(ord("A") + 5) == "A" and tok.id_to_token(0xC3 + 5) == "<0xC3>"
+    assert tok.id_to_token(ord("A") + 6) == "A" and tok.id_to_token(0xC3 + 6) == "<0xC3>"
     assert all(tok.token_to_id(tok.id_to_token(i)) == i for i in range(tok.vocab_size))
-    assert tok.token_to_id("é") is None and tok.id_to_token(261) is None
+    assert tok.token_to_id("é") is None and tok.id_to_token(262) is None
 
 
 @given(st.text(max_size=40))
 def test_byte_round_trip_any_text(text):
     tok = train_tokenizer("byte", [], lowercase=False)
     ids = tok.encode(text)
-    assert ids == [b + 5 for b in text.encode("utf-8")]
+    assert ids == [b + 6 for b in text.encode("utf-8")]
     assert tok.decode(ids) == text
 
 
@@ -311,10 +312,10 @@ def test_load_rejects_wrong_vocab_size(tmp_path):
 
 @pytest.mark.parametrize(("call", "match"), [
     (lambda: train_tokenizer("wrod", CORPUS), r"kind: .*'wrod'.*did you mean 'word'"),
-    (lambda: train_tokenizer("word", CORPUS, vocab_size=4), r"vocab_size: .*>= 6.*got 4"),
+    (lambda: train_tokenizer("word", CORPUS, vocab_size=4), r"vocab_size: .*>= 7.*got 4"),
     (lambda: train_tokenizer("char", CORPUS, vocab_size=2), r"vocab_size: .*got 2"),
-    (lambda: train_tokenizer("bpe", CORPUS, vocab_size=100), r"vocab_size: .*>= 261.*256 bytes"),
-    (lambda: train_tokenizer("byte", CORPUS, vocab_size=300), r"vocab_size: .*exactly 261"),
+    (lambda: train_tokenizer("bpe", CORPUS, vocab_size=100), r"vocab_size: .*>= 262.*256 bytes"),
+    (lambda: train_tokenizer("byte", CORPUS, vocab_size=300), r"vocab_size: .*exactly 262"),
     (lambda: train_tokenizer("word", []), r"texts: nothing to train on \(0 texts"),
     (lambda: train_tokenizer("char", ["", "  "]), r"texts: nothing to train on \(2 texts"),
     (lambda: train_tokenizer("word", CORPUS, min_frequency=0), r"min_frequency: .*got 0"),
@@ -341,7 +342,7 @@ def test_missing_library_names_the_extra(monkeypatch):
     # byte and char need no library
     assert train_tokenizer("char", CORPUS).encode("t") == [train_tokenizer("char", CORPUS)
                                                             .token_to_id("t")]
-    assert train_tokenizer("byte", []).encode("a") == [ord("a") + 5]
+    assert train_tokenizer("byte", []).encode("a") == [ord("a") + 6]
 
 
 # ---------------------------------------------------------------- WikiText-2 (real data)
@@ -365,7 +366,7 @@ def test_wikitext2_word_level(wikitext):
     tok = train_tokenizer("word", train, lowercase=False, pre_tokenizer="whitespace_split")
     types = {w for line in train for w in line.split()}
     assert len(types) == 33_277  # 33,278 with <eos>, the standard WikiText-2 vocabulary
-    assert tok.vocab_size == 5 + len(types)
+    assert tok.vocab_size == 6 + len(types)
     for t in ("<unk>", "@-@", "@,@", "@.@"):
         assert tok.token_to_id(t) is not None
         assert tok.encode(f" {t} ") == [tok.token_to_id(t)]

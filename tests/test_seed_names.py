@@ -14,6 +14,7 @@ import attnlab
 from attnlab.cli.main import main
 from attnlab.cli.seed_names import SEED_NAMES, find_seed_name, seed_key, seed_names_markdown
 from attnlab.nn import MultiheadAttention
+from attnlab.train.regimes import list_regimes
 from attnlab.train.task import list_tasks
 
 OLD_PROJECT = ("multi-head", "adaptive", "local", "global", "hierarchical", "cross", "self",
@@ -35,11 +36,16 @@ def test_what_the_table_names_exists():
     registered = set(attnlab.list_mechanisms(inputs=None))
     layer_options = set(inspect.signature(MultiheadAttention.__init__).parameters)
     tasks = set(list_tasks())
+    regimes = set(list_regimes())
     for row in SEED_NAMES:
         assert set(row.mechanisms) <= registered, (row.name, row.mechanisms)
         assert row.kind in ("mechanism", "option", "model", "contract", "regime")
-        # a regime not built yet says where it is planned, and claims no mechanism
-        assert (row.kind == "regime") == bool(row.planned), row.name
+        # every regime row names a registered regime, and nothing is left "planned"
+        assert not row.planned, row.name
+        if row.kind == "regime":
+            assert set(re.findall(r"--regime (\w+)", row.how)) & regimes, row.name
+        for regime in re.findall(r"--regime (\w+)", row.how):
+            assert regime in regimes, (row.name, regime)
         for opt in re.findall(r"MultiheadAttention\([^)]*?(\w+)=", row.how):
             assert opt in layer_options, (row.name, opt)
         for task in re.findall(r"--task (\w+)", row.how):

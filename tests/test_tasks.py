@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+from corpora import write_wikitext
 
 from attnlab.cli.main import main
 from attnlab.tasks import get_task, list_tasks
@@ -154,18 +155,13 @@ def test_wikitext2_layout_trains_and_generates(tmp_path, capsys):
     assert out[:2] == ["the", "game"] and len(out) >= 2
 
 
-def _wikitext_files(tmp_path):
-    words = "the game was played in the city of york and the team won".split()
-    for split, n in (("train", 120), ("valid", 20), ("test", 20)):
-        lines = [" " + " ".join(words[(i + j) % len(words)] for j in range(9)) + " \n"
-                 for i in range(n)]
-        (tmp_path / f"wiki.{split}.tokens").write_text("".join(lines))
+
 
 
 def test_generate_decodes_a_linear_model_with_its_state(tmp_path, capsys):
     """``attnlab generate`` of a ``linear`` language model: its recurrent state (a
     StateCache) and recomputing the context give the same greedy text."""
-    _wikitext_files(tmp_path)
+    write_wikitext(tmp_path)
     r = run(tmp_path, "wikitext2", steps=4, mechanism="linear", data_dir=str(tmp_path),
             max_len=16, tokenizer="word", vocab_size=None)
     texts = {}

@@ -48,6 +48,8 @@ __all__ = [
     "AttentionInputs",
     "causal_mask",
     "check_inputs",
+    "check_ids",
+    "check_padding_mask",
     "is_key_padding_mask",
     "format_shape",
     "masked_softmax",
@@ -81,6 +83,39 @@ class AttentionInputs:
 def format_shape(t: torch.Tensor) -> str:
     """``(2, 8, 128, 64)``: a shape as error messages print it."""
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def check_ids(who: str, name: str, ids, vocab_size: int, max_len: int | None) -> None:
+    """``ids`` must be a ``(B, N)`` LongTensor of ids in ``[0, vocab_size)``, ``N <= max_len``
+    (``None``: no limit)."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{who}: {name} must be a torch.Tensor of token ids; "
+                        f"got {type(ids).__name__}")
+    if ids.dtype != torch.long:
+        raise TypeError(f"{who}: {name} must be a LongTensor (int64) of token ids; "
+                        f"got dtype {ids.dtype}")
+    if ids.dim() != 2 or ids.shape[1] == 0 or ids.shape[0] == 0:
+        raise ValueError(f"{who}: {name} must be 2-D (B, N) with B, N >= 1; "
+                         f"got shape {format_shape(ids)}")
+    if max_len is not None and ids.shape[1] > max_len:
+        raise ValueError(f"{who}: {name} length {ids.shape[1]} exceeds max_len={max_len}")
+    lo, hi = (int(x) for x in torch.aminmax(ids))  # one device sync, not two
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"{who}: {name} must hold ids in [0, {vocab_size}) "
+                         f"(vocab_size={vocab_size}); got values in [{lo}, {hi}]")
+
+
+def check_padding_mask(who: str, name: str, mask, ids: torch.Tensor):
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        what = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"{who}: {name} must be a bool tensor (True = padding) or None; "
+                        f"got {what}")
+    if mask.shape != ids.shape:
+        raise ValueError(f"{who}: {name} must have the ids' shape {format_shape(ids)}; "
+                         f"got {format_shape(mask)}")
+    return mask
 
 
 def is_key_padding_mask(mask) -> bool:

@@ -55,17 +55,21 @@ SEED_NAMES: tuple[SeedName, ...] = (
     SeedName("Gated", "mechanism", ("gau",),
              "the gated attention unit (Hua et al. 2022); a sigmoid gate on every head's "
              "output for any mechanism: MultiheadAttention(..., output_gate=True)"),
-    SeedName("Adversarial", "regime", (), "adversarial training of an attention model",
-             planned="issue 18 (training regimes)"),
+    SeedName("Adversarial", "regime", (),
+             "FGM / PGD perturbations of the embeddings (Miyato et al. 2017, Madry et al. "
+             "2018): attnlab train --task emotions --regime adversarial --regime-opt "
+             "train_attack=pgd; reports accuracy under a PGD attack and attention entropy"),
     SeedName("Graph", "mechanism", ("gat", "graph_dot"),
              "attention along a graph's edges; node classification: attnlab train --task sbm"),
     _m("Hard", "hard", how="one key per query: straight-through Gumbel or REINFORCE"),
     _m("Soft", "sdpa", how="soft attention = the softmax-weighted mean of the values"),
-    SeedName("Transformer-XL", "regime", (), "segment-level recurrence with relative positions",
-             planned="issue 18 (training regimes)"),
+    SeedName("Transformer-XL", "model", (),
+             "segment-level recurrence with relative positions (Dai et al. 2019): attnlab "
+             "train --task wikitext2_xl --task-opt mem_len=64 (attention relative or rope)"),
     SeedName("BERT bidirectional", "contract", ("sdpa",),
              "every non-causal encoder attends both ways (the classification tasks' "
-             "EncoderClassifier); masked-language-model pre-training is planned in issue 18"),
+             "EncoderClassifier); masked-language-model pre-training: attnlab train --task "
+             "mlm, then fine-tuning with --init-from RUN"),
     SeedName("Hybrid", "mechanism", ("hybrid",),
              "heads of different mechanisms in one layer: --mechanism hybrid --mech-opt "
              "heads=local*4+sdpa*4 (MultiheadAttention(mechanism='hybrid:local*4+sdpa*4')); "
@@ -78,8 +82,10 @@ SEED_NAMES: tuple[SeedName, ...] = (
              "inpaint_digits --mechanism axial"),
     _m("Frequency domain", "fnet", "global_filter",
        how="token mixing by the DFT (FNet) and a learned frequency filter (GFNet)"),
-    SeedName("Distillation", "regime", (), "a student attention model trained on a teacher's "
-             "outputs", planned="issue 18 (training regimes)"),
+    SeedName("Distillation", "regime", (),
+             "MiniLM attention + value-relation transfer from a trained teacher (Wang et al. "
+             "2020): attnlab train --task emotions --regime distill --regime-opt "
+             "teacher=RUN_DIR"),
     SeedName("Pooling", "option", (),
              "attention pooling of a sequence into one vector: the classifiers' "
              "--model-opt pooling=attention (attnlab.models.classifier.AttentionPooling)"),

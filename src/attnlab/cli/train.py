@@ -136,6 +136,9 @@ def cmd_generate(args, console: Console) -> int:
     if task.kind != "language_model" or tok is None:
         raise ConfigError(f"{args.run} is a {task.name!r} run; generate needs a language "
                           f"model run (e.g. --task wikitext2)")
+    if not callable(getattr(model, "generate", None)):
+        raise ConfigError(f"{args.run} is a {task.name!r} run, whose model does not sample "
+                          f"text; generate from a --task wikitext2 run")
     ids = tok.encode(args.prompt) or [tok.token_to_id("[BOS]") or 0]
     g = torch.Generator().manual_seed(args.seed)
     use_cache = {"auto": None, "yes": True, "no": False}[args.cache]

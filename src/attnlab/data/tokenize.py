@@ -1,9 +1,14 @@
 """Tokenizers for the text tasks: word, BPE, WordPiece (the ``tokenizers`` library), byte, char.
 
-Every kind shares the same five special tokens at the same ids, so a model, a collate
+Every kind shares the same six special tokens at the same ids, so a model, a collate
 function or a loss can rely on them without asking the tokenizer::
 
     PAD = 0 "[PAD]"   UNK = 1 "[UNK]"   CLS = 2 "[CLS]"   BOS = 3 "[BOS]"   EOS = 4 "[EOS]"
+    MASK = 5 "[MASK]"  (BERT's masked-language-model input, :mod:`attnlab.data.mlm`)
+
+Tokenizers saved before ``[MASK]`` existed (five specials: every other id one lower) load
+as they were saved and encode exactly as before; they have no mask id
+(:attr:`Tokenizer.mask_id` is ``None``), so masked-language modelling refuses them.
 
 * ``word`` -- one id per word (``tokenizers`` WordLevel). ``vocab_size=None`` keeps every
   word seen. ``pre_tokenizer="whitespace"`` (default) splits off punctuation
@@ -12,14 +17,14 @@ function or a loss can rely on them without asking the tokenizer::
   ``lowercase=False`` there too).
 * ``bpe`` -- byte-level BPE (Sennrich et al. 2016, "Neural Machine Translation of Rare Words
   with Subword Units", on bytes as in GPT-2): every text is encodable (no UNK) and
-  ``decode(encode(t))`` gives back the normalized text exactly. Needs ``vocab_size >= 261``
+  ``decode(encode(t))`` gives back the normalized text exactly. Needs ``vocab_size >= 262``
   (the 256 bytes and the specials).
 * ``wordpiece`` -- BERT's WordPiece (Wu et al. 2016, "Google's Neural Machine Translation
   System") with BERT's normalizer and pre-tokenizer (``pre_tokenizer="whitespace_split"``
   also offered); continuation pieces start with ``##``; a word with a character outside
   the trained alphabet becomes UNK. Trained by BPE over characters as the library's
   ``WordPieceTrainer`` does, but made deterministic (see :func:`_train_wordpiece`).
-* ``byte`` -- UTF-8 bytes offset by the specials: id = byte + 5, vocabulary 261; nothing to
+* ``byte`` -- UTF-8 bytes offset by the specials: id = byte + 6, vocabulary 262; nothing to
   train and no library needed.
 * ``char`` -- the characters seen in training (most frequent first, ties by code point),
   after the specials; unseen characters become UNK. No library needed.
@@ -39,243 +44,41 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from attnlab.data.sources import DataError
+from attnlab.data.tokenizer_kinds import (
+    _FORMAT,
+    _PRE_TOKENIZERS,
+    BOS,
+    CLS,
+    DEFAULT_SUBWORD_VOCAB,
+    EOS,
+    KINDS,
+    LEGACY_SPECIAL_TOKENS,
+    LIBRARY_FILE,
+    MASK,
+    META_FILE,
+    NUM_SPECIALS,
+    PAD,
+    SPECIAL_TOKENS,
+    UNK,
+    ByteTokenizer,
+    CharTokenizer,
+    LibraryTokenizer,
+    Tokenizer,
+    _tokenizers,
+)
 from attnlab.data.wordpiece import wordpiece_vocab
 from attnlab.util.checks import did_you_mean
 
 __all__ = [
-    "BOS", "CLS", "EOS", "KINDS", "NUM_SPECIALS", "PAD", "SPECIAL_TOKENS", "UNK",
+    "BOS", "CLS", "EOS", "KINDS", "LEGACY_SPECIAL_TOKENS", "MASK", "NUM_SPECIALS", "PAD",
+    "SPECIAL_TOKENS", "UNK",
     "ByteTokenizer", "CharTokenizer", "LibraryTokenizer", "Tokenizer",
     "load_tokenizer", "train_tokenizer",
 ]
 
-PAD, UNK, CLS, BOS, EOS = 0, 1, 2, 3, 4
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[BOS]", "[EOS]")
-NUM_SPECIALS = len(SPECIAL_TOKENS)
-KINDS = ("word", "bpe", "wordpiece", "byte", "char")
-DEFAULT_SUBWORD_VOCAB = 8000  # bpe / wordpiece when vocab_size is None
-META_FILE = "attnlab_tokenizer.json"
-LIBRARY_FILE = "tokenizer.json"
-_FORMAT = "attnlab-tokenizer"
-_PRE_TOKENIZERS = {  # allowed values per kind; the first is the default
-    "word": ("whitespace", "whitespace_split"),
-    "wordpiece": ("bert", "whitespace_split"),
-    "bpe": ("byte_level",),
-    "byte": (None,),
-    "char": (None,),
-}
-
-
-def _tokenizers():
-    """The ``tokenizers`` library, imported only when a library-backed kind is used."""
-    try:
-        import tokenizers
-    except ImportError as e:
-        raise ImportError("the 'word', 'bpe' and 'wordpiece' tokenizers need the `tokenizers` "
-                          "library; install it with: pip install attnlab[data]") from e
-    return tokenizers
-
-
-class Tokenizer:
-    """Text <-> ids. Build one with :func:`train_tokenizer` or :func:`load_tokenizer`."""
-
-    kind: str = ""
-
-    def __init__(self, *, lowercase: bool, pre_tokenizer: str | None):
-        self.lowercase = lowercase
-        self.pre_tokenizer = pre_tokenizer
-
-    @property
-    def vocab_size(self) -> int:
-        """Number of ids, specials included: the embedding size a model needs."""
-        raise NotImplementedError
-
-    def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [self.encode(t) for t in texts]
-
-    def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True) -> str:
-        """Text of ``ids``; PAD/CLS/BOS/EOS are dropped unless ``skip_special_tokens=False``
-        (UNK is always shown, as ``[UNK]``, so a lossy encoding stays visible)."""
-        ids = self._check_ids(ids)
-        if skip_special_tokens:
-            ids = [i for i in ids if i == UNK or i >= NUM_SPECIALS]
-        return self._decode(ids)
-
-    def token_to_id(self, token: str) -> int | None:
-        raise NotImplementedError
-
-    def id_to_token(self, id: int) -> str | None:
-        raise NotImplementedError
-
-    def get_vocab(self) -> dict[str, int]:
-        """token -> id for the whole vocabulary."""
-        return {self.id_to_token(i): i for i in range(self.vocab_size)}
-
-    def save(self, directory: str | Path) -> None:
-        """Writes ``attnlab_tokenizer.json`` (kind, options, vocab size; the characters of a
-        char tokenizer) and, for library kinds, the library's own ``tokenizer.json``."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        meta = {"format": _FORMAT, "version": 1, "kind": self.kind, "lowercase": self.lowercase,
-                "pre_tokenizer": self.pre_tokenizer, "vocab_size": self.vocab_size,
-                "special_tokens": list(SPECIAL_TOKENS), **self._save_extra(directory)}
-        (directory / META_FILE).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n",
-                                           encoding="utf-8")
-
-    def __repr__(self) -> str:
-        return (f"{type(self).__name__}(kind={self.kind!r}, vocab_size={self.vocab_size}, "
-                f"lowercase={self.lowercase}, pre_tokenizer={self.pre_tokenizer!r})")
-
-    # -- for subclasses --
-    def _decode(self, ids: list[int]) -> str:
-        raise NotImplementedError
-
-    def _save_extra(self, directory: Path) -> dict:
-        return {}
-
-    def _check_ids(self, ids) -> list[int]:
-        out = [int(i) for i in ids]
-        bad = [i for i in out if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"ids: expected ids in [0, {self.vocab_size}), got {bad[0]}"
-                             f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}")
-        return out
-
-
-class ByteTokenizer(Tokenizer):
-    """UTF-8 bytes: id = byte + 5. Tokens are the character for ASCII bytes, ``<0xHH>``
-    for the others."""
-
-    kind = "byte"
-
-    def __init__(self, *, lowercase: bool = False):
-        super().__init__(lowercase=lowercase, pre_tokenizer=None)
-
-    @property
-    def vocab_size(self) -> int:
-        return NUM_SPECIALS + 256
-
-    def encode(self, text: str) -> list[int]:
-        if self.lowercase:
-            text = text.lower()
-        return [b + NUM_SPECIALS for b in text.encode("utf-8")]
-
-    def _decode(self, ids: list[int]) -> str:
-        # UNK is the only special that can survive here; it has no byte, so show its name.
-        parts, run = [], bytearray()
-        for i in ids:
-            if i >= NUM_SPECIALS:
-                run.append(i - NUM_SPECIALS)
-            else:
-                parts += [run.decode("utf-8", errors="replace"), SPECIAL_TOKENS[i]]
-                run = bytearray()
-        return "".join(parts) + run.decode("utf-8", errors="replace")
-
-    def token_to_id(self, token: str) -> int | None:
-        if token in SPECIAL_TOKENS:
-            return SPECIAL_TOKENS.index(token)
-        if len(token) == 1 and ord(token) < 128:
-            return ord(token) + NUM_SPECIALS
-        if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
-            try:
-                return int(token[3:5], 16) + NUM_SPECIALS
-            except ValueError:
-                return None
-        return None
-
-    def id_to_token(self, id: int) -> str | None:
-        if not 0 <= id < self.vocab_size:
-            return None
-        if id < NUM_SPECIALS:
-            return SPECIAL_TOKENS[id]
-        b = id - NUM_SPECIALS
-        return chr(b) if b < 128 else f"<0x{b:02X}>"
-
-
-class CharTokenizer(Tokenizer):
-    """One id per character seen in training (id = 5 + rank); others map to UNK."""
-
-    kind = "char"
-
-    def __init__(self, chars: list[str], *, lowercase: bool = False):
-        super().__init__(lowercase=lowercase, pre_tokenizer=None)
-        self.chars = list(chars)
-        self._ids = {c: i + NUM_SPECIALS for i, c in enumerate(self.chars)}
-
-    @property
-    def vocab_size(self) -> int:
-        return NUM_SPECIALS + len(self.chars)
-
-    def encode(self, text: str) -> list[int]:
-        if self.lowercase:
-            text = text.lower()
-        get = self._ids.get
-        return [get(c, UNK) for c in text]
-
-    def _decode(self, ids: list[int]) -> str:
-        return "".join(SPECIAL_TOKENS[i] if i < NUM_SPECIALS else self.chars[i - NUM_SPECIALS]
-                       for i in ids)
-
-    def token_to_id(self, token: str) -> int | None:
-        if token in SPECIAL_TOKENS:
-            return SPECIAL_TOKENS.index(token)
-        return self._ids.get(token)
-
-    def id_to_token(self, id: int) -> str | None:
-        if not 0 <= id < self.vocab_size:
-            return None
-        return SPECIAL_TOKENS[id] if id < NUM_SPECIALS else self.chars[id - NUM_SPECIALS]
-
-    def _save_extra(self, directory: Path) -> dict:
-        return {"chars": self.chars}
-
-
-class LibraryTokenizer(Tokenizer):
-    """word / bpe / wordpiece: a ``tokenizers.Tokenizer`` with the fixed special ids."""
-
-    def __init__(self, kind: str, backend, *, lowercase: bool, pre_tokenizer: str):
-        super().__init__(lowercase=lowercase, pre_tokenizer=pre_tokenizer)
-        self.kind = kind
-        # Not saved in tokenizer.json, so set here: "[CLS]" in a text is text, not CLS.
-        backend.encode_special_tokens = True
-        self.backend = backend
-
-    def __setstate__(self, state):  # pickling (DataLoader workers) loses that flag too
-        self.__dict__.update(state)
-        self.backend.encode_special_tokens = True
-
-    @property
-    def vocab_size(self) -> int:
-        return self.backend.get_vocab_size(with_added_tokens=True)
-
-    def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text).ids
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        # The library's batch path runs in Rust over all texts (in parallel threads).
-        return [e.ids for e in self.backend.encode_batch(list(texts))]
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.backend.decode(ids, skip_special_tokens=False)
-
-    def token_to_id(self, token: str) -> int | None:
-        return self.backend.token_to_id(token)
-
-    def id_to_token(self, id: int) -> str | None:
-        return self.backend.id_to_token(id)
-
-    def get_vocab(self) -> dict[str, int]:
-        return self.backend.get_vocab(with_added_tokens=True)
-
-    def _save_extra(self, directory: Path) -> dict:
-        self.backend.save(str(directory / LIBRARY_FILE))
-        return {}
-
 
 def _fix_special_ids(backend):
-    """Specials at ids 0..4 and the others contiguous after them, keeping their order.
+    """Specials at ids 0..5 and the others contiguous after them, keeping their order.
 
     The library's WordLevel trainer gives a special a new id (and leaves a hole) when the
     same string also occurs as a word in the training texts; renumbering the model's vocab
@@ -393,7 +196,8 @@ def train_tokenizer(kind: str, texts: Iterable[str], *, vocab_size: int | None =
     minimum = NUM_SPECIALS + (256 if kind == "bpe" else 1)
     if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)
                                    or vocab_size < minimum):
-        why = "the 5 specials and the 256 bytes" if kind == "bpe" else "the 5 specials and a token"
+        why = (f"the {NUM_SPECIALS} specials and the 256 bytes" if kind == "bpe"
+               else f"the {NUM_SPECIALS} specials and a token")
         raise ValueError(f"vocab_size: kind {kind!r} needs an int >= {minimum} ({why}), "
                          f"got {vocab_size!r}")
     if kind == "byte":
@@ -428,9 +232,11 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         kind, lowercase = meta["kind"], meta["lowercase"]
         if kind not in KINDS or not isinstance(lowercase, bool):
             raise ValueError(f"bad kind {kind!r} or lowercase {lowercase!r}")
-        if list(meta["special_tokens"]) != list(SPECIAL_TOKENS):
-            raise ValueError(f"special tokens {meta['special_tokens']} differ from "
-                             f"{list(SPECIAL_TOKENS)}")
+        specials = tuple(meta["special_tokens"])
+        if specials not in (SPECIAL_TOKENS, LEGACY_SPECIAL_TOKENS):
+            raise ValueError(f"special tokens {list(specials)} differ from "
+                             f"{list(SPECIAL_TOKENS)} (or, saved before [MASK] existed, "
+                             f"{list(LEGACY_SPECIAL_TOKENS)})")
         if kind == "char":
             chars = meta["chars"]
             if (not isinstance(chars, list) or len(set(chars)) != len(chars)
@@ -439,9 +245,9 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
         raise DataError(f"corrupt tokenizer metadata: {e}", path=meta_path) from e
     if kind == "byte":
-        tok: Tokenizer = ByteTokenizer(lowercase=lowercase)
+        tok: Tokenizer = ByteTokenizer(lowercase=lowercase, specials=specials)
     elif kind == "char":
-        tok = CharTokenizer(chars, lowercase=lowercase)
+        tok = CharTokenizer(chars, lowercase=lowercase, specials=specials)
     else:
         lib_path = directory / LIBRARY_FILE
         if not lib_path.is_file():
@@ -452,8 +258,8 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         except Exception as e:  # the library raises a bare Exception on bad JSON
             raise DataError(f"corrupt tokenizer file: {e}", path=lib_path) from e
         tok = LibraryTokenizer(kind, backend, lowercase=lowercase,
-                               pre_tokenizer=meta.get("pre_tokenizer"))
-        wrong = [t for i, t in enumerate(SPECIAL_TOKENS) if tok.token_to_id(t) != i]
+                               pre_tokenizer=meta.get("pre_tokenizer"), specials=specials)
+        wrong = [t for i, t in enumerate(specials) if tok.token_to_id(t) != i]
         if wrong:
             raise DataError(f"special tokens {wrong} are not at their fixed ids", path=lib_path)
     if tok.vocab_size != meta.get("vocab_size"):

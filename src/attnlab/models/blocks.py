@@ -24,7 +24,6 @@ import re
 import torch
 from torch import nn
 
-from attnlab.contract import format_shape
 from attnlab.nn import MultiheadAttention
 from attnlab.nn.options import hybrid_sugar
 from attnlab.registry import create_for, get, list_mechanisms
@@ -35,9 +34,7 @@ __all__ = [
     "TokenEmbedding",
     "TransformerBlock",
     "TransformerStack",
-    "check_ids",
     "check_layer_mechanisms",
-    "check_padding_mask",
     "padding_for",
     "sinusoidal_table",
 ]
@@ -153,39 +150,6 @@ def _right_padded(mask: torch.Tensor) -> bool:
     """``True`` when every row is real tokens followed only by padding."""
     # Once a row turns to padding it stays padding: the running max equals the mask.
     return bool((mask.int().cummax(dim=1).values == mask.int()).all())
-
-
-def check_ids(who: str, name: str, ids, vocab_size: int, max_len: int | None) -> None:
-    """``ids`` must be a ``(B, N)`` LongTensor of ids in ``[0, vocab_size)``, ``N <= max_len``
-    (``None``: no limit)."""
-    if not isinstance(ids, torch.Tensor):
-        raise TypeError(f"{who}: {name} must be a torch.Tensor of token ids; "
-                        f"got {type(ids).__name__}")
-    if ids.dtype != torch.long:
-        raise TypeError(f"{who}: {name} must be a LongTensor (int64) of token ids; "
-                        f"got dtype {ids.dtype}")
-    if ids.dim() != 2 or ids.shape[1] == 0 or ids.shape[0] == 0:
-        raise ValueError(f"{who}: {name} must be 2-D (B, N) with B, N >= 1; "
-                         f"got shape {format_shape(ids)}")
-    if max_len is not None and ids.shape[1] > max_len:
-        raise ValueError(f"{who}: {name} length {ids.shape[1]} exceeds max_len={max_len}")
-    lo, hi = (int(x) for x in torch.aminmax(ids))  # one device sync, not two
-    if lo < 0 or hi >= vocab_size:
-        raise ValueError(f"{who}: {name} must hold ids in [0, {vocab_size}) "
-                         f"(vocab_size={vocab_size}); got values in [{lo}, {hi}]")
-
-
-def check_padding_mask(who: str, name: str, mask, ids: torch.Tensor):
-    if mask is None:
-        return None
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        what = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise TypeError(f"{who}: {name} must be a bool tensor (True = padding) or None; "
-                        f"got {what}")
-    if mask.shape != ids.shape:
-        raise ValueError(f"{who}: {name} must have the ids' shape {format_shape(ids)}; "
-                         f"got {format_shape(mask)}")
-    return mask
 
 
 # ------------------------------------------------------------------------------ positions
@@ -308,6 +272,28 @@ class TransformerBlock(nn.Module):
         x = x + self.dropout(self.ff(self.norm2(x)))
         return (x, weights) if need_weights else x
 
+    def attention_relations(self, x: torch.Tensor, *,
+                            key_padding_mask: torch.Tensor | None = None,
+                            is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A (B, H, N, N), V (B, H, N, d_k))``: this block's self-attention
+        probabilities on ``x`` and its value heads ``V = LN(x) W^V``, with gradients (in
+        the caller's mode), for losses on them (MiniLM's attention and value-relation
+        transfer). ``A`` is the mechanism's own weights or, when it never forms them, the
+        effective ``A`` with ``out = A V`` (:class:`~attnlab.nn.MultiheadAttention`); a
+        mechanism with neither raises there. The FFN is skipped: nothing after the
+        attention enters ``A`` or ``V``."""
+        attn = self.self_attn
+        if attn.conv is not None or attn.num_kv_heads != attn.num_heads:
+            # V would not be v_proj(LN(x)) per query head; the models build neither.
+            raise ValueError("TransformerBlock.attention_relations: a layer with "
+                             "conv_kernel_size or num_kv_heads != num_heads is not supported")
+        kpm = padding_for(attn.spec, key_padding_mask, is_causal)
+        h = self.norm1(x)
+        _, weights = attn(h, key_padding_mask=kpm, is_causal=is_causal, need_weights=True)
+        B, N = h.shape[:2]
+        values = attn.v_proj(h).view(B, N, attn.num_heads, attn.head_dim).transpose(1, 2)
+        return weights, values
+
 
 class TransformerStack(nn.Module):
     """``num_layers`` :class:`TransformerBlock` s and the final LayerNorm (pre-norm);
@@ -347,6 +333,13 @@ class TransformerStack(nn.Module):
                 x = res
         x = self.norm(x)
         return (x, maps) if need_weights else x
+
+    def attention_relations(self, x: torch.Tensor, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, V)`` of the *last* layer (:meth:`TransformerBlock.attention_relations`),
+        the layers before it run as in :meth:`forward` (same keyword arguments)."""
+        for layer in self.layers[:-1]:
+            x = layer(x, **kw)
+        return self.layers[-1].attention_relations(x, **kw)
 
 
 class ModelBase(nn.Module):
@@ -404,3 +397,19 @@ def transformer_args(who: str, *, mechanism, mechanism_kwargs, d_model, num_head
 def attn_positions(positions: str) -> str | None:
     """The part of ``positions`` that ``MultiheadAttention`` applies."""
     return positions if positions in ("rope", "alibi") else None
+
+
+def token_embedding(args: dict, vocab_size: int) -> TokenEmbedding:
+    """The token embeddings of a model whose arguments :func:`transformer_args` checked."""
+    return TokenEmbedding(vocab_size, args["d_model"], args["positions"], args["max_len"],
+                          args["dropout"])
+
+
+def transformer_stack(args: dict) -> TransformerStack:
+    """The transformer stack of a model whose arguments :func:`transformer_args` checked
+    (one mechanism per layer where ``layer_mechanisms`` is given)."""
+    return TransformerStack(
+        args["num_layers"], args["d_model"], args["num_heads"], mechanism=args["mechanism"],
+        mechanism_kwargs=args["mechanism_kwargs"], d_ff=args["d_ff"], dropout=args["dropout"],
+        max_len=args["max_len"], attn_positions=attn_positions(args["positions"]),
+        layer_mechanisms=args.get("layer_mechanisms"))

@@ -5,15 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from attnlab.contract import masked_softmax
+from attnlab.contract import check_ids, check_padding_mask, masked_softmax
 from attnlab.models.blocks import (
     ModelBase,
-    TokenEmbedding,
-    TransformerStack,
-    attn_positions,
-    check_ids,
-    check_padding_mask,
+    token_embedding,
     transformer_args,
+    transformer_stack,
 )
 from attnlab.util.checks import check_choice, check_int
 
@@ -70,12 +67,8 @@ class EncoderClassifier(ModelBase):
         self.config = {"vocab_size": vocab_size, "num_classes": num_classes,
                        "pooling": pooling, **args}
         self.vocab_size, self.max_len, self.pooling = vocab_size, max_len, pooling
-        self.embed = TokenEmbedding(vocab_size, d_model, positions, max_len, args["dropout"])
-        self.encoder = TransformerStack(
-            num_layers, d_model, num_heads, mechanism=args["mechanism"],
-            mechanism_kwargs=args["mechanism_kwargs"], d_ff=d_ff, dropout=args["dropout"],
-            max_len=max_len, attn_positions=attn_positions(positions),
-            layer_mechanisms=args.get("layer_mechanisms"))
+        self.embed = token_embedding(args, vocab_size)
+        self.encoder = transformer_stack(args)
         self.pool = AttentionPooling(d_model) if pooling == "attention" else None
         self.dropout = nn.Dropout(args["dropout"])
         self.head = nn.Linear(d_model, num_classes)
@@ -113,3 +106,17 @@ class EncoderClassifier(ModelBase):
         finally:
             self.train(was)
         return maps
+
+    @property
+    def last_attention(self):
+        """The last layer's self-attention (:class:`~attnlab.nn.MultiheadAttention`)."""
+        return self.encoder.layers[-1].self_attn
+
+    def attention_relations(self, ids: torch.Tensor, padding_mask: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A (B, H, N, N), V (B, H, N, d_k))`` of the last layer: its self-attention
+        probabilities and value heads, *with* gradients and in the current mode (unlike
+        :meth:`attention_maps`), for distillation losses (``attnlab.train.distill``)."""
+        check_ids(_WHO, "ids", ids, self.vocab_size, self.max_len)
+        padding_mask = check_padding_mask(_WHO, "padding_mask", padding_mask, ids)
+        return self.encoder.attention_relations(self.embed(ids), key_padding_mask=padding_mask)

@@ -32,8 +32,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from attnlab.contract import format_shape, masked_softmax
-from attnlab.models.blocks import ModelBase, check_padding_mask
+from attnlab.contract import check_padding_mask, format_shape, masked_softmax
+from attnlab.models.blocks import ModelBase
 from attnlab.util.checks import check_float, check_int
 
 __all__ = ["AttentionPool", "HierarchicalAttentionNetwork"]

@@ -5,14 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from attnlab.contract import check_ids, check_padding_mask
 from attnlab.models.blocks import (
     ModelBase,
-    TokenEmbedding,
-    TransformerStack,
-    attn_positions,
-    check_ids,
-    check_padding_mask,
+    token_embedding,
     transformer_args,
+    transformer_stack,
 )
 from attnlab.registry import list_mechanisms
 from attnlab.util.checks import check_float, check_int
@@ -91,12 +89,8 @@ class DecoderLM(ModelBase):
             vocab={"vocab_size": vocab_size}, layer_mechanisms=layer_mechanisms)
         self.config = {"vocab_size": vocab_size, **args}
         self.vocab_size, self.max_len = vocab_size, max_len
-        self.embed = TokenEmbedding(vocab_size, d_model, positions, max_len, args["dropout"])
-        self.decoder = TransformerStack(
-            num_layers, d_model, num_heads, mechanism=args["mechanism"],
-            mechanism_kwargs=args["mechanism_kwargs"], d_ff=d_ff, dropout=args["dropout"],
-            max_len=max_len, attn_positions=attn_positions(positions),
-            layer_mechanisms=args.get("layer_mechanisms"))
+        self.embed = token_embedding(args, vocab_size)
+        self.decoder = transformer_stack(args)
 
     @property
     def spec(self):

@@ -27,16 +27,14 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import attnlab.mechanisms.co_attention  # noqa: F401  (registers the co-attention pairings)
+from attnlab.contract import check_ids, check_padding_mask
 from attnlab.models.blocks import (
     ModelBase,
-    TokenEmbedding,
-    TransformerStack,
-    attn_positions,
-    check_ids,
     check_mechanism,
-    check_padding_mask,
     padding_for,
+    token_embedding,
     transformer_args,
+    transformer_stack,
 )
 from attnlab.nn import MultiheadAttention
 from attnlab.registry import create, list_mechanisms
@@ -121,7 +119,7 @@ class PairClassifier(ModelBase):
                        "hidden": hidden}
         self.vocab_size, self.max_len = vocab_size, max_len
         self.pairing, self.encoder_kind = pairing, encoder
-        self.embed = TokenEmbedding(vocab_size, d_model, positions, max_len, args["dropout"])
+        self.embed = token_embedding(args, vocab_size)
         self.encoders = nn.ModuleList(self._encoder(args) for _ in range(2))  # a, b
         if pairing == "cross":
             self.pair = MultiheadAttention(d_model, num_heads, args["mechanism"],
@@ -135,11 +133,7 @@ class PairClassifier(ModelBase):
     def _encoder(self, args: dict) -> nn.Module:
         if self.encoder_kind == "lstm":
             return BiLSTMEncoder(args["d_model"], args["num_layers"], args["dropout"])
-        return TransformerStack(args["num_layers"], args["d_model"], args["num_heads"],
-                                mechanism=args["mechanism"],
-                                mechanism_kwargs=args["mechanism_kwargs"], d_ff=args["d_ff"],
-                                dropout=args["dropout"], max_len=args["max_len"],
-                                attn_positions=attn_positions(args["positions"]))
+        return transformer_stack(args)
 
     def _encode(self, side: int, ids, padding, name: str) -> torch.Tensor:
         x = self.embed(ids)

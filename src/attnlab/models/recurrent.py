@@ -6,11 +6,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from attnlab.models.blocks import (
-    ModelBase,
-    check_ids,
-    check_padding_mask,
-)
+from attnlab.contract import check_ids, check_padding_mask
+from attnlab.models.blocks import ModelBase
 from attnlab.util.checks import check_float, check_int
 
 __all__ = ["LSTMClassifier"]

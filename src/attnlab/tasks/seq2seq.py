@@ -22,15 +22,38 @@ from attnlab.tasks.common import LazyBatches, chunks, epoch_order, eval_mode, tr
 from attnlab.train.config import ConfigError
 from attnlab.train.task import Task, register_task
 
-__all__ = ["Seq2Seq"]
+__all__ = ["Seq2Seq", "TeacherForced"]
 
 # The transformer options of every task, and the decoder's cross-attention.
 _MODEL_KEYS = ("d_model", "num_heads", "num_layers", "d_ff", "dropout", "positions",
                "cross_mechanism", "cross_mechanism_kwargs")
 
 
+class TeacherForced(Task):
+    """What every encoder-decoder task shares: ``self.pairs[split] = (sources, targets)``
+    (targets ``[BOS] + y + [EOS]``) batched by :func:`collate`, trained with teacher
+    forcing: the cross-entropy of ``y + [EOS]`` given ``[BOS] + y``, padding ignored."""
+
+    def _batch(self, split: str, g: list[int]) -> dict[str, torch.Tensor]:
+        src, tgt = self.pairs[split]
+        return collate([src[i] for i in g], [tgt[i] for i in g], pad_id=PAD)
+
+    def train_batches(self, epoch: int):
+        n = len(self.pairs["train"][0])
+        groups = chunks(epoch_order(n, self.config.seed, epoch), self.config.batch_size)
+        return LazyBatches(len(groups), lambda i: self._batch("train", groups[i]))
+
+    def loss(self, model, batch):
+        logits = model(batch["src"], batch["tgt_in"], batch["src_padding_mask"],
+                       batch["tgt_padding_mask"])
+        labels = batch["tgt_out"]
+        loss = nnf.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
+                                 ignore_index=PAD)
+        return loss, int((labels != PAD).sum())
+
+
 @register_task
-class Seq2Seq(Task):
+class Seq2Seq(TeacherForced):
     """Sequence-to-sequence with cross-attention (Vaswani et al. 2017's encoder-decoder)."""
 
     name = "seq2seq"
@@ -67,23 +90,6 @@ class Seq2Seq(Task):
         return Seq2SeqTransformer(o["vocab"], o["vocab"], mechanism=cfg.mechanism,
                                   mechanism_kwargs=cfg.mechanism_kwargs,
                                   max_len=o["max_len"] + 2, **kw)
-
-    def _batch(self, split: str, g: list[int]) -> dict[str, torch.Tensor]:
-        src, tgt = self.pairs[split]
-        return collate([src[i] for i in g], [tgt[i] for i in g])
-
-    def train_batches(self, epoch: int):
-        n = len(self.pairs["train"][0])
-        groups = chunks(epoch_order(n, self.config.seed, epoch), self.config.batch_size)
-        return LazyBatches(len(groups), lambda i: self._batch("train", groups[i]))
-
-    def loss(self, model, batch):
-        logits = model(batch["src"], batch["tgt_in"], batch["src_padding_mask"],
-                       batch["tgt_padding_mask"])
-        labels = batch["tgt_out"]
-        loss = nnf.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
-                                 ignore_index=PAD)
-        return loss, int((labels != PAD).sum())
 
     def evaluate(self, model, split, max_batches=None):
         src, tgt = self.pairs[split]

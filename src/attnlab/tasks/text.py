@@ -12,6 +12,15 @@ them kept (by ``truncate``: head, tail or head+tail, as tokens are for the other
 and at most ``max_words`` words of each (the first); the tokenizer is trained on the
 training split's sentences, batches are ``(B, S, T)`` documents x sentences x words,
 bucketed by sentence count.
+
+Starting from a pre-trained run (``init_from``, e.g. an ``mlm`` run): the embeddings are
+indexed by that run's token ids, so its ``tokenizer/`` is used instead of training one
+(the ``tokenizer``/``vocab_size``/``min_frequency``/``lowercase`` options then do not
+apply), copied into this run's directory and named in ``data.json`` (``tokenizer_from``).
+A source without a tokenizer is refused, and so is one whose embedding or encoder weights
+would load only in part (another ``d_model``, ``num_heads``, ``d_ff``, mechanism, or
+``max_len`` with learned positions) or whose ``positions`` differ
+(:func:`attnlab.tasks.mlm.check_pretrained_weights`).
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from attnlab.tasks.common import (
     eval_mode,
     transformer_kwargs,
 )
+from attnlab.tasks.mlm import check_pretrained_weights, pretrained_tokenizer
 from attnlab.train.config import ConfigError
 from attnlab.train.task import Task, register_task
 
@@ -84,8 +94,17 @@ class TextClassification(Task):
 
     def _tokenizer(self, train_texts: list[str]):
         path = self.run_dir / "tokenizer" if self.run_dir is not None else None
-        if path is not None and path.exists():
+        # init_from: its run's tokenizer (module docstring), the weights checked in
+        # build_model on a fresh start only (a finished run may outlive its source)
+        self.tokenizer_from, self._check_source = self.config.init_from, None
+        if path is not None and path.exists():  # a resumed or finished run: its own copy
             return load_tokenizer(path)
+        if self.config.init_from:
+            tok, _ = pretrained_tokenizer(self.config.init_from, f"task {self.name!r}")
+            self._check_source = self.config.init_from
+            if path is not None:
+                tok.save(path)
+            return tok
         kwargs = {k: self.opts[k] for k in ("vocab_size", "min_frequency", "lowercase")
                   if k in self.opts}
         kwargs.update(self.tokenizer_kwargs)
@@ -131,7 +150,8 @@ class TextClassification(Task):
             "dataset": ds.name, "source": ds.source, "notes": list(ds.notes),
             "classes": list(self.classes),
             "sizes": {s: len(v) for s, v in self.ids.items()},
-            "tokenizer": self.opts["tokenizer"], "vocab_size": self.tokenizer.vocab_size,
+            "tokenizer": self.tokenizer.kind, "vocab_size": self.tokenizer.vocab_size,
+            "tokenizer_from": self.tokenizer_from,
             "max_len": max_len, "truncated": truncated,
             "mean_tokens": {s: sum(map(len, v)) / max(1, len(v)) for s, v in self.ids.items()},
             "manifest": split_manifest({s: list(p.texts) for s, p in ds.splits.items()}),
@@ -168,7 +188,8 @@ class TextClassification(Task):
             "dataset": ds.name, "source": ds.source, "classes": list(self.classes),
             "notes": [*ds.notes, "model han: sentences split on . ! ? and <br />"],
             "sizes": {s: len(v) for s, v in self.ids.items()},
-            "tokenizer": self.opts["tokenizer"], "vocab_size": self.tokenizer.vocab_size,
+            "tokenizer": self.tokenizer.kind, "vocab_size": self.tokenizer.vocab_size,
+            "tokenizer_from": self.tokenizer_from,
             **limits, "truncated": cut,
             "mean_sentences": {s: sum(map(len, docs[s])) / max(1, len(docs[s])) for s in docs},
             "manifest": split_manifest({s: list(p.texts) for s, p in ds.splits.items()}),
@@ -193,10 +214,13 @@ class TextClassification(Task):
             return HierarchicalAttentionNetwork(self.tokenizer.vocab_size, len(self.classes),
                                                 pad_id=self.pad_id, **kw)
         kw = transformer_kwargs(cfg.model_kwargs, where=f"task {self.name!r}")
-        return EncoderClassifier(self.tokenizer.vocab_size, len(self.classes),
-                                 pooling=self.opts["pooling"], mechanism=cfg.mechanism,
-                                 mechanism_kwargs=cfg.mechanism_kwargs,
-                                 max_len=self.opts["max_len"], pad_id=self.pad_id, **kw)
+        model = EncoderClassifier(self.tokenizer.vocab_size, len(self.classes),
+                                  pooling=self.opts["pooling"], mechanism=cfg.mechanism,
+                                  mechanism_kwargs=cfg.mechanism_kwargs,
+                                  max_len=self.opts["max_len"], pad_id=self.pad_id, **kw)
+        if getattr(self, "_check_source", None):  # a fresh start from pre-trained weights
+            check_pretrained_weights(model, self._check_source, f"task {self.name!r}")
+        return model
 
     def _batch(self, split: str, group: list[int]) -> dict[str, torch.Tensor]:
         if self.config.model == "han":
@@ -236,15 +260,22 @@ class TextClassification(Task):
         groups = chunks(order, 2 * self.config.batch_size)
         return groups[:max_batches] if max_batches else groups
 
-    def predict(self, model, split: str, max_batches: int | None = None):
+    def eval_batches(self, split: str, max_batches: int | None = None):
+        groups = self.eval_groups(split, max_batches)
+        return LazyBatches(len(groups), lambda i: self._batch(split, groups[i]))
+
+    def logits(self, model, batch):
         device = next(model.parameters()).device
+        return (model(batch["ids"].to(device), batch["padding_mask"].to(device)),
+                batch["labels"].to(device))
+
+    def predict(self, model, split: str, max_batches: int | None = None):
         preds, targets = [], []
         with eval_mode(model):
-            for g in self.eval_groups(split, max_batches):
-                b = self._batch(split, g)
-                logits = model(b["ids"].to(device), b["padding_mask"].to(device))
+            for b in self.eval_batches(split, max_batches):
+                logits, labels = self.logits(model, b)
                 preds.append(logits.argmax(-1).cpu())
-                targets.append(b["labels"])
+                targets.append(labels.cpu())
         return torch.cat(preds), torch.cat(targets)
 
     def evaluate(self, model, split, max_batches=None):

@@ -7,6 +7,7 @@ A task implements :class:`attnlab.train.task.Task` (the interface and its regist
 here, below the tasks that implement it); ``attnlab.tasks`` registers the built-in ones.
 """
 
+from attnlab.train import adversarial, distill  # noqa: F401  (registers the regimes)
 from attnlab.train.config import ConfigError, TrainConfig
 from attnlab.train.loop import RunResult, load_trained, train
 from attnlab.train.task import Task, get_task, list_tasks, register_task

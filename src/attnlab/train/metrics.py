@@ -3,7 +3,8 @@ r"""Evaluation metrics: pure functions on tensors or arrays, no scikit-learn at 
 Classification (``accuracy``, ``confusion_matrix``, ``per_class_f1``, ``macro_f1``) follows
 scikit-learn's conventions, so numbers agree with ``sklearn.metrics``; language modelling
 has ``perplexity``; inpainting has ``psnr`` and ``ssim`` (Wang et al. 2004); training
-curves have ``convergence``; repeated runs have ``mean_std``.
+curves have ``convergence`` (``steps_to_fraction`` on a run's ``metrics.jsonl`` rows);
+repeated runs have ``mean_std``.
 
 Inputs may be torch tensors, NumPy arrays or lists; scalars come back as Python floats.
 """
@@ -31,6 +32,7 @@ __all__ = [
     "perplexity",
     "psnr",
     "ssim",
+    "steps_to_fraction",
 ]
 
 
@@ -327,6 +329,22 @@ def convergence(steps: Sequence, times: Sequence, values: Sequence, *, mode: str
         if (mode == "max" and x >= fraction * best) or (mode == "min" and x * fraction <= best):
             return Convergence(int(step), float(time))
     return None
+
+
+def steps_to_fraction(history: Sequence[dict], key: str, *, mode: str = "max",
+                      fraction: float = 0.95) -> int | None:
+    """The first evaluated step at which ``key`` (e.g. ``"val_accuracy"``) is within
+    ``fraction`` of the run's own best: :func:`convergence` on ``history``, the rows of a
+    run's ``metrics.jsonl`` (dicts with ``step``, one per evaluation). ``None`` when no
+    row qualifies; a ``ValueError`` when no row has ``key`` (a misspelt name)."""
+    rows = [r for r in history if key in r]
+    if not rows:
+        known = sorted({k for r in history for k in r})
+        raise ValueError(f"steps_to_fraction: no row of the history has {key!r} "
+                         f"(keys: {known})")
+    got = convergence([r["step"] for r in rows], [float(r.get("time_s", 0.0)) for r in rows],
+                      [r[key] for r in rows], mode=mode, fraction=fraction)
+    return None if got is None else got.step
 
 
 def mean_std(values) -> tuple[float, float]:

@@ -81,6 +81,18 @@ class Task(ABC):
                  ) -> dict[str, Any]:
         """Metrics of ``model`` on ``split`` ("validation" or "test"); includes ``metric``."""
 
+    # ---- optional: what generic regimes need (an attack on the eval batches, ...) -------
+    def eval_batches(self, split: str, max_batches: int | None = None) -> Sequence[Batch]:
+        """The batches :meth:`evaluate` sees on ``split``, in its order (CPU tensors)."""
+        raise ConfigError(f"task {self.name!r} does not support eval_batches (a regime "
+                          f"that evaluates batch by batch needs it)")
+
+    def logits(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits (B, C), labels (B,))`` of ``batch``, both on the model's device, in
+        whatever mode (train/eval, grad or not) the caller set."""
+        raise ConfigError(f"task {self.name!r} does not support logits (a regime that "
+                          f"attacks or inspects a classifier's outputs needs it)")
+
     # ---- helpers ------------------------------------------------------------------------
     @classmethod
     def make_config(cls, **overrides: Any) -> TrainConfig:
