@@ -6,6 +6,12 @@ data_dir, max_len, tokenizer, ...), ``--model-opt key=value`` (model shape: d_mo
 num_layers, ...), ``--mech-opt key=value`` (the mechanism's hyperparameters) and
 ``--regime-opt key=value`` (the training regime's: ``--regime adversarial``, ...).
 Values are read as JSON when they parse (``3``, ``1e-3``, ``true``, ``null``), else as text.
+
+Data-parallel training on this machine: ``attnlab train --nproc P ...`` starts P processes
+(PyTorch's elastic launcher, as ``torchrun --standalone --nproc-per-node P`` does), each
+running this command; under ``torchrun`` (several machines) the command sees its
+environment and joins the job. The global ``--batch-size`` is shared by the processes;
+only rank 0 writes the run (attnlab.train.distributed).
 """
 
 from __future__ import annotations
@@ -21,11 +27,18 @@ from rich.console import Console
 from rich.table import Table
 
 from attnlab.bench.grid import read_settings
-from attnlab.cli import plain
+from attnlab.cli import plain, positive_int
+from attnlab.cli.errors import report_error, take_debug_flag
 from attnlab.files import writable_dir
 from attnlab.tasks import get_task, list_tasks
 from attnlab.train.config import ConfigError, TrainConfig
-from attnlab.train.loop import load_trained
+from attnlab.train.distributed import (
+    check_global_batch,
+    join,
+    launch,
+    under_launcher,
+)
+from attnlab.train.loop import load_trained, train
 from attnlab.train.regimes import get_regime, list_regimes
 from attnlab.train.runs import train_seeds
 
@@ -105,11 +118,53 @@ def cmd_tasks(args, console: Console) -> int:
     return 0
 
 
+def rank_main(args) -> None:
+    """One process of ``attnlab train --nproc P``: the command, in the launcher's
+    environment; its error in one line, as the command gives it, and its exit code."""
+    args.nproc = None
+    try:
+        code = cmd_train(args, Console(width=160))
+    except KeyboardInterrupt:
+        code = 130
+    except Exception as e:
+        code = report_error(e, debug=take_debug_flag([])[1])
+    if code:
+        sys.exit(code)
+
+
+def _follow_seeds(cfg: TrainConfig, seeds: list[int], run_dir: Path, resume: bool) -> int:
+    """A rank other than 0 trains the seeds rank 0 trains (train_seeds), writing nothing.
+    Which seeds a resume keeps or continues is read before any of them trains: only the
+    seed in training changes its files."""
+    plan = [(s, resume and (run_dir / f"seed-{s}" / "summary.json").exists(),
+             resume and (run_dir / f"seed-{s}" / "checkpoint.pt").exists()) for s in seeds]
+    for seed, kept, again in plan:
+        if kept:
+            continue
+        if train(cfg.replace(seed=seed), run_dir / f"seed-{seed}", resume=again,
+                 progress=False).status == "interrupted":
+            return 130
+    return 0
+
+
 def cmd_train(args, console: Console) -> int:
     cfg = build_config(args)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
+    if args.nproc is not None:
+        if under_launcher():
+            raise ConfigError("--nproc: this process was started by torchrun, which set the "
+                              "number of processes (--nproc-per-node); drop --nproc")
+        if args.nproc > 1:
+            check_global_batch(cfg.batch_size, args.nproc)  # once, before P processes start
+            return launch(args.nproc, rank_main, (args,))
+    if not join(cfg.device).is_main:
+        return _follow_seeds(cfg, args.seeds, run_dir, args.resume)
+    return _train_main(args, cfg, run_dir, console)
+
+
+def _train_main(args, cfg: TrainConfig, run_dir: Path, console: Console) -> int:
     if args.data_dir is None and os.environ.get("ATTNLAB_DATA"):
         console.print(f"data from ATTNLAB_DATA={os.environ['ATTNLAB_DATA']}")
-    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(cfg)
     console.print(f"run directory: {run_dir}")
     agg = train_seeds(cfg, args.seeds, run_dir, resume=args.resume, db=args.db,
                       progress=not args.no_progress, console=console)
@@ -213,6 +268,9 @@ def add_parsers(sub) -> None:
                          "or its best.pt) wherever names and shapes agree, e.g. a "
                          "pre-trained encoder")
     pt.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pt.add_argument("--nproc", type=positive_int, metavar="P",
+                    help="data-parallel training in P processes on this machine (the global "
+                         "batch shared; under torchrun: not needed). Default: one process")
     pg = sub.add_parser("generate", help="sample text from a trained language model run")
     pg.add_argument("run", help="run directory (one seed: runs/wikitext2/sdpa/seed-0)")
     pg.add_argument("--prompt", default="", help="text to continue (default: none)")

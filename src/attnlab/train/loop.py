@@ -6,6 +6,10 @@ and on SIGINT/SIGTERM), ``best.pt`` (weights of the best validation score), ``me
 (one row per evaluation) and, at the end, ``summary.json`` with the test metrics of the best
 weights. ``train(..., resume=True)`` continues from ``checkpoint.pt`` and ends with the same
 weights as a run that was never interrupted.
+
+Under torchrun (or ``attnlab train --nproc P``) the same loop trains data-parallel, only
+rank 0 writing and evaluating (:mod:`attnlab.train.distributed`); checkpoints hold the
+unwrapped model, and every rank resumes from the file rank 0 wrote.
 """
 
 from __future__ import annotations
@@ -13,8 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import signal
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -25,7 +27,6 @@ import torch
 from rich.console import Console
 
 from attnlab.files import read_json, write_json, write_text_atomic
-from attnlab.mechanisms.selection import total_reinforce_loss
 from attnlab.train.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -34,6 +35,15 @@ from attnlab.train.checkpoint import (
     set_rng_state,
 )
 from attnlab.train.config import ConfigError, TrainConfig, read_run_config
+from attnlab.train.distributed import (
+    Dist,
+    Objective,
+    StopFlag,
+    join,
+    loss_count,
+    restore_rng,
+    seed_everything,
+)
 from attnlab.train.metrics import convergence
 from attnlab.train.progress import TrainProgress
 from attnlab.train.regimes import Regime, get_regime, init_weights
@@ -68,29 +78,6 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": other, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.98))
-
-
-class _StopFlag:
-    """SIGINT/SIGTERM ask the loop to checkpoint and stop at the next step boundary."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopFlag:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.signal is not None:  # a second Ctrl-C: stop right now
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 class NoTensorBoardWarning(UserWarning):
@@ -139,25 +126,19 @@ def _prepare_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> dict[str, Any
     return None
 
 
-def _seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 class _Run:
     """One training run in progress: the task, model, optimiser and the counters that a
-    checkpoint saves (``p``) and that a resume restores."""
+    checkpoint saves (``p``) and that a resume restores; ``dist`` is this rank's place in
+    a data-parallel job (one process: a job of one)."""
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, state: dict | None,
-                 console: Console) -> None:
-        self.cfg, self.run_dir, self.console = cfg, run_dir, console
-        self.device = torch.device(cfg.device)
-        _seed_everything(cfg.seed)
+                 console: Console, dist: Dist) -> None:
+        self.cfg, self.run_dir, self.console, self.dist = cfg, run_dir, console, dist
+        self.device = dist.check(cfg)
+        seed_everything(cfg.seed)  # the same initial weights on every rank
         self.task: Task = get_task(cfg.task)(cfg, run_dir)
+        if not dist.is_main:  # rank 0 wrote the task's files already
+            self.task.save_json = lambda *args, **kwargs: None
         self.task.setup()
         self.model = self.task.build_model()
         # Pre-trained weights start a fresh run only: a resumed one restores its own below.
@@ -175,13 +156,16 @@ class _Run:
                                   "best": None, "best_step": None, "bad_evals": 0,
                                   "units": 0, "loss_sum": 0.0, "loss_n": 0}
         self.history: list[dict[str, Any]] = []
+        dist.reseed(cfg.seed)  # dropout masks of its own on each rank
         if state is not None:
             self._restore(state)
-        self.writer = _tensorboard(run_dir)
+        # wrapped by DistributedDataParallel in train(), once every rank has built its own
+        self.objective: torch.nn.Module = Objective(self.model, self.regime)
+        self.writer = _tensorboard(run_dir) if dist.is_main else None
         self.model_info = {"model": cfg.model, "mechanism": cfg.mechanism,
                            "parameters": sum(x.numel() for x in self.model.parameters()),
                            **self.regime.info()}
-        if self.init_info is not None:
+        if self.init_info is not None and dist.is_main:
             self.task.save_json("init_from.json", self.init_info)
             self.model_info["init_from"] = cfg.init_from
 
@@ -193,14 +177,20 @@ class _Run:
             self.scaler.load_state_dict(state["scaler"])
         self.p.update(state["progress"])
         self.history = list(state["history"])
-        set_rng_state(state["rng"])
+        restore_rng(state, self.dist, self.cfg.seed, set_rng_state)
 
     def checkpoint(self) -> None:
+        """Rank 0 writes it, with every rank's generator states (a collective)."""
+        d = self.dist
+        ranks = {"rng_ranks": d.gather(rng_state()), "world_size": d.world_size} \
+            if d.active else {}
+        if not d.is_main:
+            return
         save_checkpoint(self.run_dir / "checkpoint.pt", {
             "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
             "progress": dict(self.p), "history": self.history, "rng": rng_state(),
-            "config": self.cfg.to_dict()})
+            "config": self.cfg.to_dict(), **ranks})
 
     def evaluate(self) -> None:
         p, task = self.p, self.task
@@ -233,24 +223,27 @@ class _Run:
                            f"(best {p['best']:.4f} @ {p['best_step']})")
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
-        """One optimiser step on ``batch``; its loss."""
+        """One optimiser step on the global ``batch`` (this rank's rows of it); its loss."""
         t0 = time.perf_counter()
         self.model.train()
+        d = self.dist
+        batch = d.share(batch)
+        n = loss_count(self.task, batch) if d.active else 1
         batch = {k: v.to(self.device) for k, v in batch.items()}
         ctx = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.cfg.amp
                else contextlib.nullcontext())
         with ctx:
-            loss, units = self.regime.loss(self.model, batch)
-        # Hard attention trained by REINFORCE (Xu et al. 2015): the reward of this forward's
-        # samples is minus its loss, one for the batch (Task.loss gives the mean only).
-        # The logged loss stays the task's.
-        surrogate = total_reinforce_loss(self.model, -loss.detach().float())
-        objective = loss if surrogate is None else loss + surrogate.to(loss.dtype)
-        if not torch.isfinite(objective):
+            loss, units, objective = self.objective(batch)
+        # the global batch's figures, and a non-finite loss on any rank stops every rank
+        total, loss_sum, units, bad = d.sum([n, loss.item() * n, int(units),
+                                             float(not torch.isfinite(objective))])
+        if bad:
             self.checkpoint()
-            raise FloatingPointError(f"training loss is {loss.item()} at step "
+            raise FloatingPointError(f"training loss is {loss_sum / total} at step "
                                      f"{self.p['step']} (lr {self.sched.get_last_lr()[0]:.2e}); "
                                      f"try a lower lr or grad_clip")
+        if d.active:  # DDP averages over ranks: sum_r (n_r / N) grad L_r, the global mean
+            objective = objective * (d.world_size * n / total)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(objective).backward()
         if self.cfg.grad_clip is not None:
@@ -264,19 +257,19 @@ class _Run:
         p["step"] += 1
         p["batch"] += 1
         p["units"] += int(units)
-        p["loss_sum"] += loss.item()
+        p["loss_sum"] += loss_sum / total
         p["loss_n"] += 1
-        return loss.item()
+        return loss_sum / total
 
     def after_step(self, interrupted: bool) -> str:
         """Evaluate and checkpoint when due; the run's status after this step."""
         cfg, p, status = self.cfg, self.p, "done"
         last = p["step"] >= cfg.max_steps
         over = cfg.time_budget_s is not None and p["train_time_s"] >= cfg.time_budget_s
+        # every rank takes the same decisions: a budget or a signal met by one stops all
+        over, interrupted = self.dist.any(over, interrupted)
         if p["step"] % cfg.eval_every == 0 or last or over:
-            self.evaluate()
-            if cfg.patience is not None and p["bad_evals"] >= cfg.patience:
-                status = "early_stopped"
+            status = self.dist.on_main(self._evaluate, share=True)
             self.checkpoint()
         elif p["step"] % cfg.checkpoint_every == 0:
             self.checkpoint()
@@ -287,7 +280,12 @@ class _Run:
             status = "interrupted"
         return status
 
-    def loop(self, bar: TrainProgress, stop: _StopFlag, stop_after: int | None) -> str:
+    def _evaluate(self) -> str:
+        self.evaluate()
+        stop = self.cfg.patience is not None and self.p["bad_evals"] >= self.cfg.patience
+        return "early_stopped" if stop else "done"
+
+    def loop(self, bar: TrainProgress, stop: StopFlag, stop_after: int | None) -> str:
         """Epochs of batches until max_steps, early stopping, the time budget or a stop."""
         p, status, steps_this_call = self.p, "done", 0
         bar.start_steps(p["step"])
@@ -313,22 +311,34 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
           progress: bool = True, console: Console | None = None,
           stop_after: int | None = None) -> RunResult:
     """Train ``cfg`` in ``run_dir``. ``stop_after`` (tests) behaves like a SIGTERM after
-    that many steps of this call."""
+    that many steps of this call. Under torchrun every rank calls it alike; ranks other
+    than 0 return a result without ``best``, ``test`` or ``summary``."""
     run_dir = Path(run_dir)
+    d = join(cfg.device)
+    if not d.is_main:
+        progress, console = False, None
     console = console or Console(stderr=True, quiet=not progress)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    run = _Run(cfg, run_dir, _prepare_dir(cfg, run_dir, resume), console)
+    d.check(cfg)
+    # rank 0 first: it checks the run directory and writes the task's files
+    run = d.on_main(lambda: _Run(cfg, run_dir, _prepare_dir(cfg, run_dir, resume),
+                                 console, d))
+    if not d.is_main:
+        state = load_checkpoint(run_dir / "checkpoint.pt") if resume else None
+        run = _Run(cfg, run_dir, state, console, d)
+    run.objective = d.wrap(run.objective)
     bar = TrainProgress(cfg.max_steps, enabled=progress, console=console)
-    with _StopFlag() as stop, bar:
+    with StopFlag() as stop, bar:
         status = run.loop(bar, stop, stop_after)
     if run.writer is not None:
         run.writer.close()
     if status == "interrupted":
         console.print(f"interrupted at step {run.p['step']}: resume with --resume")
-        return RunResult(run_dir, status, run.p["step"], _best(run.history, run.task, run.p),
-                         None)
-    return _finish(run, run_dir, cfg, status, console)
+        return RunResult(run_dir, status, run.p["step"],
+                         _best(run.history, run.task, run.p), None)
+    result = d.on_main(lambda: _finish(run, run_dir, cfg, status, console))
+    return result or RunResult(run_dir, status, run.p["step"], {}, None)
 
 
 def _scalar(v: Any) -> bool:
