@@ -270,7 +270,7 @@ def test_a_rank_that_raises_fails_the_job_quickly_with_its_error(tmp_path):
 
 def test_attnlab_train_nproc_end_to_end(tmp_path):
     opts = {"n_train": 48, "n_validation": 16, "n_test": 16, "length": 4}
-    argv = [sys.executable, "-m", "attnlab.cli.main", "train", "--task", "copy",
+    argv = [sys.executable, "-m", "attnlab", "train", "--task", "copy",
             "--run-dir", str(tmp_path / "cli"), "--max-steps", "4", "--batch-size", "8",
             "--set", "eval_every=2", "--set", "warmup_steps=1", "--no-progress",
             *[a for k, v in opts.items() for a in ("--task-opt", f"{k}={v}")],

@@ -25,7 +25,8 @@ LAYERS = [("util", "files", "stats", "flops", "version"),
           ("data", "registry", "contract", "numpy_reference"),
           ("functional", "verify", "nn"),
           ("mechanisms", "models"),
-          ("bench",), ("train",), ("tasks",), ("compare",), ("report",), ("cli",)]
+          ("bench",), ("train",), ("tasks",), ("compare",), ("report",),
+          ("cli", "__main__")]  # python -m attnlab: the command line
 RANK = {part: i for i, parts in enumerate(LAYERS) for part in parts}
 
 

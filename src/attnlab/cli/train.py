@@ -11,7 +11,9 @@ Data-parallel training on this machine: ``attnlab train --nproc P ...`` starts P
 (PyTorch's elastic launcher, as ``torchrun --standalone --nproc-per-node P`` does), each
 running this command; under ``torchrun`` (several machines) the command sees its
 environment and joins the job. The global ``--batch-size`` is shared by the processes;
-only rank 0 writes the run (attnlab.train.distributed).
+only rank 0 writes the run (attnlab.train.distributed). With ``--context-parallel``
+(and ``--mechanism ring``) every process takes all rows but its shard of each sequence,
+ring attention passing the keys and values between them (attnlab.train.context).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from attnlab.cli.errors import report_error, take_debug_flag
 from attnlab.files import writable_dir
 from attnlab.tasks import get_task, list_tasks
 from attnlab.train.config import ConfigError, TrainConfig
+from attnlab.train.context import check_config
 from attnlab.train.distributed import (
     check_global_batch,
     join,
@@ -80,6 +83,8 @@ def build_config(args) -> TrainConfig:
             fields[flag] = getattr(args, flag)
     if args.time_budget is not None:
         fields["time_budget_s"] = args.time_budget
+    if args.context_parallel:
+        fields["context_parallel"] = True
     for key, flag in (("task_kwargs", "task_opt"), ("model_kwargs", "model_opt"),
                       ("mechanism_kwargs", "mech_opt"), ("regime_kwargs", "regime_opt")):
         fields[key] = {**fields.get(key, {}),
@@ -154,8 +159,10 @@ def cmd_train(args, console: Console) -> int:
         if under_launcher():
             raise ConfigError("--nproc: this process was started by torchrun, which set the "
                               "number of processes (--nproc-per-node); drop --nproc")
-        if args.nproc > 1:
-            check_global_batch(cfg.batch_size, args.nproc)  # once, before P processes start
+        if args.nproc > 1:  # once, before P processes start
+            check_config(cfg)
+            if not cfg.context_parallel:
+                check_global_batch(cfg.batch_size, args.nproc)
             return launch(args.nproc, rank_main, (args,))
     if not join(cfg.device).is_main:
         return _follow_seeds(cfg, args.seeds, run_dir, args.resume)
@@ -271,6 +278,10 @@ def add_parsers(sub) -> None:
     pt.add_argument("--nproc", type=positive_int, metavar="P",
                     help="data-parallel training in P processes on this machine (the global "
                          "batch shared; under torchrun: not needed). Default: one process")
+    pt.add_argument("--context-parallel", action="store_true",
+                    help="with several processes, shard each sequence over them instead of "
+                         "the rows (ring attention: needs --mechanism ring; language-model "
+                         "tasks)")
     pg = sub.add_parser("generate", help="sample text from a trained language model run")
     pg.add_argument("run", help="run directory (one seed: runs/wikitext2/sdpa/seed-0)")
     pg.add_argument("--prompt", default="", help="text to continue (default: none)")

@@ -195,18 +195,43 @@ class TokenEmbedding(nn.Module):
             self.learned = nn.Parameter(torch.randn(max_len, d_model) * 0.02)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """``ids`` ``(B, N)`` at absolute positions ``offset .. offset+N-1`` -> ``(B, N, d)``."""
+    def forward(self, ids: torch.Tensor, offset: int = 0,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``ids`` ``(B, N)`` at absolute positions ``offset .. offset+N-1``, or at
+        ``positions`` ``(N,)`` (integers in ``[0, max_len)``, any order: a shard of a longer
+        sequence, as context parallelism gives each rank) -> ``(B, N, d)``."""
         x = nn.functional.embedding(ids, self.weight) * self.scale
         n = ids.shape[1]
-        if offset + n > self.max_len:
+        if positions is not None:
+            at = self._check_positions(positions, n, offset)
+        elif offset + n > self.max_len:
             raise ValueError(f"TokenEmbedding: positions up to {offset + n} exceed "
                              f"max_len={self.max_len}")
+        else:
+            at = slice(offset, offset + n)
         if self.positions == "sinusoidal":
-            x = x + self.table[offset:offset + n].to(x.dtype)
+            x = x + self.table[at].to(x.dtype)
         elif self.learned is not None:
-            x = x + self.learned[offset:offset + n]
+            x = x + self.learned[at]
         return self.dropout(x)
+
+    def _check_positions(self, positions, n: int, offset: int) -> torch.Tensor:
+        """``positions`` as an index into the tables, or an error naming it."""
+        who = "TokenEmbedding: positions"
+        if not isinstance(positions, torch.Tensor) or positions.dtype not in (torch.int64,
+                                                                              torch.int32):
+            got = positions.dtype if isinstance(positions, torch.Tensor) else type(positions)
+            raise TypeError(f"{who} must be an int64 (or int32) tensor; got {got}")
+        low, high = ((int(positions.min()), int(positions.max())) if positions.numel()
+                     else (0, 0))
+        bad = ("offset must be 0 (they are absolute)" if offset else
+               f"shape must be ({n},), one per token of ids" if positions.shape != (n,) else
+               f"they must lie in [0, max_len={self.max_len})" if low < 0 or high >= self.max_len
+               else None)
+        if bad:
+            raise ValueError(f"{who}: {bad}; got offset={offset}, shape "
+                             f"{tuple(positions.shape)}, range [{low}, {high}]")
+        return positions.to(self.weight.device)
 
 
 # ------------------------------------------------------------------------------- the block

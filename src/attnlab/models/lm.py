@@ -96,15 +96,27 @@ class DecoderLM(ModelBase):
     def spec(self):
         return self.decoder.layers[0].self_attn.spec
 
-    def _logits(self, ids, *, padding_mask=None, caches=None, offset: int = 0):
-        h = self.decoder(self.embed(ids, offset), key_padding_mask=padding_mask,
+    def _logits(self, ids, *, padding_mask=None, caches=None, offset: int = 0,
+                positions=None):
+        h = self.decoder(self.embed(ids, offset, positions), key_padding_mask=padding_mask,
                          is_causal=True, kv_caches=caches)
         return F.linear(h, self.embed.weight)  # tied output layer
 
-    def forward(self, ids: torch.Tensor, padding_mask: torch.Tensor | None = None):
+    def forward(self, ids: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None):
+        """``positions`` ``(N,)``: the tokens' global positions when ``ids`` is one shard
+        of longer sequences (context parallelism, :mod:`attnlab.train.context`); default
+        ``0 .. N-1``. Only the embedding reads them: attention takes the tokens in the order
+        given (ring attention knows its shard's positions from its layout), so with
+        ``positions="rope"`` (rotations at ``0 .. N-1`` inside the layers) they are
+        refused."""
         check_ids(_WHO, "ids", ids, self.vocab_size, self.max_len)
         padding_mask = check_padding_mask(_WHO, "padding_mask", padding_mask, ids)
-        return self._logits(ids, padding_mask=padding_mask)
+        if positions is not None and self.config["positions"] in ("rope", "alibi"):
+            raise ValueError(f"{_WHO}: positions (global token positions) cannot reach "
+                             f"positions={self.config['positions']!r}, which acts inside "
+                             f"attention at 0 .. N-1; use sinusoidal, learned or none")
+        return self._logits(ids, padding_mask=padding_mask, positions=positions)
 
     def can_cache(self) -> bool:
         """Whether :meth:`generate` can decode incrementally: every layer's mechanism keeps

@@ -73,6 +73,9 @@ class TrainConfig:
     eval_batches: int | None = None     # cap on validation batches per evaluation (None: all)
     device: str = "cpu"
     threads: int | None = None
+    # --context-parallel: each sequence sharded over the processes, ring attention between
+    # them (attnlab.train.context); False in configs saved before it existed
+    context_parallel: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -127,6 +130,7 @@ class TrainConfig:
         self._need("device", isinstance(self.device, str), "a device string like 'cpu'")
         self._need("threads", self.threads is None
                    or (is_int(self.threads) and self.threads >= 1), "None or an int >= 1")
+        self._need("context_parallel", isinstance(self.context_parallel, bool), "a bool")
 
     # ---- (de)serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -33,8 +33,8 @@ per process) is opened from torchrun's environment (``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) by :func:`join`, once per process.
 
 Context parallelism (``--context-parallel``: ring attention, ``mechanisms/ring.py``) cuts
-each sequence instead of the rows; :meth:`Dist.share` (a rank's part of a batch) and
-:func:`loss_count` (its weight) are the two places it changes.
+each sequence instead of the rows (:mod:`attnlab.train.context`): in its place of
+:meth:`Dist.share` (a rank's part of a batch) and :func:`loss_count` (its weight).
 """
 
 from __future__ import annotations
@@ -151,7 +151,8 @@ class Dist:
         device = torch.device(cfg.device)
         if not self.active:
             return device
-        check_global_batch(cfg.batch_size, self.world_size)
+        if not cfg.context_parallel:  # context parallelism: all rows on every rank
+            check_global_batch(cfg.batch_size, self.world_size)
         if device.type != "cuda":
             return device
         if device.index is not None:

@@ -9,7 +9,8 @@ weights as a run that was never interrupted.
 
 Under torchrun (or ``attnlab train --nproc P``) the same loop trains data-parallel, only
 rank 0 writing and evaluating (:mod:`attnlab.train.distributed`); checkpoints hold the
-unwrapped model, and every rank resumes from the file rank 0 wrote.
+unwrapped model, and every rank resumes from the file rank 0 wrote. With
+``context_parallel`` each rank trains its shard of every sequence (:mod:`attnlab.train.context`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from attnlab.train.checkpoint import (
     set_rng_state,
 )
 from attnlab.train.config import ConfigError, TrainConfig, read_run_config
+from attnlab.train.context import ContextParallel
 from attnlab.train.distributed import (
     Dist,
     Objective,
@@ -110,7 +112,7 @@ def _prepare_dir(cfg: TrainConfig, run_dir: Path, resume: bool) -> dict[str, Any
         if not ckpt.exists():
             raise CheckpointError(f"--resume: no checkpoint.pt in {run_dir}; start the run "
                                   f"without --resume")
-        old = read_json(saved, "run config")
+        old = {"context_parallel": False, **read_json(saved, "run config")}  # older runs
         new = cfg.to_dict()
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if diff:
@@ -156,6 +158,7 @@ class _Run:
                                   "best": None, "best_step": None, "bad_evals": 0,
                                   "units": 0, "loss_sum": 0.0, "loss_n": 0}
         self.history: list[dict[str, Any]] = []
+        self.context: ContextParallel | None = None  # attached in train(), on every rank
         dist.reseed(cfg.seed)  # dropout masks of its own on each rank
         if state is not None:
             self._restore(state)
@@ -226,13 +229,13 @@ class _Run:
         """One optimiser step on the global ``batch`` (this rank's rows of it); its loss."""
         t0 = time.perf_counter()
         self.model.train()
-        d = self.dist
-        batch = d.share(batch)
-        n = loss_count(self.task, batch) if d.active else 1
+        d, cp = self.dist, self.context
+        batch = cp.share(batch) if cp else d.share(batch)
+        n = cp.count(batch) if cp else loss_count(self.task, batch) if d.active else 1
         batch = {k: v.to(self.device) for k, v in batch.items()}
         ctx = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.cfg.amp
                else contextlib.nullcontext())
-        with ctx:
+        with ctx, cp.forward(self.model) if cp else contextlib.nullcontext():
             loss, units, objective = self.objective(batch)
         # the global batch's figures, and a non-finite loss on any rank stops every rank
         total, loss_sum, units, bad = d.sum([n, loss.item() * n, int(units),
@@ -321,6 +324,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     d.check(cfg)
+    cp = ContextParallel(cfg, d) if cfg.context_parallel else None  # refused before setup
     # rank 0 first: it checks the run directory and writes the task's files
     run = d.on_main(lambda: _Run(cfg, run_dir, _prepare_dir(cfg, run_dir, resume),
                                  console, d))
@@ -328,6 +332,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
         state = load_checkpoint(run_dir / "checkpoint.pt") if resume else None
         run = _Run(cfg, run_dir, state, console, d)
     run.objective = d.wrap(run.objective)
+    run.context = cp and cp.attach(run.model, run.task)  # collective: on every rank
     bar = TrainProgress(cfg.max_steps, enabled=progress, console=console)
     with StopFlag() as stop, bar:
         status = run.loop(bar, stop, stop_after)
