@@ -13,7 +13,8 @@ Every mechanism trains the same encoder-decoder (``Seq2SeqTransformer``; cross-a
 * ``linformer`` -- low-rank (keys/values projected to ``k`` rows), encoder only: it has no
   causal form, so the decoder keeps ``sdpa`` (``decoder_mechanism``).
 
-Test scores are mean ± 95 % CI half-width over ``--seeds``. Runs go under ``--out`` only.
+Test scores are mean ± 95 % CI half-width over ``--seeds``. Runs go under ``--out``
+only; a finished one is reused, an interrupted one resumed.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ import time
 from pathlib import Path
 
 from study import cell
+from study import run_one as run_one_study
 
 from attnlab.tasks import get_task
-from attnlab.train.loop import train
 
 # name -> (what it covers, mechanism_kwargs, extra model options)
 MECHANISMS = {
@@ -50,7 +51,7 @@ def run_one(args, name: str, seed: int) -> dict:
         task_kwargs={"src_lang": args.src, "tgt_lang": args.tgt,
                      "max_number": args.max_number, "n_validation": args.n_eval,
                      "n_test": args.n_eval, "beam_size": args.beam, "max_len": 50})
-    return train(cfg, args.out / name / f"seed-{seed}", progress=False).test
+    return run_one_study(cfg, args.out / name / f"seed-{seed}")["test"]  # reused when done
 
 
 def main() -> None:
