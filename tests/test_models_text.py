@@ -16,12 +16,8 @@ from hypothesis import strategies as st
 
 import attnlab
 from attnlab.data.seq2seq import BOS, EOS, PAD, collate, pad_sequences, seq2seq_task
-from attnlab.models.blocks import (
-    TransformerBlock,
-    key_padding_capable,
-    padding_for,
-    sinusoidal_table,
-)
+from attnlab.models.args import key_padding_capable, padding_for
+from attnlab.models.blocks import TransformerBlock, sinusoidal_table
 from attnlab.models.classifier import EncoderClassifier
 from attnlab.models.lm import DecoderLM, sample_next, top_k_filter, top_p_filter
 from attnlab.models.recurrent import LSTMClassifier

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import attnlab.mechanisms.hybrid  # noqa: F401
-from attnlab.models.blocks import TransformerStack, check_mechanism, transformer_args
+from attnlab.models.args import check_mechanism, transformer_args
+from attnlab.models.blocks import TransformerStack
 from attnlab.nn import KVCache, MultiheadAttention
 from attnlab.tasks.common import transformer_kwargs
 

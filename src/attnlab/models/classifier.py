@@ -6,12 +6,8 @@ import torch
 from torch import nn
 
 from attnlab.contract import check_ids, check_padding_mask, masked_softmax
-from attnlab.models.blocks import (
-    ModelBase,
-    token_embedding,
-    transformer_args,
-    transformer_stack,
-)
+from attnlab.models.args import transformer_args
+from attnlab.models.blocks import ModelBase, token_embedding, transformer_stack
 from attnlab.util.checks import check_choice, check_int
 
 __all__ = ["POOLING", "EncoderClassifier"]

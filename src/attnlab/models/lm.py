@@ -6,12 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from attnlab.contract import check_ids, check_padding_mask
-from attnlab.models.blocks import (
-    ModelBase,
-    token_embedding,
-    transformer_args,
-    transformer_stack,
-)
+from attnlab.models.args import transformer_args
+from attnlab.models.blocks import ModelBase, token_embedding, transformer_stack
 from attnlab.registry import list_mechanisms
 from attnlab.util.checks import check_float, check_int
 

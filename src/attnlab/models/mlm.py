@@ -19,12 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnlab.contract import check_ids, check_padding_mask, format_shape
-from attnlab.models.blocks import (
-    ModelBase,
-    token_embedding,
-    transformer_args,
-    transformer_stack,
-)
+from attnlab.models.args import transformer_args
+from attnlab.models.blocks import ModelBase, token_embedding, transformer_stack
 
 __all__ = ["MaskedLM", "MLMHead"]
 

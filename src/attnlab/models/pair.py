@@ -28,14 +28,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import attnlab.mechanisms.co_attention  # noqa: F401  (registers the co-attention pairings)
 from attnlab.contract import check_ids, check_padding_mask
-from attnlab.models.blocks import (
-    ModelBase,
-    check_mechanism,
-    padding_for,
-    token_embedding,
-    transformer_args,
-    transformer_stack,
-)
+from attnlab.models.args import check_mechanism, padding_for, transformer_args
+from attnlab.models.blocks import ModelBase, token_embedding, transformer_stack
 from attnlab.nn import MultiheadAttention
 from attnlab.registry import create, list_mechanisms
 from attnlab.util.checks import check_choice, check_int

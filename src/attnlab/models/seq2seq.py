@@ -16,14 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from attnlab.contract import check_ids, check_padding_mask
-from attnlab.models.blocks import (
-    ModelBase,
-    TokenEmbedding,
-    TransformerStack,
-    attn_positions,
-    check_mechanism,
-    transformer_args,
-)
+from attnlab.models.args import attn_positions, check_mechanism, transformer_args
+from attnlab.models.blocks import ModelBase, TokenEmbedding, TransformerStack
 from attnlab.nn.cache import KVCache
 from attnlab.util.checks import check_bool, check_float, check_int
 

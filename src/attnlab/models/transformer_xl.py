@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnlab.contract import check_ids, format_shape, masked_softmax
-from attnlab.models.blocks import ModelBase, TokenEmbedding, check_mechanism, sinusoidal_table
+from attnlab.models.args import check_mechanism
+from attnlab.models.blocks import ModelBase, TokenEmbedding, sinusoidal_table
 from attnlab.nn.positional import RotaryEmbedding
 from attnlab.registry import create_for, list_mechanisms
 from attnlab.util.checks import check_float, check_int

@@ -46,7 +46,7 @@ class LazyBatches(Sequence):
         return self.make(i)
 
 
-# layer_mechanisms: one mechanism per layer, "local,sdpa" (models.blocks.check_layer_mechanisms)
+# layer_mechanisms: one mechanism per layer, "local,sdpa" (models.args.check_layer_mechanisms)
 _MODEL_KEYS = ("d_model", "num_heads", "num_layers", "d_ff", "dropout", "positions",
                "layer_mechanisms")
 
