@@ -3,16 +3,30 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from attnlab.data.tokenize import Tokenizer, load_tokenizer
 from attnlab.train.config import check_names
 from attnlab.train.metrics import accuracy, confusion_matrix, macro_f1, per_class_f1
 
 __all__ = ["epoch_order", "LazyBatches", "chunks", "transformer_kwargs", "classification_report",
-           "eval_mode"]
+           "eval_mode", "run_tokenizer"]
+
+
+def run_tokenizer(run_dir: Path | None, name: str, make: Callable[[], Tokenizer]) -> Tokenizer:
+    """The tokenizer saved as ``run_dir / name`` (a resumed or finished run keeps its ids),
+    else ``make()``'s, saved there for the next time (not saved without a ``run_dir``)."""
+    path = run_dir / name if run_dir is not None else None
+    if path is not None and path.exists():
+        return load_tokenizer(path)
+    tok = make()
+    if path is not None:
+        tok.save(path)
+    return tok
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:

@@ -17,9 +17,16 @@ import torch.nn.functional as nnf
 from attnlab.data.batching import LMStream
 from attnlab.data.synthetic import associative_recall, copy_task, selective_copy
 from attnlab.data.text import load_wikitext2, wikitext_words
-from attnlab.data.tokenize import EOS, load_tokenizer, train_tokenizer
+from attnlab.data.tokenize import EOS, train_tokenizer
 from attnlab.models.lm import DecoderLM
-from attnlab.tasks.common import LazyBatches, chunks, epoch_order, eval_mode, transformer_kwargs
+from attnlab.tasks.common import (
+    LazyBatches,
+    chunks,
+    epoch_order,
+    eval_mode,
+    run_tokenizer,
+    transformer_kwargs,
+)
 from attnlab.train.config import ConfigError
 from attnlab.train.metrics import perplexity
 from attnlab.train.task import Task, register_task
@@ -52,16 +59,11 @@ class WikiText2(Task):
         o = self.opts
         ds = load_wikitext2(o["data_dir"], download=o["download"])
         lines = {s: ds.splits[s].texts[0].split("\n") for s in ds.splits}
-        path = self.run_dir / "tokenizer" if self.run_dir is not None else None
-        if path is not None and path.exists():
-            self.tokenizer = load_tokenizer(path)
-        else:
-            kw: dict[str, Any] = {"vocab_size": o["vocab_size"], "lowercase": False}
-            if o["tokenizer"] == "word":  # already tokenized text: split on spaces only
-                kw["pre_tokenizer"] = "whitespace_split"
-            self.tokenizer = train_tokenizer(o["tokenizer"], lines["train"], **kw)
-            if path is not None:
-                self.tokenizer.save(path)
+        kw: dict[str, Any] = {"vocab_size": o["vocab_size"], "lowercase": False}
+        if o["tokenizer"] == "word":  # already tokenized text: split on spaces only
+            kw["pre_tokenizer"] = "whitespace_split"
+        self.tokenizer = run_tokenizer(self.run_dir, "tokenizer", lambda: train_tokenizer(
+            o["tokenizer"], lines["train"], **kw))
         self.streams, self.words = {}, {}
         for split, ls in lines.items():
             # pytorch/examples: every line of the file (the last "" after the final newline

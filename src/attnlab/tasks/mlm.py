@@ -35,7 +35,14 @@ from attnlab.data.mlm import IGNORE_INDEX, mask_tokens, mlm_loss
 from attnlab.data.text import load_emotions, load_imdb, load_wikitext2
 from attnlab.data.tokenize import CLS, PAD, UNK, load_tokenizer, train_tokenizer
 from attnlab.models.mlm import MaskedLM
-from attnlab.tasks.common import LazyBatches, chunks, epoch_order, eval_mode, transformer_kwargs
+from attnlab.tasks.common import (
+    LazyBatches,
+    chunks,
+    epoch_order,
+    eval_mode,
+    run_tokenizer,
+    transformer_kwargs,
+)
 from attnlab.train.checkpoint import CheckpointError, load_checkpoint
 from attnlab.train.config import ConfigError, read_run_config
 from attnlab.train.metrics import perplexity
@@ -172,19 +179,18 @@ class MaskedLanguageModel(Task):
         return lines, ds.source, notes
 
     def _tokenizer(self, train_lines: list[str]):
-        path = self.run_dir / "tokenizer" if self.run_dir is not None else None
-        if path is not None and path.exists():
-            tok = load_tokenizer(path)
-        else:
-            o = self.opts
+        o = self.opts
+
+        def make():
             texts = [x.replace(_UNK_MARK, " ") for x in train_lines]
             kw = {"lowercase": o["lowercase"]} if o["tokenizer"] == "byte" else {
                 "vocab_size": o["vocab_size"], "lowercase": o["lowercase"]}
-            tok = train_tokenizer(o["tokenizer"], texts, **kw)
-            if path is not None:
-                tok.save(path)
+            return train_tokenizer(o["tokenizer"], texts, **kw)
+
+        tok = run_tokenizer(self.run_dir, "tokenizer", make)
         if tok.mask_id is None:
-            raise ConfigError(f"task {self.name!r}: the tokenizer at {path} has no [MASK] "
+            where = self.run_dir / "tokenizer" if self.run_dir is not None else None
+            raise ConfigError(f"task {self.name!r}: the tokenizer at {where} has no [MASK] "
                               f"token (saved by an older attnlab); start a new run")
         return tok
 

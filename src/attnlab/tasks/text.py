@@ -35,7 +35,7 @@ from attnlab.data.batching import TRUNCATE_MODES, BucketBatchSampler, pad_batch
 from attnlab.data.splits import split_manifest
 from attnlab.data.synthetic import listops
 from attnlab.data.text import TextDataset, TextSplit, load_emotions, load_imdb
-from attnlab.data.tokenize import CLS, PAD, UNK, load_tokenizer, train_tokenizer
+from attnlab.data.tokenize import CLS, PAD, UNK, train_tokenizer
 from attnlab.models.classifier import EncoderClassifier
 from attnlab.models.han import HierarchicalAttentionNetwork
 from attnlab.models.recurrent import LSTMClassifier
@@ -44,6 +44,7 @@ from attnlab.tasks.common import (
     chunks,
     classification_report,
     eval_mode,
+    run_tokenizer,
     transformer_kwargs,
 )
 from attnlab.tasks.mlm import check_pretrained_weights, pretrained_tokenizer
@@ -93,27 +94,24 @@ class TextClassification(Task):
         raise NotImplementedError
 
     def _tokenizer(self, train_texts: list[str]):
-        path = self.run_dir / "tokenizer" if self.run_dir is not None else None
         # init_from: its run's tokenizer (module docstring), the weights checked in
-        # build_model on a fresh start only (a finished run may outlive its source)
+        # build_model on a fresh start only (a finished run may outlive its source); a
+        # resumed or finished run reads its own copy
         self.tokenizer_from, self._check_source = self.config.init_from, None
-        if path is not None and path.exists():  # a resumed or finished run: its own copy
-            return load_tokenizer(path)
-        if self.config.init_from:
-            tok, _ = pretrained_tokenizer(self.config.init_from, f"task {self.name!r}")
-            self._check_source = self.config.init_from
-            if path is not None:
-                tok.save(path)
-            return tok
-        kwargs = {k: self.opts[k] for k in ("vocab_size", "min_frequency", "lowercase")
-                  if k in self.opts}
-        kwargs.update(self.tokenizer_kwargs)
-        if self.opts["tokenizer"] == "byte":  # nothing to learn: 256 bytes + specials
-            kwargs = {"lowercase": self.opts["lowercase"]}
-        tok = train_tokenizer(self.opts["tokenizer"], train_texts, **kwargs)
-        if path is not None:
-            tok.save(path)
-        return tok
+
+        def make():
+            if self.config.init_from:
+                tok, _ = pretrained_tokenizer(self.config.init_from, f"task {self.name!r}")
+                self._check_source = self.config.init_from
+                return tok
+            kwargs = {k: self.opts[k] for k in ("vocab_size", "min_frequency", "lowercase")
+                      if k in self.opts}
+            kwargs.update(self.tokenizer_kwargs)
+            if self.opts["tokenizer"] == "byte":  # nothing to learn: 256 bytes + specials
+                kwargs = {"lowercase": self.opts["lowercase"]}
+            return train_tokenizer(self.opts["tokenizer"], train_texts, **kwargs)
+
+        return run_tokenizer(self.run_dir, "tokenizer", make)
 
     def setup(self) -> None:
         max_len = self.opts["max_len"]

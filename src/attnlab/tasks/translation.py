@@ -30,10 +30,10 @@ from typing import Any
 import torch
 
 from attnlab.data.sources import DataError
-from attnlab.data.tokenize import BOS, EOS, KINDS, PAD, UNK, load_tokenizer, train_tokenizer
+from attnlab.data.tokenize import BOS, EOS, KINDS, PAD, UNK, train_tokenizer
 from attnlab.data.translation import load_wmt14, num2words_corpus
 from attnlab.models.seq2seq import Seq2SeqTransformer
-from attnlab.tasks.common import chunks, eval_mode, transformer_kwargs
+from attnlab.tasks.common import chunks, eval_mode, run_tokenizer, transformer_kwargs
 from attnlab.tasks.seq2seq import TeacherForced
 from attnlab.train.config import ConfigError
 from attnlab.train.task import register_task
@@ -119,19 +119,17 @@ class Translation(TeacherForced):
             raise ConfigError(f"task {self.name!r}: {e}") from None
 
     def _tokenizer(self, side: str, kind: str, texts: list[str]):
-        path = self.run_dir / f"tokenizer-{side}" if self.run_dir is not None else None
-        if path is not None and path.exists():
-            return load_tokenizer(path)  # a resumed run keeps its ids
         kw = {"lowercase": self.opts["lowercase"]}
         if kind != "byte":
             kw["vocab_size"] = self.opts["vocab_size"]
-        try:
-            tok = train_tokenizer(kind, texts, **kw)
-        except ValueError as e:
-            raise ConfigError(f"task {self.name!r}: {side} tokenizer: {e}") from None
-        if path is not None:
-            tok.save(path)
-        return tok
+
+        def make():
+            try:
+                return train_tokenizer(kind, texts, **kw)
+            except ValueError as e:
+                raise ConfigError(f"task {self.name!r}: {side} tokenizer: {e}") from None
+
+        return run_tokenizer(self.run_dir, f"tokenizer-{side}", make)
 
     def setup(self) -> None:
         self._check_options()
