@@ -42,7 +42,8 @@ from attnlab.flops import model_name
 from attnlab.registry import create_for, get
 from attnlab.verify import verify
 
-__all__ = ["measure_point", "warm_up", "peak_rss_bytes", "reset_peak_rss", "rss_bytes"]
+__all__ = ["measure_point", "warm_up", "peak_bytes", "peak_rss_bytes", "reset_peak_rss",
+           "rss_bytes"]
 
 GATE_MAX_N = 256
 
@@ -125,14 +126,17 @@ def _gate(p: dict, dtype: torch.dtype) -> tuple[dict | None, dict]:
             **info}, info
 
 
-def _peak(step, device: str) -> int:
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+def peak_bytes(step, device) -> int:
+    """Bytes above the start that one ``step()`` peaks at on ``device`` (a name or a
+    ``torch.device``): CUDA's allocator statistics, else the process's peak RSS."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
         step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
     reset_peak_rss()
     base = rss_bytes()
     step()
@@ -241,7 +245,7 @@ def measure_point(p: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
                     t.grad = None
         return o
 
-    out["peak_mem_bytes"] = _peak(step, device)
+    out["peak_mem_bytes"] = peak_bytes(step, device)
     out["flops"], out["flops_method"] = count_flops(p, hparams, step)
     from torch.utils.benchmark import Timer
 

@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp
 
-from attnlab.bench.measure import peak_rss_bytes, reset_peak_rss, rss_bytes
+from attnlab.bench.measure import peak_bytes
 from attnlab.mechanisms.ring import shard
 from attnlab.registry import create
 from attnlab.util.fmt import format_bytes, format_length, format_time
@@ -149,20 +149,6 @@ def _pin_malloc() -> None:
     libc.mallopt(-1, 0)  # M_TRIM_THRESHOLD
 
 
-def _peak(step, device) -> int:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        step()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    reset_peak_rss()
-    base = rss_bytes()
-    step()
-    return max(0, peak_rss_bytes() - base)
-
-
 def measure_rank(rank: int, P: int, point: dict, out_dir: str) -> None:
     """Measure ``point`` on this rank; writes ``rank{r}.json`` into ``out_dir``."""
     device = torch.device(f"cuda:{rank}" if point["device"] == "cuda" else "cpu")
@@ -189,7 +175,7 @@ def measure_rank(rank: int, P: int, point: dict, out_dir: str) -> None:
 
     step()  # warm-up: thread pools, the first transfers
     dist.barrier()
-    peak = _peak(step, device)
+    peak = peak_bytes(step, device)
     mech.stats.reset()
     times = []
     for _ in range(point["repeats"]):

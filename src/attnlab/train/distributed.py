@@ -62,8 +62,6 @@ from attnlab.train.config import ConfigError
 __all__ = ["DistEnv", "Dist", "DistributedError", "env", "under_launcher", "join",
            "current", "share", "loss_count", "Objective", "StopFlag", "rank_seed", "launch"]
 
-_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
 
 class DistributedError(ConfigError):
     """A distributed job that cannot run: its environment names the variable, expected and
