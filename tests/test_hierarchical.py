@@ -281,7 +281,7 @@ def test_dropout_drops_weights_but_not_the_normaliser():
 
 # ---------------------------------------------------------------- errors
 @pytest.mark.parametrize("hp,exc,match", [
-    (dict(block_size=3), ValueError, r"'block_size' must be even .*got 3"),
+    (dict(block_size=3), ValueError, r"'block_size' must be a multiple of 2 \(.*straddles.*\); got 3"),
     (dict(block_size=1), ValueError, r"'block_size' must be >= 2; got 1"),
     (dict(block_size=4.0), TypeError, r"'block_size' must be an int; got float 4.0"),
     (dict(num_levels=-1), ValueError, r"'num_levels' must be >= 0; got -1"),

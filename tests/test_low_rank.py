@@ -217,12 +217,18 @@ def test_nystrom_one_landmark_per_token_is_exact_float32(B, H, N, D, pinv, seed)
        pinv=st.sampled_from(["exact", "iterative"]), seed=st.integers(0, 999))
 def test_nystrom_one_landmark_per_token_is_exact_with_gradients_float64(B, H, N, D, pinv, seed):
     q, k, v = qkv(B, H, N, N, D, D, dtype=torch.float64, seed=seed)
-    assume(cond(q, k, D ** -0.5) <= 1e4)
+    c = cond(q, k, D ** -0.5)
+    assume(c <= 1e4)
     w = rand(B, H, N, D, dtype=torch.float64, seed=seed + 3)
     ny = attnlab.create("nystromformer", num_landmarks=N, pinv=pinv, pinv_iterations=40)
     got, want = out_and_grads(ny, q, k, v, w), out_and_grads(REF, q, k, v, w)
-    # torch.linalg.pinv's backward is less accurate than differentiating the iteration.
-    assert_all_close(got, want, atol=1e-6 if pinv == "exact" else 1e-8)
+    # torch.linalg.pinv's backward (A+ dA A+ terms) is accurate to about cond^2 * eps, not
+    # cond * eps: over 3,000 seeded draws its error was at most 110 cond^2 eps (1.09e-6 at
+    # cond 6.7e3, N = 11, D = 3, seed 185), so the bound follows cond^2 with a margin of 4.
+    # Differentiating the iteration keeps 1e-8.
+    eps = torch.finfo(torch.float64).eps
+    exact_tol = max(1e-8, 500 * c * c * eps)
+    assert_all_close(got, want, atol=exact_tol if pinv == "exact" else 1e-8)
 
 
 @pytest.mark.parametrize("Nq,Nk,m", [(16, 16, 4), (17, 17, 16), (13, 13, 5), (9, 14, 3)])

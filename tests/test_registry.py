@@ -101,6 +101,14 @@ def test_hparam_types_and_ranges():
     r = HParam("head_dim", int, attnlab.registry.REQUIRED, low=1)
     with pytest.raises(ValueError, match=r"'head_dim' is required"):
         r.validate(r.default, "m")
+    e = HParam("head_dim", int, 8, "split in halves", low=2, multiple_of=2)
+    assert [e.validate(v, "m") for v in (2, 4, 64)] == [2, 4, 64]
+    for bad in (3, 5, 63):
+        with pytest.raises(ValueError, match=rf"'head_dim' must be a multiple of 2 "
+                                             rf"\(split in halves\); got {bad}"):
+            e.validate(bad, "m")
+    with pytest.raises(ValueError, match=r"is required \(expected int >= 2, a multiple of 2\)"):
+        e.validate(attnlab.registry.REQUIRED, "m")
 
 
 def test_duplicate_registration_is_refused():

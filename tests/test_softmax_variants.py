@@ -319,7 +319,8 @@ def test_kv_cache_decoding_equals_the_full_causal_forward(name, hp, positions):
 
 
 def test_bad_hyperparameters_give_clear_errors():
-    with pytest.raises(ValueError, match=r"differential: head_dim must be even .*got head_dim=5"):
+    with pytest.raises(ValueError, match=r"differential: hyperparameter 'head_dim' must be a "
+                                         r"multiple of 2 \(.*halves.*\); got 5"):
         attnlab.create("differential", head_dim=5)
     with pytest.raises(ValueError, match=r"'lambda_init' must be >= 0.0 and <= 1.0; got 1.5"):
         attnlab.create("differential", head_dim=4, lambda_init=1.5)

@@ -97,9 +97,20 @@ def test_limits_make_benchmark_hparams_valid_on_tiny_inputs(n):
 @given(name=st.sampled_from(NAMES), n=st.integers(1, 40), d=st.integers(8, 24),
        heads=st.integers(1, 3), causal=st.booleans(), seed=st.integers(0, 2**16))
 def test_verify_passes_for_any_shape_and_seed(name, n, d, heads, causal, seed):
-    causal = causal and attnlab.get(name).causal
+    spec = attnlab.get(name)
+    causal = causal and spec.causal
+    d = _round_up(d, spec)
     r = verify(name, n=n, head_dim=d, num_heads=heads, batch=1, causal=causal, seed=seed)
     assert r.ok, r
+
+
+def _round_up(d: int, spec) -> int:
+    """The head size a mechanism's declared head_dim takes (differential: even)."""
+    try:
+        mult = spec.hparam("head_dim").multiple_of or 1
+    except KeyError:
+        return d
+    return -(-d // mult) * mult
 
 
 @pytest.mark.parametrize("name", ["reference", "flash", "dot", "general", "additive",

@@ -71,6 +71,7 @@ class HParam:
 
     ``low``/``high`` are inclusive bounds; ``low_exclusive`` makes ``low`` strict.
     ``choices`` restricts to a set of values. ``nullable`` allows ``None``.
+    ``multiple_of`` makes an int a multiple of it (a head split into halves: 2).
     """
 
     name: str
@@ -82,6 +83,7 @@ class HParam:
     low_exclusive: bool = False
     choices: tuple[Any, ...] | None = None
     nullable: bool = False
+    multiple_of: int | None = None
 
     def validate(self, value: Any, mechanism: str) -> Any:
         where = f"{mechanism}: hyperparameter {self.name!r}"
@@ -104,6 +106,9 @@ class HParam:
                 raise ValueError(f"{where} must be {self._range()}; got {value!r}")
             if self.high is not None and value > self.high:
                 raise ValueError(f"{where} must be {self._range()}; got {value!r}")
+        if self.multiple_of is not None and value % self.multiple_of:
+            raise ValueError(f"{where} must be a multiple of {self.multiple_of}"
+                             f"{f' ({self.doc})' if self.doc else ''}; got {value!r}")
         return value
 
     def _coerce(self, value: Any, where: str) -> Any:
@@ -137,7 +142,8 @@ class HParam:
         if self.choices is not None:
             return f"one of {list(self.choices)}"
         rng = self._range() if self.type in (int, float) else ""
-        return f"{self.type.__name__}" + (f" {rng}" if rng and rng != "any value" else "")
+        mult = f", a multiple of {self.multiple_of}" if self.multiple_of else ""
+        return f"{self.type.__name__}" + (f" {rng}" if rng and rng != "any value" else "") + mult
 
     def describe_default(self) -> str:
         return "required" if isinstance(self.default, _Required) else repr(self.default)

@@ -163,7 +163,9 @@ def _corner_mask(rows: int, nr: int, offsets: tuple[int, ...], device) -> torch.
     returns_weights=False, half_precision=True,
     aliases=("h_transformer_1d", "htransformer"),
     hparams=[
-        HParam("block_size", int, 16, "Nr: tokens per block at every level (even)", low=2),
+        HParam("block_size", int, 16, "Nr: tokens per block at every level; even, so that "
+               "a coarse token never straddles two blocks of the level below", low=2,
+               multiple_of=2),
         HParam("num_levels", int, None, "coarse levels; None = derived from N, "
                "ceil(log2(ceil(N / Nr))) - 1, the fewest that hold every pair", low=0,
                nullable=True),
@@ -182,10 +184,6 @@ class HierarchicalAttention(Mechanism):
 
     def __init__(self, **hparams) -> None:
         super().__init__(**hparams)
-        if self.hp["block_size"] % 2:
-            raise ValueError(f"hierarchical: hyperparameter 'block_size' must be even (a "
-                             f"coarse token must not straddle two blocks of the level below); "
-                             f"got {self.hp['block_size']}")
 
     def levels(self, n: int) -> int:
         """Coarse levels used at length ``n`` (:func:`levels_for`)."""

@@ -253,7 +253,7 @@ class SigmoidAttention(Mechanism):
     flops="differential_attention",  # a profiler counts the zero-padded heads' matmuls
     hparams=[
         HParam("head_dim", int, REQUIRED, "size D of each query/key head (even: Q and K split "
-               "into halves of D / 2)", low=1),
+               "into halves Q1, Q2 of D / 2)", low=2, multiple_of=2),
         HParam("value_dim", int, None, "size Dv of each value head, the norm's width "
                "(None = head_dim)", low=1, nullable=True),
         HParam("layer_index", int, 1, "l of lambda_init = 0.8 - 0.6 exp(-0.3 (l - 1)) "
@@ -275,9 +275,6 @@ class DifferentialAttention(Mechanism):
     def __init__(self, **hparams) -> None:
         super().__init__(**hparams)
         D = self.hp["head_dim"]
-        if D % 2:
-            raise ValueError(f"differential: head_dim must be even (q and k are split into "
-                             f"two halves Q1, Q2 of head_dim / 2); got head_dim={D}")
         lam = self.hp["lambda_init"]
         self.lambda_init = (0.8 - 0.6 * math.exp(-0.3 * (self.hp["layer_index"] - 1))
                             if lam is None else lam)
