@@ -330,5 +330,5 @@ def test_plot_run_rejects_empty_input_and_names_the_extra(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="rows is empty"):
         plot_run([], META, tmp_path)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
-    with pytest.raises(ImportError, match=r"attnlab\[viz\]"):
+    with pytest.raises(ImportError, match=r"attnlab.bench.plots needs `matplotlib`.*\.\[viz\]"):
         plot_run(make_rows("sdpa", lambda n: 1.0, ns=[256]), META, tmp_path)

@@ -2,7 +2,8 @@
 
 The source is read with ``ast`` (nothing is imported): every ``import x`` and
 ``from x import y``, at any depth (a function-local import of an optional package counts
-the same), plus ``importlib.import_module("x")`` with a literal name. Each top-level name
+the same), plus ``importlib.import_module("x")`` and ``optional_import("x", ...)`` with a literal
+name. Each top-level name
 that is neither standard library nor attnlab is mapped to its distribution and must be a
 core dependency or in some extra. Some needs show in no import of their own: those are in
 ``IMPLIED`` (``torch.utils.tensorboard`` needs ``tensorboard``; pandas' ``to_parquet``
@@ -61,8 +62,9 @@ def _module_names(tree: ast.AST) -> set[str]:
             names.update(f"{node.module}.{a.name}" for a in node.names)
         elif (isinstance(node, ast.Call) and node.args
               and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
-              and (getattr(node.func, "attr", None) == "import_module"
-                   or getattr(node.func, "id", None) in ("__import__", "import_module"))):
+              and (getattr(node.func, "attr", None) in ("import_module", "optional_import")
+                   or getattr(node.func, "id", None) in ("__import__", "import_module",
+                                                         "optional_import"))):
             names.add(node.args[0].value)
     return names
 
@@ -162,3 +164,56 @@ def test_ci_installs_the_extras_the_tests_need():
     for dist in ("playwright", "tensorboard", "pyarrow", "matplotlib", "pytest"):
         where = have[dist]
         assert where == "core" or where.removeprefix("extra ") in installed, (dist, where)
+
+
+def _optional_imports(src: Path) -> list[tuple[str, str, str | None, str]]:
+    """(module, extra, dist, file) of every ``optional_import`` call under ``src``."""
+    calls = []
+    for path in sorted(src.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "optional_import"
+                    and node.args and isinstance(node.args[0], ast.Constant)):
+                kw = {k.arg: k.value.value for k in node.keywords
+                      if isinstance(k.value, ast.Constant)}
+                calls.append((node.args[0].value, kw.get("extra"), kw.get("dist"),
+                              str(path.relative_to(src.parent))))
+    return calls
+
+
+def test_every_optional_import_names_the_extra_that_installs_it():
+    """optional_import's hint, pip install -e ".[extra]", installs the package it names."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))[
+        "project"]["optional-dependencies"]
+    members = {e: {_normal(Requirement(r).name) for r in reqs} for e, reqs in extras.items()}
+    calls = _optional_imports(SRC)
+    assert len(calls) >= 12 and {c[0] for c in calls} >= {"scipy.stats", "matplotlib",
+                                                           "tokenizers", "sacrebleu"}
+    for module, extra, dist, where in calls:
+        top = module.split(".")[0]
+        dist = _normal(dist or DISTRIBUTIONS.get(top, top))
+        assert extra in members, f"{where}: optional_import({module!r}) names no extra {extra!r}"
+        assert dist in members[extra], (f"{where}: optional_import({module!r}) says extra "
+                                        f"{extra!r}, which does not declare {dist!r}")
+
+
+def test_optional_import_returns_the_module_or_says_what_to_install(monkeypatch):
+    import json
+
+    from attnlab.util.optional import optional_import
+
+    assert optional_import("json", extra="x", purpose="p") is json
+    with pytest.raises(ImportError, match=r'^reading X needs `no-such-dist`, which is not '
+                                          r'installed \(.*\); install it with pip install -e '
+                                          r'"\.\[data\]" \(or pip install no-such-dist\)$'):
+        optional_import("no_such_module_attnlab.sub", extra="data", dist="no-such-dist",
+                        purpose="reading X")
+
+    class Refused(Exception):
+        pass
+
+    import email.mime  # a submodule already imported: its package's absence still shows
+    monkeypatch.setitem(sys.modules, "email", None)
+    with pytest.raises(Refused, match=r"^p needs `email`"):
+        optional_import("email.mime", extra="x", purpose="p", error=Refused)
+    assert email.mime

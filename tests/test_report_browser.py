@@ -200,7 +200,7 @@ def test_missing_browser_is_named(tmp_path):
 
 def test_missing_playwright_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "playwright", None)  # import playwright fails
-    with pytest.raises(BrowserNotFound, match=r"'playwright' is not installed.*\[viz\]"):
+    with pytest.raises(BrowserNotFound, match=r"needs `playwright`, which is not installed.*\[viz\]"):
         find_browser(sys.executable)  # any executable: the browser is found, the driver not
     with pytest.raises(BrowserNotFound, match="playwright"):
         open_in_browser(_page(tmp_path, ""), browser=sys.executable)

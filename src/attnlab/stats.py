@@ -47,6 +47,8 @@ import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from attnlab.util.optional import optional_import
+
 __all__ = ["ALPHA", "CONFIDENCE", "Difference", "Interval", "confidence_interval",
            "format_p", "mean", "std", "welch"]
 
@@ -72,13 +74,8 @@ def _finite(vs: list[float]) -> bool:
 
 
 def _scipy_stats():
-    try:
-        from scipy import stats
-    except ImportError as e:
-        raise ImportError("attnlab.stats: confidence intervals and significance tests need "
-                          "scipy; install the report extra: pip install 'attnlab[viz]' (or "
-                          "pip install scipy)") from e
-    return stats
+    return optional_import("scipy.stats", extra="viz", dist="scipy", purpose="attnlab.stats: "
+                           "confidence intervals and significance tests")
 
 
 def mean(xs: Iterable) -> float:

@@ -27,6 +27,7 @@ from attnlab.bench.analysis import (
     status_word,
     summarise,
 )
+from attnlab.util.optional import optional_import
 
 __all__ = ["plot_run"]
 
@@ -42,13 +43,10 @@ _RC = {"svg.fonttype": "none",  # keep text as <text> in SVG: searchable, select
 
 
 def _mpl():
-    try:
-        import matplotlib
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-        from matplotlib.ticker import FuncFormatter, NullFormatter
-    except ImportError as e:
-        raise ImportError('attnlab.bench.plots needs matplotlib: pip install "attnlab[viz]"') from e
+    matplotlib = optional_import("matplotlib", extra="viz", purpose="attnlab.bench.plots")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, NullFormatter
     return matplotlib, Figure, FigureCanvasAgg, FuncFormatter, NullFormatter
 
 

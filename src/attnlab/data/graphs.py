@@ -29,6 +29,7 @@ import torch
 
 from attnlab.data.splits import stratified_split
 from attnlab.util.checks import check_choice, check_float, check_int
+from attnlab.util.optional import optional_import
 
 __all__ = ["GraphDataset", "karate_club", "stochastic_block_model", "GRAPH_FRACTIONS"]
 
@@ -140,10 +141,7 @@ def stochastic_block_model(num_nodes: int = 300, num_classes: int = 3, *, p_in: 
 def karate_club(*, fractions: Mapping[str, float] | None = None, seed: int = 0) -> GraphDataset:
     """Zachary's karate club as networkx ships it: class 0 "Mr. Hi", class 1 "Officer",
     one-hot node-id features, stratified masks (default 30/20/50 %)."""
-    try:
-        import networkx as nx  # optional: only this loader needs it
-    except ImportError as e:
-        raise ImportError("karate_club needs networkx: pip install networkx") from e
+    nx = optional_import("networkx", extra="data", purpose="karate_club")
     check_int("seed", seed, low=0, who="karate_club")
     g = nx.karate_club_graph()
     nodes = sorted(g.nodes)

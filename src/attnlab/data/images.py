@@ -17,6 +17,7 @@ import torch
 from attnlab.data import sources
 from attnlab.data.sources import DataError, data_root, find_files, read_bytes
 from attnlab.data.splits import stratified_split
+from attnlab.util.optional import optional_import
 
 __all__ = [
     "FASHION_CLASSES",
@@ -184,11 +185,9 @@ def load_digits(*, seed: int = 0) -> ImageDataset:
     """scikit-learn's bundled 8x8 handwritten digits (1,797 images, UCI optdigits test
     set): pixel counts 0..16 scaled to [0, 1], stratified seeded train/validation/test
     0.7/0.1/0.2. Nothing is downloaded; needs ``pip install attnlab[data]``."""
-    try:
-        from sklearn.datasets import load_digits as sk_load_digits
-    except ImportError as e:
-        raise ImportError("load_digits needs scikit-learn: pip install attnlab[data]") from e
-    bunch = sk_load_digits()
+    sk_datasets = optional_import("sklearn.datasets", extra="data", dist="scikit-learn",
+                                  purpose="load_digits")
+    bunch = sk_datasets.load_digits()
     images, labels = np.asarray(bunch.images), np.asarray(bunch.target)
     idx = stratified_split(labels, {"train": 0.7, "validation": 0.1, "test": 0.2}, seed)
     splits = {s: _tensors(*_subset(images, labels, ix), 16.0) for s, ix in idx.items()}

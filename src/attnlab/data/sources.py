@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from attnlab.util.optional import optional_import
+
 __all__ = [
     "ENV_VAR",
     "HF_REPOS",
@@ -312,11 +314,8 @@ def csv_rows(path: Path, columns: Sequence[str], optional: Sequence[str] = ()
 def _load_hf(dataset: str):
     """``datasets.load_dataset(repo[, config])`` with errors turned into DataError."""
     repo, config = HF_REPOS[dataset]
-    try:
-        import datasets  # optional: only needed to download
-    except ImportError as e:
-        raise DataError(f"{dataset}: downloading needs the Hugging Face 'datasets' library, "
-                        "which is not installed (pip install datasets)") from e
+    datasets = optional_import("datasets", extra="download", error=DataError,
+                               purpose=f"{dataset}: downloading (Hugging Face)")
     args = (repo,) if config is None else (repo, config)
     try:
         return datasets.load_dataset(*args)

@@ -7,6 +7,8 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from attnlab.util.optional import optional_import
+
 __all__ = [
     "BOS", "CLS", "EOS", "KINDS", "LEGACY_SPECIAL_TOKENS", "MASK", "NUM_SPECIALS", "PAD",
     "SPECIAL_TOKENS", "UNK",
@@ -34,12 +36,8 @@ _PRE_TOKENIZERS = {  # allowed values per kind; the first is the default
 
 def _tokenizers():
     """The ``tokenizers`` library, imported only when a library-backed kind is used."""
-    try:
-        import tokenizers
-    except ImportError as e:
-        raise ImportError("the 'word', 'bpe' and 'wordpiece' tokenizers need the `tokenizers` "
-                          "library; install it with: pip install attnlab[data]") from e
-    return tokenizers
+    return optional_import("tokenizers", extra="data",
+                           purpose="the 'word', 'bpe' and 'wordpiece' tokenizers")
 
 
 class Tokenizer:

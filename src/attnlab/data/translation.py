@@ -26,6 +26,7 @@ import numpy as np
 
 from attnlab.data.sources import DataError, data_root, not_found, open_text
 from attnlab.util.checks import check_choice, check_int, did_you_mean
+from attnlab.util.optional import optional_import
 
 __all__ = ["FORMS", "SPLITS", "WMT14_PAIRS", "ParallelCorpus", "ParallelSplit",
            "load_wmt14", "num2words_corpus", "num2words_languages"]
@@ -33,7 +34,6 @@ __all__ = ["FORMS", "SPLITS", "WMT14_PAIRS", "ParallelCorpus", "ParallelSplit",
 SPLITS = ("train", "validation", "test")
 FORMS = ("cardinal", "ordinal", "year")  # num2words' ``to=`` values offered here
 WMT14_PAIRS = ("cs-en", "de-en", "fr-en", "hi-en", "ru-en")  # the hub's configurations
-_EXTRA = 'pip install -e ".[translation]"'
 
 
 @dataclass(frozen=True)
@@ -61,12 +61,7 @@ class ParallelCorpus:
 # --- num2words -------------------------------------------------------------------------
 
 def _num2words():
-    try:
-        import num2words
-    except ImportError as e:
-        raise ImportError(f"the num2words corpus needs the `num2words` package; install it "
-                          f"with: {_EXTRA}") from e
-    return num2words
+    return optional_import("num2words", extra="translation", purpose="the num2words corpus")
 
 
 def num2words_languages() -> list[str]:
@@ -174,11 +169,8 @@ def _find_split(folder: Path, split: str, tried: list) -> tuple[str, list[Path]]
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[int, object]]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as e:
-        raise ImportError('reading parquet files needs `pyarrow`; install it with: '
-                          'pip install -e ".[data]"') from e
+    pq = optional_import("pyarrow.parquet", extra="data", dist="pyarrow",
+                         purpose="reading parquet files")
     try:
         f = pq.ParquetFile(path)
         if "translation" not in f.schema_arrow.names:

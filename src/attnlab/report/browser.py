@@ -19,12 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from attnlab.util.checks import check_bool, check_float, check_int
+from attnlab.util.optional import optional_import
 
 __all__ = ["BrowserCheck", "BrowserNotFound", "find_browser", "open_in_browser"]
 
 _CANDIDATES = ("chromium", "chromium-browser", "google-chrome")
-_INSTALL = ("pip install -e \".[viz]\" (or pip install playwright); the system's chromium "
-            "is used, so no `playwright install` is needed")
 
 # The network is off for the page (see _leaves_the_file) and for Chromium itself: no
 # updates, Safe Browsing, metrics, sync or QUIC; any host name lookup fails at once, so an
@@ -109,12 +108,9 @@ class BrowserCheck:
 
 def _playwright():
     """``playwright.sync_api`` (an optional package), else :class:`BrowserNotFound`."""
-    try:
-        from playwright import sync_api
-    except ImportError as e:
-        raise BrowserNotFound(f"browser: the Python package 'playwright' is not installed "
-                              f"({e}); install it with {_INSTALL}") from None
-    return sync_api
+    # The system's chromium is driven: no `playwright install` (a browser download) needed.
+    return optional_import("playwright.sync_api", extra="viz", error=BrowserNotFound,
+                           purpose="browser: driving the system's chromium")
 
 
 def find_browser(browser: str | None = None) -> str:

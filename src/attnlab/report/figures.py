@@ -5,18 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from attnlab.files import atomic_path
+from attnlab.util.optional import optional_import
 
 __all__ = ["mpl", "save", "plain"]
 
 
 def mpl(who: str):
     """``(matplotlib, Figure, FigureCanvasAgg)``; figures never go through pyplot's state."""
-    try:
-        import matplotlib
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as e:
-        raise ImportError(f'{who} needs matplotlib: pip install "attnlab[viz]"') from e
+    matplotlib = optional_import("matplotlib", extra="viz", purpose=who)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     return matplotlib, Figure, FigureCanvasAgg
 
 

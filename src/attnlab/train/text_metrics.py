@@ -21,9 +21,10 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from attnlab.util.optional import optional_import
+
 __all__ = ["bleu", "chrf", "rouge_l", "text_scores"]
 
-_EXTRA = 'pip install -e ".[translation]"'
 _WORD = re.compile(r"\w+")  # \w is Unicode-aware for str patterns
 
 
@@ -43,11 +44,7 @@ def _check(hypotheses: Sequence[str], references: Sequence[str], who: str) -> No
 
 
 def _sacrebleu():
-    try:
-        import sacrebleu
-    except ImportError as e:
-        raise ImportError(f"BLEU and chrF need `sacrebleu`; install it with: {_EXTRA}") from e
-    return sacrebleu
+    return optional_import("sacrebleu", extra="translation", purpose="BLEU and chrF")
 
 
 def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
@@ -72,10 +69,8 @@ class _UnicodeWords:
 def rouge_l(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     """Mean ROUGE-L F-measure (0..1) over the pairs."""
     _check(hypotheses, references, "rouge_l")
-    try:
-        from rouge_score import rouge_scorer
-    except ImportError as e:
-        raise ImportError(f"ROUGE-L needs `rouge-score`; install it with: {_EXTRA}") from e
+    rouge_scorer = optional_import("rouge_score.rouge_scorer", extra="translation",
+                                   dist="rouge-score", purpose="ROUGE-L")
     scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_UnicodeWords())
     scores = [scorer.score(r, h)["rougeL"].fmeasure  # score(target, prediction)
               for h, r in zip(hypotheses, references, strict=True)]
