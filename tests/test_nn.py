@@ -293,6 +293,50 @@ def test_rope_in_layer_equals_manual():
     close(m(x), m.out_proj(o.transpose(1, 2).reshape(B, N, E)))
 
 
+def test_rope_at_given_positions_is_the_rows_of_the_whole_rotation():
+    rope = RotaryEmbedding(8)
+    x = torch.randn(2, 3, 20, 8, dtype=DT)
+    at = torch.tensor([17, 0, 5, 19, 4])  # a shard of a longer sequence, any order
+    close(rope.rotate(x[..., at, :], positions=at), rope.rotate(x)[..., at, :])
+    close(rope.rotate(x[..., :5, :], positions=at), naive_rope(x[..., :5, :], at))
+    q, k = rope(x[..., :5, :], x[..., 5:10, :], positions=at)
+    close(k, naive_rope(x[..., 5:10, :], at))
+    for bad, err, msg in ((at.float(), TypeError, "int64"), (at[:4], ValueError, r"\(5,\)"),
+                          (-at, ValueError, r"range \[-19, 0\]")):
+        with pytest.raises(err, match=f"RotaryEmbedding: positions .*{msg}"):
+            rope.rotate(x[..., :5, :], positions=bad)
+    with pytest.raises(ValueError, match="offset must be 0 when positions are given"):
+        rope.rotate(x[..., :5, :], 3, positions=at)
+
+
+def test_rope_layer_at_shuffled_positions_is_the_shuffled_layer():
+    """The defining property of positions: the tokens in another order, each given its own
+    position, give the same rows in that order (ring attention's shards hold their tokens
+    so; causality it reads from its layout, not from this order)."""
+    m = make("reference", positions="rope")
+    x, at = x_(), torch.tensor([4, 1, 5, 0, 3, 2])
+    full = m(x)
+    close(m(x[:, at], positions=at), full[:, at])
+    # Without them the shuffled tokens sit at 0 .. N-1: other distances, other rows.
+    assert not torch.allclose(m(x[:, at]), full[:, at])
+    plain = make("reference")  # no RoPE: attention is permutation-equivariant already
+    close(plain(x[:, at], positions=at), plain(x)[:, at])
+
+
+def test_layer_positions_errors():
+    m = make("reference", positions="rope", is_causal=True)
+    x, at = x_(), torch.arange(N)
+    with pytest.raises(ValueError, match="positions are for self-attention.*got key"):
+        m(x, x_(), positions=at)
+    with pytest.raises(ValueError, match="positions cannot be given with a kv_cache"):
+        m(x, kv_cache=m.new_cache(), positions=at)
+    with pytest.raises(ValueError, match=r"MultiheadAttention: positions must have shape \(6,\)"):
+        m(x, positions=at[:3])
+    alibi = make("reference", positions="alibi")
+    with pytest.raises(ValueError, match="positions='alibi' biases the scores.*no positions"):
+        alibi(x, positions=at)
+
+
 # ---------------------------------------------------------------- ALiBi
 
 

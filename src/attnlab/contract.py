@@ -118,6 +118,24 @@ def check_padding_mask(who: str, name: str, mask, ids: torch.Tensor):
     return mask
 
 
+def check_positions(who: str, name: str, positions, n: int, *,
+                    high: int | None = None) -> torch.Tensor:
+    """``positions`` ``(n,)``: the tokens' integer positions, in any order (a shard of a
+    longer sequence, as context parallelism gives each rank), each in ``[0, high)``
+    (``high=None``: no upper bound); returned as int64, else an error naming it."""
+    if not isinstance(positions, torch.Tensor) or positions.dtype not in (torch.int64,
+                                                                          torch.int32):
+        got = positions.dtype if isinstance(positions, torch.Tensor) else type(positions)
+        raise TypeError(f"{who}: {name} must be an int64 (or int32) tensor; got {got}")
+    low, top = (int(positions.min()), int(positions.max())) if positions.numel() else (0, 0)
+    bound = f"[0, {high})" if high is not None else "[0, inf)"
+    if positions.shape != (n,) or low < 0 or (high is not None and top >= high):
+        raise ValueError(f"{who}: {name} must have shape ({n},), one per token, with values "
+                         f"in {bound}; got shape {tuple(positions.shape)}, range "
+                         f"[{low}, {top}]")
+    return positions.long()
+
+
 def is_key_padding_mask(mask) -> bool:
     """A bool mask that depends on the key alone: 2-D to 4-D with ``Nq`` dimension 1."""
     return (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool

@@ -21,6 +21,7 @@ import math
 import torch
 from torch import nn
 
+from attnlab.contract import check_positions
 from attnlab.models.args import as_layer_mechanism, attn_positions, padding_for
 from attnlab.nn import MultiheadAttention
 from attnlab.util.checks import check_int
@@ -98,21 +99,11 @@ class TokenEmbedding(nn.Module):
 
     def _check_positions(self, positions, n: int, offset: int) -> torch.Tensor:
         """``positions`` as an index into the tables, or an error naming it."""
-        who = "TokenEmbedding: positions"
-        if not isinstance(positions, torch.Tensor) or positions.dtype not in (torch.int64,
-                                                                              torch.int32):
-            got = positions.dtype if isinstance(positions, torch.Tensor) else type(positions)
-            raise TypeError(f"{who} must be an int64 (or int32) tensor; got {got}")
-        low, high = ((int(positions.min()), int(positions.max())) if positions.numel()
-                     else (0, 0))
-        bad = ("offset must be 0 (they are absolute)" if offset else
-               f"shape must be ({n},), one per token of ids" if positions.shape != (n,) else
-               f"they must lie in [0, max_len={self.max_len})" if low < 0 or high >= self.max_len
-               else None)
-        if bad:
-            raise ValueError(f"{who}: {bad}; got offset={offset}, shape "
-                             f"{tuple(positions.shape)}, range [{low}, {high}]")
-        return positions.to(self.weight.device)
+        if offset:
+            raise ValueError(f"TokenEmbedding: offset must be 0 when positions are given "
+                             f"(they are absolute); got offset={offset}")
+        at = check_positions("TokenEmbedding", "positions", positions, n, high=self.max_len)
+        return at.to(self.weight.device)
 
 
 # ------------------------------------------------------------------------------- the block
@@ -153,13 +144,15 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, *, key_padding_mask: torch.Tensor | None = None,
                 is_causal: bool = False, memory: torch.Tensor | None = None,
                 memory_padding_mask: torch.Tensor | None = None, kv_cache=None,
-                need_weights: bool = False):
+                need_weights: bool = False, positions: torch.Tensor | None = None):
         """``x`` ``(B, N, d)`` -> ``(B, N, d)``, or ``(out, weights)`` with the
         self-attention weights ``(B, H, N, N)`` when ``need_weights``.
 
         ``key_padding_mask`` ``(B, N)`` is ``True`` at padding (torch's convention); it is
         handed to the layer through :func:`padding_for`. ``kv_cache`` (an
         ``attnlab.nn.cache.KVCache``) decodes incrementally: ``x`` holds the new tokens only.
+        ``positions`` ``(N,)``: the tokens' global positions, for the self-attention's RoPE
+        (:class:`~attnlab.nn.MultiheadAttention`), when ``x`` is one shard of a sequence.
         """
         if (memory is None) != (self.cross_attn is None):
             raise ValueError("TransformerBlock: memory must be given exactly when the block "
@@ -167,6 +160,8 @@ class TransformerBlock(nn.Module):
                              f"got memory={'None' if memory is None else 'a tensor'}")
         kpm = padding_for(self.self_attn.spec, key_padding_mask, is_causal)
         kw = {} if kv_cache is None else {"kv_cache": kv_cache}
+        if positions is not None:
+            kw["positions"] = positions
         res = self.self_attn(self.norm1(x), key_padding_mask=kpm, is_causal=is_causal,
                              need_weights=need_weights, **kw)
         h, weights = res if need_weights else (res, None)

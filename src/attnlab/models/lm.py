@@ -94,24 +94,26 @@ class DecoderLM(ModelBase):
 
     def _logits(self, ids, *, padding_mask=None, caches=None, offset: int = 0,
                 positions=None):
+        # RoPE's layers rotate at the global positions too; ALiBi was refused in forward.
+        kw = {} if positions is None else {"positions": positions.to(ids.device)}
         h = self.decoder(self.embed(ids, offset, positions), key_padding_mask=padding_mask,
-                         is_causal=True, kv_caches=caches)
+                         is_causal=True, kv_caches=caches, **kw)
         return F.linear(h, self.embed.weight)  # tied output layer
 
     def forward(self, ids: torch.Tensor, padding_mask: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None):
         """``positions`` ``(N,)``: the tokens' global positions when ``ids`` is one shard
         of longer sequences (context parallelism, :mod:`attnlab.train.context`); default
-        ``0 .. N-1``. Only the embedding reads them: attention takes the tokens in the order
-        given (ring attention knows its shard's positions from its layout), so with
-        ``positions="rope"`` (rotations at ``0 .. N-1`` inside the layers) they are
-        refused."""
+        ``0 .. N-1``. The embedding adds them (sinusoidal, learned) or every layer's RoPE
+        rotates at them; attention takes the tokens in the order given (ring attention
+        knows its shard's positions from its layout). ``positions="alibi"``, a bias by the
+        distance in the order given, refuses them."""
         check_ids(_WHO, "ids", ids, self.vocab_size, self.max_len)
         padding_mask = check_padding_mask(_WHO, "padding_mask", padding_mask, ids)
-        if positions is not None and self.config["positions"] in ("rope", "alibi"):
+        if positions is not None and self.config["positions"] == "alibi":
             raise ValueError(f"{_WHO}: positions (global token positions) cannot reach "
-                             f"positions={self.config['positions']!r}, which acts inside "
-                             f"attention at 0 .. N-1; use sinusoidal, learned or none")
+                             f"positions='alibi', a bias by the distance in the order given; "
+                             f"use rope, sinusoidal, learned or none")
         return self._logits(ids, padding_mask=padding_mask, positions=positions)
 
     def can_cache(self) -> bool:

@@ -24,7 +24,7 @@ from attnlab.nn.cache import (
 from attnlab.nn.length_fold import attend_folded, length_fold
 from attnlab.nn.masks import combine, layer_mask
 from attnlab.nn.options import ConvInputs, OutputGate, hybrid_sugar
-from attnlab.nn.positional import RotaryEmbedding
+from attnlab.nn.positional import RotaryEmbedding, check_layer_positions
 from attnlab.registry import CONTEXT_HPARAMS, REQUIRED, create, get
 from attnlab.util.checks import check_bool, check_choice, check_float, check_int
 
@@ -321,16 +321,20 @@ class MultiheadAttention(nn.Module):
                          f"Nq={Nq} != Nk={seen}" if Nq != seen else "")
         return Nk
 
-    def _attend(self, q, key, value, mask, causal: bool, T: int, kv_cache, dropout_p: float,
+    def _attend(self, q, key, value, mask, causal: bool, at, kv_cache, dropout_p: float,
                 need_weights: bool, effective: bool):
         """The mechanism on the projected keys and values (appended to ``kv_cache`` if any);
+        ``at``: where the tokens sit, the first one's position (an int: a cache's length)
+        or each one's (a ``(N,)`` tensor of ``positions``);
         ``Hkv < H`` heads go to it as they are, with ``enable_gqa``. ``effective``: the
         weights ``A`` with ``out = A v``, as ``attend(q, k, I)``: every mechanism here is
         linear in ``v``."""
         k = self._split(self.k_proj(key), self.num_kv_heads)
         v = self._split(self.v_proj(value), self.num_kv_heads)
         if self.rotary is not None:
-            q, k = self.rotary(q, k, T)  # rotate the Hkv key heads, not H copies of them
+            # Rotate the Hkv key heads, not H copies of them.
+            q, k = (self.rotary(q, k, positions=at) if isinstance(at, torch.Tensor)
+                    else self.rotary(q, k, at))
         gqa = self.num_kv_heads != self.num_heads
         if isinstance(kv_cache, StateCache):  # the mechanism's own state: no keys kept here
             out, state = self.attn.decode(q, k, v, kv_cache.state, enable_gqa=gqa)
@@ -346,7 +350,7 @@ class MultiheadAttention(nn.Module):
         eye = torch.eye(Nk, dtype=v.dtype, device=v.device).expand(*v.shape[:2], Nk, Nk)
         return res, self.attn(q, k, eye, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
 
-    def _run(self, q, key, value, mask, causal: bool, T: int, kv_cache, key_padding_mask,
+    def _run(self, q, key, value, mask, causal: bool, at, kv_cache, key_padding_mask,
              need_weights: bool):
         """The mechanism on ``q``: length-folded where valid and cheaper, else :meth:`_attend`."""
         dropout_p = self.dropout if self.training else 0.0
@@ -357,7 +361,7 @@ class MultiheadAttention(nn.Module):
                              f"each feature apart); pass need_weights=False")
         fold = None if kv_cache is not None else self._length_fold(key.shape[1])
         if fold is None:
-            return self._attend(q, key, value, mask, causal, T, kv_cache, dropout_p,
+            return self._attend(q, key, value, mask, causal, at, kv_cache, dropout_p,
                                 need_weights, effective)
         # Keys/values mixed along the length first: E (X W) = (E X) W.
         return attend_folded(self.attn, q, key, value, fold, (self.k_proj, self.v_proj),
@@ -376,6 +380,7 @@ class MultiheadAttention(nn.Module):
         is_causal: bool | None = None,
         need_weights: bool = False,
         kv_cache: KVCache | StateCache | None = None,
+        positions: torch.Tensor | None = None,
     ):
         """Attend; ``key=None`` is self-attention and ``value=None`` reuses ``key``.
 
@@ -395,6 +400,11 @@ class MultiheadAttention(nn.Module):
         mechanism with ``decode_state`` decodes with a :class:`~attnlab.nn.StateCache` the
         same way (no ``attn_mask``, no weights, no ALiBi); :meth:`new_cache` gives the
         cache this layer's mechanism takes.
+
+        ``positions`` ``(Nq,)``: the tokens' global positions in self-attention when the
+        input is one shard of longer sequences, in any order (context parallelism); RoPE
+        rotates at them (default ``0 .. N-1``, or after the cache). A layer without RoPE
+        has no position of its own to place and takes them as given; ALiBi refuses them.
         """
         query, key, value, self_attn = self._inputs(query, key, value)
         B, Nq = query.shape[:2]
@@ -422,7 +432,9 @@ class MultiheadAttention(nn.Module):
                                                    self_attn=self_attn, cache=kv_cache, T=T,
                                                    who=_W)
         q = self._split(self.q_proj(xq), self.num_heads)
-        res = self._run(q, key, value, mask, mech_causal, T, kv_cache, key_padding_mask,
+        at = T if positions is None else check_layer_positions(
+            positions, self.positions, self_attn, kv_cache is not None, Nq, _W)
+        res = self._run(q, key, value, mask, mech_causal, at, kv_cache, key_padding_mask,
                         need_weights)
         out, weights = res if need_weights else (res, None)
         if tail is not None:  # the call succeeded: the cache moves on with the keys

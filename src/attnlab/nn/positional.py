@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from attnlab.contract import check_positions
 from attnlab.util.checks import check_float, check_int
 
 __all__ = ["RotaryEmbedding", "alibi_bias", "alibi_slopes"]
@@ -92,8 +93,11 @@ class RotaryEmbedding(nn.Module):
             self._cos, self._sin = ang.cos(), ang.sin()
         return self._cos[:n].to(dtype), self._sin[:n].to(dtype)
 
-    def rotate(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """Rotate ``x`` ``(..., N, head_dim)`` as if its first row sat at ``offset``."""
+    def rotate(self, x: torch.Tensor, offset: int = 0,
+               positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Rotate ``x`` ``(..., N, head_dim)`` as if its first row sat at ``offset``, or
+        row ``i`` at ``positions[i]`` (``(N,)`` integers, any order: a shard of a longer
+        sequence)."""
         if x.shape[-1] != self.head_dim:
             raise ValueError(
                 f"RotaryEmbedding: last dim of x must be head_dim={self.head_dim}; "
@@ -101,13 +105,39 @@ class RotaryEmbedding(nn.Module):
             )
         offset = check_int("offset", offset, low=0, who="RotaryEmbedding")
         n = x.shape[-2]
-        cos, sin = self.tables(offset + n, x.device, x.dtype)
-        cos, sin = cos[offset:], sin[offset:]
+        if positions is not None:
+            if offset:
+                raise ValueError(f"RotaryEmbedding: offset must be 0 when positions are "
+                                 f"given (they are absolute); got offset={offset}")
+            at = check_positions("RotaryEmbedding", "positions", positions, n).to(x.device)
+            cos, sin = self.tables(int(at.max()) + 1 if n else 0, x.device, x.dtype)
+            cos, sin = cos[at], sin[at]
+        else:
+            cos, sin = self.tables(offset + n, x.device, x.dtype)
+            cos, sin = cos[offset:], sin[offset:]
         return x * cos + _rotate_half(x) * sin
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0):
-        """Rotated ``(q, k)``; both start at position ``offset`` (lengths may differ)."""
-        return self.rotate(q, offset), self.rotate(k, offset)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0,
+                positions: torch.Tensor | None = None):
+        """Rotated ``(q, k)``; both start at position ``offset`` (lengths may differ), or
+        sit at ``positions`` (self-attention: one per token of both)."""
+        return self.rotate(q, offset, positions), self.rotate(k, offset, positions)
+
+
+def check_layer_positions(positions, layer_positions: str | None, self_attn: bool,
+                          cached: bool, n: int, who: str) -> torch.Tensor:
+    """An attention layer's ``positions`` (:class:`~attnlab.nn.MultiheadAttention`):
+    ``(n,)`` global positions of self-attention's tokens, or an error naming them."""
+    if not self_attn:
+        raise ValueError(f"{who}positions are for self-attention (queries and keys are the "
+                         f"same tokens); got key")
+    if cached:
+        raise ValueError(f"{who}positions cannot be given with a kv_cache (the new tokens "
+                         f"sit after the cached ones); pass one or the other")
+    if layer_positions == "alibi":
+        raise ValueError(f"{who}positions='alibi' biases the scores by the distance in the "
+                         f"order given; it takes no positions")
+    return check_positions(who.rstrip(": "), "positions", positions, n)
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:

@@ -6,22 +6,23 @@ sequence: ``n = N / P`` tokens, at the global positions ``positions(layout, rank
 of the model's ring layers (:mod:`attnlab.mechanisms.ring`; ``layout`` is the mechanism's
 hyperparameter, zigzag by default), so a sequence of ``N`` tokens costs each rank ``N / P``
 tokens of activations and ``1 / P`` of the attention's work; the key/value shards travel
-around the ring. The token embedding adds the global positions (``DecoderLM(ids,
-positions=...)``, passed by a forward pre-hook during the step: the task calls ``model(x)``
-itself); every other layer of the model acts on each position alone.
+around the ring. The token embedding adds the global positions, or every layer's RoPE
+rotates at them (``DecoderLM(ids, positions=...)``, passed by a forward pre-hook during the
+step: the task calls ``model(x)`` itself); every other layer acts on each position alone.
 
 What can run: a task of kind ``language_model`` whose batch is ``{"x", "y"}``, inputs and
 targets of the same ``(B, N)`` position by position, and whose loss is the mean over the
 targets that are not ``-100`` (``F.cross_entropy``'s ``ignore_index``): WikiText-2. A
 classifier pools over the whole sequence, the answer tasks score the last positions only:
-refused, as is a model with any layer other than ``ring`` (``--mechanism ring``), RoPE or
-ALiBi (they act inside attention at ``0 .. n-1``) and a regime other than the standard one
-(its extra forwards would not see the positions). The first training batch's ``N`` must
-cut evenly (``2P`` chunks for zigzag, ``P`` shards otherwise: refused with the ring's
-message before training starts). A shorter batch (the end of a WikiText-2 epoch) is padded
-at its end to the next multiple, inputs with id 0 and targets with ``-100``: causal
-attention never lets a real token see padding after it and the loss ignores it, so the
-step is exactly the unpadded one.
+refused, as is a model with any layer other than ``ring`` (``--mechanism ring``; ring
+takes no ALiBi, whose bias is an arbitrary mask) and a regime other than the standard one
+(its extra forwards would not see the positions). RoPE rotates every shard's queries and
+keys at their global positions, so ``q_m . k_n`` depends on ``m - n`` as on one process.
+The first training batch's ``N`` must cut evenly (``2P`` chunks for zigzag, ``P`` shards
+otherwise: refused with the ring's message before training starts). A shorter batch (the
+end of a WikiText-2 epoch) is padded at its end to the next multiple, inputs with id 0 and
+targets with ``-100``: causal attention never lets a real token see padding after it and
+the loss ignores it, so the step is exactly the unpadded one.
 
 The gradient is the single-process one, as in data parallelism
 (:mod:`attnlab.train.distributed`): rank ``r``'s loss is the mean over its ``n_r`` real
@@ -115,10 +116,6 @@ class ContextParallel:
         if others:
             raise ConfigError(f"{who}: every attention layer must be ring (pass --mechanism "
                               f"ring, no other layer_mechanisms); the model has {others}")
-        if model.config["positions"] in ("rope", "alibi"):
-            raise ConfigError(f"{who}: positions={model.config['positions']!r} acts inside "
-                              f"attention at 0 .. n-1, not at a shard's global positions; use "
-                              f"--model-opt positions=sinusoidal, learned or none")
         layouts = {a.hp["layout"] for a in attns}
         if len(layouts) != 1:
             raise ConfigError(f"{who}: the ring layers must share one layout; got {layouts}")
