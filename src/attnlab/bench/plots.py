@@ -27,7 +27,7 @@ from attnlab.bench.analysis import (
     status_word,
     summarise,
 )
-from attnlab.util.optional import optional_import
+from attnlab.util.optional import matplotlib_agg
 
 __all__ = ["plot_run"]
 
@@ -43,9 +43,7 @@ _RC = {"svg.fonttype": "none",  # keep text as <text> in SVG: searchable, select
 
 
 def _mpl():
-    matplotlib = optional_import("matplotlib", extra="viz", purpose="attnlab.bench.plots")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    matplotlib, Figure, FigureCanvasAgg = matplotlib_agg("attnlab.bench.plots")
     from matplotlib.ticker import FuncFormatter, NullFormatter
     return matplotlib, Figure, FigureCanvasAgg, FuncFormatter, NullFormatter
 

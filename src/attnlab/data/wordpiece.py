@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+from attnlab.util.optional import optional_import
+
 __all__ = ["wordpiece_vocab"]
 
 MAX_ALPHABET = 1000  # BERT's limit_alphabet: rarer characters become UNK
@@ -23,7 +25,7 @@ _PRIVATE_USE = 0xF0000  # Supplementary Private Use Area-A: 65,534 code points
 def wordpiece_vocab(words: Counter, vocab_size: int, min_frequency: int,
                     specials: tuple[str, ...]) -> dict[str, int]:
     """piece -> id (specials first, ids contiguous) learned from word counts ``words``."""
-    import tokenizers as tk
+    tk = optional_import("tokenizers", extra="data", purpose="the 'wordpiece' tokenizer")
     units = Counter()
     for w, n in words.items():
         units[w[0]] += n

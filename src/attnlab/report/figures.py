@@ -5,17 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from attnlab.files import atomic_path
-from attnlab.util.optional import optional_import
+from attnlab.util.optional import matplotlib_agg
 
 __all__ = ["mpl", "save", "plain"]
 
 
-def mpl(who: str):
-    """``(matplotlib, Figure, FigureCanvasAgg)``; figures never go through pyplot's state."""
-    matplotlib = optional_import("matplotlib", extra="viz", purpose=who)
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    return matplotlib, Figure, FigureCanvasAgg
+# (matplotlib, Figure, FigureCanvasAgg) for ``who``; figures never go through pyplot.
+mpl = matplotlib_agg
 
 
 def outputs(path, suffix: str = "") -> list[Path]:

@@ -28,6 +28,7 @@ from attnlab.tasks.common import (
 from attnlab.train.config import ConfigError
 from attnlab.train.metrics import psnr, ssim
 from attnlab.train.task import Task, register_task
+from attnlab.util.optional import matplotlib_agg
 
 __all__ = ["Inpainting", "InpaintDigits", "InpaintMNIST", "InpaintFashion"]
 
@@ -140,16 +141,15 @@ class Inpainting(Task):
     def inpaint_figure(self, model, out: str | Path, *, n: int = 8, split: str = "test"
                        ) -> dict[str, float]:
         """Rows: original, masked input, reconstruction; ``n`` images of ``split``."""
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        _, Figure, Canvas = matplotlib_agg("the inpainting figure")
         if split not in self.images:
             raise ConfigError(f"split must be one of {sorted(self.images)}; got {split!r}")
         n = min(n, self.images[split].shape[0])
         x, m, pred = self.predict(model, split, list(range(n)))
         rows = [("original", x), ("masked", apply_mask(x, m)), ("inpainted", pred)]
-        fig, axes = plt.subplots(3, n, figsize=(1.3 * n, 4.2), squeeze=False)
+        fig = Figure(figsize=(1.3 * n, 4.2))
+        Canvas(fig)
+        axes = fig.subplots(3, n, squeeze=False)
         for r, (label, imgs) in enumerate(rows):
             for i in range(n):
                 ax = axes[r][i]
@@ -166,11 +166,8 @@ class Inpainting(Task):
         fig.tight_layout()
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with atomic_path(out) as tmp:
-                fig.savefig(tmp, dpi=120, format=out.suffix.lstrip(".").lower() or "png")
-        finally:
-            plt.close(fig)
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, dpi=120, format=out.suffix.lstrip(".").lower() or "png")
         return {"psnr": value}
 
 

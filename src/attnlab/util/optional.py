@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["optional_import"]
+__all__ = ["matplotlib_agg", "optional_import"]
 
 
 def optional_import(module: str, *, extra: str, purpose: str, dist: str | None = None,
@@ -25,3 +25,13 @@ def optional_import(module: str, *, extra: str, purpose: str, dist: str | None =
         d = dist or module.split(".")[0]
         raise error(f"{purpose} needs `{d}`, which is not installed ({e}); install it with "
                     f'pip install -e ".[{extra}]" (or pip install {d})') from e
+
+
+def matplotlib_agg(purpose: str):
+    """``(matplotlib, Figure, FigureCanvasAgg)`` of the optional matplotlib (the ``viz``
+    extra). Figures are made as ``Figure`` objects on an Agg canvas, never through pyplot:
+    a caller's pyplot state and backend (a notebook's) are left alone."""
+    matplotlib = optional_import("matplotlib", extra="viz", purpose=purpose)
+    agg = importlib.import_module("matplotlib.backends.backend_agg")
+    figure = importlib.import_module("matplotlib.figure")
+    return matplotlib, figure.Figure, agg.FigureCanvasAgg
