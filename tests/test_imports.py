@@ -148,3 +148,43 @@ def test_every_module_imports_in_a_fresh_interpreter():
     proc = subprocess.run([sys.executable, "-c", code, *names], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# Function-local imports are for optional packages only (the house rule): what the core
+# install has (torch, numpy, rich, the standard library) is imported at the top. A torch
+# module that needs an optional package is optional itself.
+OPTIONAL_TORCH = {"torch.utils.tensorboard"}  # needs tensorboard (the viz extra)
+
+
+def local_core_imports(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, module) of every import of a core module inside a function of ``tree``."""
+    found = []
+    for fn in ast.walk(tree):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                mods = [node.module]
+            else:
+                continue
+            found += [(node.lineno, m) for m in mods
+                      if (m.split(".")[0] in ("torch", "numpy", "rich")
+                          or m.split(".")[0] in sys.stdlib_module_names)
+                      and m not in OPTIONAL_TORCH]
+    return sorted(set(found))
+
+
+def test_core_modules_are_imported_at_the_top():
+    bad = [f"{name}:{line} imports {m} inside a function"
+           for name, path in MODULES.items()
+           for line, m in local_core_imports(ast.parse(path.read_text(encoding="utf-8")))]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_rule_sees_a_local_core_import():
+    code = ("import torch\n\ndef f():\n    from torch.utils.benchmark import Timer\n"
+            "    import json\n    from torch.utils.tensorboard import SummaryWriter\n"
+            "    import tokenizers\n")
+    assert local_core_imports(ast.parse(code)) == [(4, "torch.utils.benchmark"), (5, "json")]

@@ -90,15 +90,14 @@ def test_listops_never_truncates_and_cls_fits(tmp_path):
 def test_inpaint_cli_writes_a_figure(tmp_path):
     pytest.importorskip("sklearn")
     matplotlib = pytest.importorskip("matplotlib")
-    import matplotlib.image
-
+    image = pytest.importorskip("matplotlib.image")
     r = run(tmp_path, "inpaint_digits", steps=4, n_train=64)
     out = tmp_path / "fig.png"
     backend = matplotlib.get_backend()
     assert main(["inpaint", str(r.run_dir), "--n", "4", "--out", str(out)]) == 0
     assert matplotlib.get_backend() == backend  # a Figure on Agg: a notebook's is left alone
     # 3 rows (original, masked, inpainted) of 4 images: 1.3 x 4 by 4.2 inches at 120 dpi
-    assert matplotlib.image.imread(out).shape[:2] == (504, 624)
+    assert image.imread(out).shape[:2] == (504, 624)
 
 
 def test_cli_train_tasks_and_errors(tmp_path, capsys):

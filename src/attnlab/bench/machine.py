@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import torch
+from torch.utils.benchmark import Timer
 
 from attnlab.version import __version__
 
@@ -72,8 +73,6 @@ def matmul_roof_gflops(threads: int, device: str = "cpu", size: int = 2048,
                        min_run_time: float = 0.5) -> float:
     """Measured fp32 GFLOP/s of a ``size^3`` matmul: what any attention kernel here can
     at best reach (attention is matmul plus softmax)."""
-    from torch.utils.benchmark import Timer
-
     torch.set_num_threads(threads)
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)

@@ -35,6 +35,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils import flop_counter as fc
+from torch.utils.benchmark import Timer
+from torch.utils.flop_counter import FlopCounterMode
 
 from attnlab.bench import layouts, peers
 from attnlab.bench.peers import is_peer, verify_peer
@@ -57,8 +60,6 @@ def _teach_flop_counter() -> None:
     ``baddbmm_`` / ``addmm_`` (the causal kernel-attention scan accumulates with them): they
     get the formulas of their out-of-place forms.
     """
-    from torch.utils import flop_counter as fc
-
     aten = torch.ops.aten
     fwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     bwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
@@ -82,9 +83,6 @@ def warm_up() -> None:
     """Import now what the first measurement would import lazily (FlopCounterMode pulls in
     torch._dynamo and sympy: about a second). The runner's forkserver runs it once (module
     :mod:`attnlab.bench.warm`), so every child it forks starts with it done."""
-    from torch.utils.benchmark import Timer  # noqa: F401
-    from torch.utils.flop_counter import FlopCounterMode
-
     with FlopCounterMode(display=False):
         torch.ones(2, 2) @ torch.ones(2, 2)
 
@@ -195,11 +193,9 @@ def count_flops(p: dict, hparams: dict, step) -> tuple[float, str]:
     around one ``step()`` (the matmuls it runs)."""
     model = None if peers.is_peer(p["mechanism"]) else get(p["mechanism"]).flops
     if model is None:
-        from torch.utils.flop_counter import FlopCounterMode
-
-        with FlopCounterMode(display=False) as fc:
+        with FlopCounterMode(display=False) as counter:
             step()
-        return float(fc.get_total_flops()), "FlopCounterMode"
+        return float(counter.get_total_flops()), "FlopCounterMode"
     D = p["head_dim"]
     flops = model(B=p["batch"], H=p["heads"], Nq=p["N"], Nk=p["N"], D=D, Dv=D,
                   causal=p["causal"], pass_=p["pass_"], hparams=hparams)
@@ -247,8 +243,6 @@ def measure_point(p: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
 
     out["peak_mem_bytes"] = peak_bytes(step, device)
     out["flops"], out["flops_method"] = count_flops(p, hparams, step)
-    from torch.utils.benchmark import Timer
-
     m = Timer("step()", globals={"step": step}, num_threads=cfg["threads"]).blocked_autorange(
         min_run_time=cfg["min_run_time"])
     out.update(time_s=m.median, time_iqr_s=m.iqr, runs=len(m.times) * m.number_per_run,

@@ -55,6 +55,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from attnlab.mechanisms.selection import total_reinforce_loss
 from attnlab.train.config import ConfigError
@@ -387,9 +389,6 @@ def launch(nproc: int, entrypoint: Callable | str, args: tuple = (), *,
     Returns 0, or the exit code of the first rank that failed after printing which ranks
     failed and how (their own error lines come before, on their stderr). The agent stops
     the other ranks as soon as one fails."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
     if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
         raise ConfigError(f"--nproc must be an int >= 1; got {nproc!r}")
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc,

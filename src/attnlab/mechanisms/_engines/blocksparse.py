@@ -64,6 +64,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from torch.nn.attention.flex_attention import BlockMask
 
 from attnlab.contract import work_dtype
 
@@ -248,8 +249,6 @@ class _Plan:
         ``with_full`` marks blocks whose every pair is allowed as *full* (FlexAttention then
         skips ``mask_mod`` there); a caller's bool mask needs every block *partial*.
         """
-        from torch.nn.attention.flex_attention import BlockMask
-
         if with_full not in self._flex:
             lay, dev = self.layout, self.rule.blocks.device
             if with_full:

@@ -10,6 +10,7 @@ two for each call.
 from __future__ import annotations
 
 import torch
+from torch.nn.attention.flex_attention import flex_attention
 
 from attnlab.contract import HALF_DTYPES
 from attnlab.mechanisms._engines.blocksparse import (
@@ -29,8 +30,6 @@ def _compiled_flex():
     """``torch.compile(flex_attention)``, built once per process (compiling costs seconds)."""
     global _FLEX
     if _FLEX is None:
-        from torch.nn.attention.flex_attention import flex_attention
-
         # dynamic=False: a new length gets its own static kernel. With the default, the
         # second length triggers a dynamic-shape recompile, whose CPU C++ code fails to
         # build in torch 2.13 (``cur_kvSplitSize4`` undeclared).
