@@ -21,39 +21,23 @@ from attnlab.nn.cache import (
     decoding_mask,
     new_cache,
 )
+from attnlab.nn.layer_inputs import (
+    check_input,
+    check_layer_positions,
+    head_sizes,
+    positions_kind,
+)
 from attnlab.nn.length_fold import attend_folded, length_fold
 from attnlab.nn.masks import combine, layer_mask
 from attnlab.nn.options import ConvInputs, OutputGate, hybrid_sugar
-from attnlab.nn.positional import RotaryEmbedding, check_layer_positions
+from attnlab.nn.positional import RotaryEmbedding
 from attnlab.registry import CONTEXT_HPARAMS, REQUIRED, create, get
-from attnlab.util.checks import check_bool, check_choice, check_float, check_int
+from attnlab.util.checks import check_bool, check_float, check_int
 
 __all__ = ["MultiheadAttention"]
 
-POSITIONS = ("rope", "alibi")
 _WHO = "MultiheadAttention"
 _W = f"{_WHO}: "  # every error names the layer
-
-
-def _sizes(embed_dim, num_heads, num_kv_heads) -> tuple[int, int, int]:
-    """``(E, H, Hkv)``, checked: ``H`` divides ``E`` and ``Hkv`` divides ``H``."""
-    E, H = check_int("embed_dim", embed_dim, who=_WHO), check_int("num_heads", num_heads, who=_WHO)
-    if E % H:
-        raise ValueError(f"{_W}embed_dim must be divisible by num_heads; got "
-                         f"embed_dim={E}, num_heads={H} (remainder {E % H})")
-    Hkv = H if num_kv_heads is None else check_int("num_kv_heads", num_kv_heads, who=_WHO)
-    if H % Hkv:
-        valid = [d for d in range(1, H + 1) if H % d == 0]
-        raise ValueError(f"{_W}num_kv_heads must divide num_heads={H}; got "
-                         f"num_kv_heads={Hkv} (valid: {valid})")
-    return E, H, Hkv
-
-
-def _positions(value) -> str | None:
-    if value is None:
-        return None
-    return check_choice("positions", value.lower() if isinstance(value, str) else value,
-                        POSITIONS, who=_WHO)
 
 
 class MultiheadAttention(nn.Module):
@@ -125,7 +109,7 @@ class MultiheadAttention(nn.Module):
         **hparams,
     ) -> None:
         super().__init__()
-        E, H, Hkv = _sizes(embed_dim, num_heads, num_kv_heads)
+        E, H, Hkv = head_sizes(embed_dim, num_heads, num_kv_heads)
         self.embed_dim, self.num_heads, self.num_kv_heads = E, H, Hkv
         self.dropout = check_float("dropout", dropout, low=0.0, high=1.0, high_inclusive=False,
                                    who=_WHO)
@@ -135,7 +119,7 @@ class MultiheadAttention(nn.Module):
         self.max_seq_len = check_int("max_seq_len", max_seq_len, nullable=True, who=_WHO)
         self.is_causal = check_bool("is_causal", is_causal, who=_WHO)
         self.batch_first = check_bool("batch_first", batch_first, who=_WHO)
-        self.positions = _positions(positions)
+        self.positions = positions_kind(positions)
         self.conv_kernel_size = check_int("conv_kernel_size", conv_kernel_size, nullable=True,
                                           who=_WHO)
         mechanism, hparams = hybrid_sugar(mechanism, hparams, _W)
@@ -236,26 +220,7 @@ class MultiheadAttention(nn.Module):
                          + [f"{k}={v!r}" for k, v in extra.items() if v != defaults[k]])
 
     def _check_input(self, name: str, x, dim: int, batch: int | None, proj: nn.Linear) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{_W}{name} must be a torch.Tensor; got {type(x).__name__}")
-        want = proj.weight.dtype
-        if not x.is_floating_point():
-            raise TypeError(f"{_W}{name} must be a floating-point tensor of the module's dtype "
-                            f"{want}; got {x.dtype} (token ids go through an embedding first)")
-        # Under autocast the projections run in the autocast dtype, whatever the input's.
-        if x.dtype != want and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"{_W}{name} dtype {x.dtype} does not match the module's dtype "
-                            f"{want}; convert the input (.to({want})) or the module "
-                            f"(.to({x.dtype}))")
-        layout = "(B, N, E)" if self.batch_first else "(N, B, E)"
-        if x.dim() != 3:
-            raise ValueError(f"{_W}{name} must be 3-D {layout} with E={dim}; "
-                             f"got {x.dim()}-D shape {format_shape(x)}")
-        if x.shape[-1] != dim:
-            raise ValueError(f"{_W}{name} feature size must be {dim}; got shape {format_shape(x)}")
-        if batch is not None and x.shape[0] != batch:
-            raise ValueError(f"{_W}{name} batch size {x.shape[0]} does not match the "
-                             f"query's {batch} (shape {format_shape(x)})")
+        check_input(_W, name, x, dim, batch, proj.weight.dtype, self.batch_first)
 
     def _mask(self, attn_mask, kpm, Nq: int, Nk: int, causal: bool, like: torch.Tensor,
               T: int, decoding: bool):
@@ -404,7 +369,8 @@ class MultiheadAttention(nn.Module):
         ``positions`` ``(Nq,)``: the tokens' global positions in self-attention when the
         input is one shard of longer sequences, in any order (context parallelism); RoPE
         rotates at them (default ``0 .. N-1``, or after the cache). A layer without RoPE
-        has no position of its own to place and takes them as given; ALiBi refuses them.
+        has no position of its own to place: it checks and then ignores them; ALiBi
+        refuses them.
         """
         query, key, value, self_attn = self._inputs(query, key, value)
         B, Nq = query.shape[:2]
@@ -418,6 +384,8 @@ class MultiheadAttention(nn.Module):
         causal = self.is_causal if is_causal is None else is_causal
         Nk = self._check_call(query, key, value, self_attn, T, causal, attn_mask,
                               key_padding_mask, isinstance(kv_cache, StateCache))
+        at = T if positions is None else check_layer_positions(
+            positions, self.positions, self_attn, kv_cache is not None, Nq, _W)
         # Before anything is appended to a cache: a bad mask must leave it untouched.
         if isinstance(kv_cache, StateCache):
             check_state_call(self.spec, attn_mask, need_weights, self.positions, _W)
@@ -432,8 +400,6 @@ class MultiheadAttention(nn.Module):
                                                    self_attn=self_attn, cache=kv_cache, T=T,
                                                    who=_W)
         q = self._split(self.q_proj(xq), self.num_heads)
-        at = T if positions is None else check_layer_positions(
-            positions, self.positions, self_attn, kv_cache is not None, Nq, _W)
         res = self._run(q, key, value, mask, mech_causal, at, kv_cache, key_padding_mask,
                         need_weights)
         out, weights = res if need_weights else (res, None)

@@ -124,22 +124,6 @@ class RotaryEmbedding(nn.Module):
         return self.rotate(q, offset, positions), self.rotate(k, offset, positions)
 
 
-def check_layer_positions(positions, layer_positions: str | None, self_attn: bool,
-                          cached: bool, n: int, who: str) -> torch.Tensor:
-    """An attention layer's ``positions`` (:class:`~attnlab.nn.MultiheadAttention`):
-    ``(n,)`` global positions of self-attention's tokens, or an error naming them."""
-    if not self_attn:
-        raise ValueError(f"{who}positions are for self-attention (queries and keys are the "
-                         f"same tokens); got key")
-    if cached:
-        raise ValueError(f"{who}positions cannot be given with a kv_cache (the new tokens "
-                         f"sit after the cached ones); pass one or the other")
-    if layer_positions == "alibi":
-        raise ValueError(f"{who}positions='alibi' biases the scores by the distance in the "
-                         f"order given; it takes no positions")
-    return check_positions(who.rstrip(": "), "positions", positions, n)
-
-
 def alibi_slopes(num_heads: int) -> torch.Tensor:
     r"""Per-head ALiBi slopes :math:`m_h` (Press et al. 2022, "Train Short, Test Long").
 
