@@ -236,8 +236,18 @@ def cmd_inpaint(args, console: Console) -> int:
 
 def add_parsers(sub) -> None:
     sub.add_parser("tasks", help="the tasks attnlab can train on: data, metric, models, options")
-    pt = sub.add_parser("train", help="train a model with a mechanism on a task",
-                        description=plain(__doc__))
+    _add_train(sub.add_parser("train", help="train a model with a mechanism on a task",
+                              description=plain(__doc__)))
+    _add_generate(sub.add_parser("generate", help="sample text from a trained language model "
+                                                  "run"))
+    pi = sub.add_parser("inpaint", help="before / masked / after images from an inpainting run")
+    pi.add_argument("run", help="run directory of one seed")
+    pi.add_argument("--n", type=int, default=8, help="images")
+    pi.add_argument("--split", default="test", help="data split the images come from")
+    pi.add_argument("--out", help="PNG path (default RUN/inpainting.png)")
+
+
+def _add_train(pt) -> None:
     task = "(default: the task's)"
     pt.add_argument("--task", help="a task of attnlab tasks")
     pt.add_argument("--mechanism", help="attention mechanism (default: sdpa)")
@@ -282,7 +292,9 @@ def add_parsers(sub) -> None:
                     help="with several processes, shard each sequence over them instead of "
                          "the rows (ring attention: needs --mechanism ring; language-model "
                          "tasks)")
-    pg = sub.add_parser("generate", help="sample text from a trained language model run")
+
+
+def _add_generate(pg) -> None:
     pg.add_argument("run", help="run directory (one seed: runs/wikitext2/sdpa/seed-0)")
     pg.add_argument("--prompt", default="", help="text to continue (default: none)")
     pg.add_argument("--max-new-tokens", type=int, default=50, help="tokens to sample")
@@ -296,11 +308,6 @@ def add_parsers(sub) -> None:
                     help="decode incrementally (a KV cache, or the mechanism's bounded "
                          "state: linear, performer, windows, the gated recurrences): auto "
                          "when the mechanism can, yes requires it, no recomputes the context")
-    pi = sub.add_parser("inpaint", help="before / masked / after images from an inpainting run")
-    pi.add_argument("run", help="run directory of one seed")
-    pi.add_argument("--n", type=int, default=8, help="images")
-    pi.add_argument("--split", default="test", help="data split the images come from")
-    pi.add_argument("--out", help="PNG path (default RUN/inpainting.png)")
 
 
 HANDLERS = {"tasks": cmd_tasks, "train": cmd_train, "generate": cmd_generate,

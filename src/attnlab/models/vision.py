@@ -17,16 +17,16 @@ pixels are copied and carry no error.
 
 from __future__ import annotations
 
-import json
 import math
 
 import torch
 import torch.nn.functional as nnf
 from torch import nn
 
+from attnlab.models.args import attn_positions, check_mechanism
 from attnlab.nn import MultiheadAttention
 from attnlab.registry import get
-from attnlab.util.checks import check_int
+from attnlab.util.checks import check_choice, check_float, check_int
 
 __all__ = ["POSITIONS", "UNetInpainter", "ViTInpainter", "inpainting_loss"]
 
@@ -168,27 +168,14 @@ class ViTInpainter(nn.Module):
                              f"d_model={d_model}, num_heads={num_heads}")
         num_layers = check_int("num_layers", num_layers, who=who)
         d_ff = 4 * d_model if d_ff is None else check_int("d_ff", d_ff, who=who)
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
-            raise TypeError(f"{who}: dropout must be a float; got {type(dropout).__name__}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"{who}: dropout must be in [0, 1); got {dropout!r}")
-        if positions not in POSITIONS:
-            raise ValueError(f"{who}: positions must be one of {list(POSITIONS)}; "
-                             f"got {positions!r}")
+        dropout = check_float("dropout", dropout, low=0.0, high=1.0, high_inclusive=False,
+                              who=who)
+        check_choice("positions", positions, POSITIONS, who=who)
         if positions == "sinusoidal" and d_model % 4:
             raise ValueError(f"{who}: positions='sinusoidal' (2-D) needs d_model divisible "
                              f"by 4; got d_model={d_model}")
-        if mechanism_kwargs is None:
-            mechanism_kwargs = {}
-        if not isinstance(mechanism_kwargs, dict):
-            raise TypeError(f"{who}: mechanism_kwargs must be a dict or None; got "
-                            f"{type(mechanism_kwargs).__name__}")
-        try:
-            json.dumps(mechanism_kwargs)
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"{who}: mechanism_kwargs must be JSON-serialisable (they are "
-                            f"part of config); got {mechanism_kwargs!r}") from e
-        spec = get(mechanism)  # unknown name -> ValueError with close matches
+        name, mechanism_kwargs = check_mechanism(who, "mechanism", mechanism, mechanism_kwargs)
+        spec = get(name)
         self.spec = spec
         self.image_size, self.patch_size, self.in_channels = image_size, patch_size, in_channels
         self.grid = image_size // patch_size
@@ -197,10 +184,24 @@ class ViTInpainter(nn.Module):
             "image_size": image_size, "patch_size": patch_size, "in_channels": in_channels,
             "mechanism": spec.name, "mechanism_kwargs": dict(mechanism_kwargs),
             "d_model": d_model, "num_heads": num_heads, "num_layers": num_layers,
-            "d_ff": d_ff, "dropout": float(dropout), "positions": positions,
+            "d_ff": d_ff, "dropout": dropout, "positions": positions,
         }
         patch_in = (in_channels + 1) * patch_size ** 2  # + the mask channel
         self.embed = nn.Linear(patch_in, d_model)
+        self._build_positions(positions, d_model)
+        built_kwargs = dict(mechanism_kwargs)
+        if any(h.name == "grid" for h in spec.hparams) and "grid" not in built_kwargs:
+            built_kwargs["grid"] = (self.grid, self.grid)  # tokens are the patches' raster
+        self.blocks = nn.ModuleList(
+            _EncoderBlock(d_model, num_heads, d_ff, dropout, spec.name, attn_positions(positions),
+                          self.num_patches, dict(built_kwargs))
+            for _ in range(num_layers))
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, in_channels * patch_size ** 2)
+
+    def _build_positions(self, positions: str, d_model: int) -> None:
+        """The patch positions added to the embedding ("learned", "sinusoidal" 2-D); RoPE
+        and ALiBi act in the attention layers instead."""
         self.pos_embed = None
         if positions == "learned":
             self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, d_model))
@@ -209,16 +210,6 @@ class ViTInpainter(nn.Module):
             # Derived data: not persistent, so the state_dict holds only what is learned.
             self.register_buffer("pos_table", _sincos_2d(self.grid, d_model)[None],
                                  persistent=False)
-        attn_positions = positions if positions in ("rope", "alibi") else None
-        built_kwargs = dict(mechanism_kwargs)
-        if any(h.name == "grid" for h in spec.hparams) and "grid" not in built_kwargs:
-            built_kwargs["grid"] = (self.grid, self.grid)  # tokens are the patches' raster
-        self.blocks = nn.ModuleList(
-            _EncoderBlock(d_model, num_heads, d_ff, float(dropout), spec.name, attn_positions,
-                          self.num_patches, dict(built_kwargs))
-            for _ in range(num_layers))
-        self.norm = nn.LayerNorm(d_model)
-        self.head = nn.Linear(d_model, in_channels * patch_size ** 2)
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W) -> (B, N, C p p)``, patches in raster order."""
