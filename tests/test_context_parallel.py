@@ -313,13 +313,14 @@ def test_two_processes_on_shards_train_as_one_on_whole_sequences(job, one):
     for x, y in zip(r2, r1, strict=True):
         assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-5)
         assert x["val_perplexity"] == pytest.approx(y["val_perplexity"], rel=1e-5)
-        assert x["val_tokens"] == y["val_tokens"] == 36  # 4 rows of 9: whole sequences
+        # 4 rows of 9: each real target counted once over the two ranks' shards
+        assert x["val_tokens"] == y["val_tokens"] == 36
     summary = json.loads((cp / "summary.json").read_text())
     assert summary["test"] == pytest.approx(result.test, rel=1e-5)
     assert json.loads((cp / "config.json").read_text())["context_parallel"] is True
 
 
-def test_each_rank_saw_its_shards_and_only_rank_0_evaluated(job):
+def test_each_rank_saw_its_shards_in_training_and_evaluation(job):
     seen = [json.loads((job / f"calls-rank{r}.json").read_text()) for r in (0, 1)]
     for rank, calls in enumerate(seen):
         steps = [c for c in calls if c["training"]]
@@ -328,10 +329,12 @@ def test_each_rank_saw_its_shards_and_only_rank_0_evaluated(job):
         for c in steps:
             assert c["positions"] == positions("zigzag", rank, 2, c["shape"][1]).tolist()
             assert c["ring"] == [rank, 2]
+        # Evaluation too: rows of 9 tokens padded to 12, 6 per rank, over the ring.
         evals = [c for c in calls if not c["training"]]
-        assert (evals == []) == (rank == 1)
+        assert evals and len(evals) == len([c for c in seen[0] if not c["training"]])
         for c in evals:
-            assert (c["positions"], c["ring"], c["shape"][1]) == (None, [0, 1], 9)
+            assert (c["shape"][1], c["ring"]) == (6, [rank, 2])
+            assert c["positions"] == positions("zigzag", rank, 2, 6).tolist()
 
 
 def test_attnlab_train_nproc_context_parallel_end_to_end(data, one, tmp_path, capsys):

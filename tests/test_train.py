@@ -15,7 +15,8 @@ from attnlab.tasks import get_task
 from attnlab.tasks.language import Copy
 from attnlab.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from attnlab.train.config import ConfigError, TrainConfig
-from attnlab.train.loop import lr_factor, train
+from attnlab.train.loop import train
+from attnlab.train.optim import lr_factor
 from attnlab.train.runs import train_seeds
 from attnlab.train.task import register_task
 

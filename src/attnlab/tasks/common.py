@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from attnlab.data.tokenize import Tokenizer, load_tokenizer
 from attnlab.train.config import check_names
 from attnlab.train.metrics import accuracy, confusion_matrix, macro_f1, per_class_f1
+from attnlab.train.task import eval_mode
 
 __all__ = ["epoch_order", "LazyBatches", "chunks", "transformer_kwargs", "classification_report",
            "eval_mode", "run_tokenizer"]
@@ -84,21 +84,3 @@ def classification_report(preds: torch.Tensor, targets: torch.Tensor, classes: S
         "classes": list(classes),
         "n": int(targets.numel()),
     }
-
-
-class eval_mode:
-    """``with eval_mode(model):`` no dropout, no autograd; restores the previous mode."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __enter__(self):
-        self.was = self.model.training
-        self.model.eval()
-        self.grad = torch.is_grad_enabled()
-        torch.set_grad_enabled(False)
-        return self.model
-
-    def __exit__(self, *exc) -> None:
-        torch.set_grad_enabled(self.grad)
-        self.model.train(self.was)

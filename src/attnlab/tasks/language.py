@@ -99,19 +99,30 @@ class WikiText2(Task):
             batch["y"].numel()
 
     def evaluate(self, model, split, max_batches=None):
-        stream = LMStream(self.streams[split], self.opts["eval_batch_size"], self.opts["max_len"])
-        n = len(stream) if max_batches is None else min(len(stream), max_batches)
+        batches, whole = self.eval_batches(split, max_batches)
         device = next(model.parameters()).device
         nll, tokens = 0.0, 0
         with eval_mode(model):
-            for i in range(n):
-                x, y = (t.to(device) for t in stream.batch(i))
+            for x, y in batches:
+                x, y = x.to(device), y.to(device)
                 logits = model(x).float()
                 nll += nnf.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
                 tokens += y.numel()
+        return self.score(split, nll, tokens, whole)
+
+    def eval_batches(self, split: str, max_batches: int | None = None):
+        """``(batches, whole)``: the evaluation batches of ``split``, ``(x, y)`` inputs and
+        next-token targets made as they are drawn, and whether they are the whole split."""
+        stream = LMStream(self.streams[split], self.opts["eval_batch_size"], self.opts["max_len"])
+        n = len(stream) if max_batches is None else min(len(stream), max_batches)
+        return (stream.batch(i) for i in range(n)), n == len(stream)
+
+    def score(self, split: str, nll: float, tokens: int, whole: bool) -> dict[str, Any]:
+        """The metrics of a summed negative log-likelihood ``nll`` over ``tokens`` targets
+        of ``split``: what context parallelism sums over the shards of the batches."""
         out = {"loss": nll / tokens, "perplexity": float(perplexity(nll, tokens)),
                "tokens": tokens}
-        if n == len(stream):  # the whole split: the word count is known exactly
+        if whole:  # the whole split: the word count is known exactly
             covered = tokens / self.streams[split].numel()
             out["word_perplexity"] = float(perplexity(nll, self.words[split] * covered))
         return out

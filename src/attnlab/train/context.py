@@ -31,11 +31,15 @@ targets, weighted by ``n_r`` (:meth:`ContextParallel.count`), and
 the same weights). The ring's transfers go over a group of their own (the same ranks), so
 its point-to-point messages never interleave with DDP's all-reduces.
 
-Evaluation is rank 0's alone, as in data parallelism, on whole sequences: at setup every
-rank makes (collectively) a one-rank group of its own (``dist.new_subgroups(1)``), and
-outside a training step's forward every ring layer points at it, where ring attention is
-exact attention over the sequence it is given. A lone rank 0 calling ring over the whole
-job would wait for peers that never come. Backward uses the group its forward saw.
+Evaluation is sharded the same way (:meth:`ContextParallel.evaluate`): every rank scores
+its shards of every validation and test batch with ring attention between them, and the
+summed negative log-likelihood and target count are all-reduced, so an evaluation
+sequence needs no more memory on one process than a training one; rank 0 records the
+result (the task gives ``eval_batches`` and ``score``). Outside these forwards every ring
+layer points at a one-rank group of its own, made at setup (collectively,
+``dist.new_subgroups(1)``), where ring attention is exact attention over the sequence it
+is given: a model used by one process alone (generation, ``load_trained``) then works as
+usual. Backward uses the group its forward saw.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ import contextlib
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as nnf
 
 from attnlab.mechanisms._engines.ring import layout_unit
 from attnlab.mechanisms.ring import RingAttention, check_length, positions
@@ -52,7 +57,7 @@ from attnlab.nn import MultiheadAttention
 from attnlab.registry import resolve_name
 from attnlab.train.config import ConfigError, TrainConfig
 from attnlab.train.distributed import Dist
-from attnlab.train.task import get_task
+from attnlab.train.task import eval_mode, get_task
 
 __all__ = ["ContextParallel", "IGNORE", "check_config"]
 
@@ -119,6 +124,10 @@ class ContextParallel:
         layouts = {a.hp["layout"] for a in attns}
         if len(layouts) != 1:
             raise ConfigError(f"{who}: the ring layers must share one layout; got {layouts}")
+        missing = [m for m in ("eval_batches", "score") if not hasattr(task, m)]
+        if missing:
+            raise ConfigError(f"{who} evaluates shard by shard: task {task.name!r} must give "
+                              f"{missing} (as wikitext2 does)")
         self.layers, self.layout = attns, layouts.pop()
         self.length = self._first_length(task)
         if self.P > 1:
@@ -169,6 +178,26 @@ class ContextParallel:
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         """The real targets of this rank's shard: the weight of its mean loss."""
         return int((batch["y"] != IGNORE).sum())
+
+    def evaluate(self, model, task, split: str, max_batches: int | None = None) -> dict:
+        """The task's metrics on ``split``, every rank on its shards of every batch (as in
+        training: ``N / P`` tokens each, ring attention between them), the summed
+        negative log-likelihood and target count all-reduced: every rank gets them. Run by
+        every rank at once; ``model`` in eval mode, no gradients."""
+        device = next(model.parameters()).device
+        sums = torch.zeros(2, dtype=torch.float64, device=device)  # nll, targets
+        batches, whole = task.eval_batches(split, max_batches)
+        with eval_mode(model):
+            for x, y in batches:
+                shard = {k: t.to(device) for k, t in self.share({"x": x, "y": y}).items()}
+                with self.forward(model):
+                    logits = model(shard["x"]).float()
+                sums[0] += nnf.cross_entropy(logits.flatten(0, 1), shard["y"].flatten(),
+                                             ignore_index=IGNORE, reduction="sum")
+                sums[1] += self.count(shard)
+        if self.P > 1:
+            dist.all_reduce(sums, group=self.ring)
+        return task.score(split, float(sums[0]), int(sums[1]), whole)
 
     @contextlib.contextmanager
     def forward(self, model):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -47,11 +46,12 @@ from attnlab.train.distributed import (
     seed_everything,
 )
 from attnlab.train.metrics import convergence
+from attnlab.train.optim import build_optimizer, lr_factor
 from attnlab.train.progress import TrainProgress
 from attnlab.train.regimes import Regime, get_regime, init_weights
 from attnlab.train.task import Task, get_task
 
-__all__ = ["train", "RunResult", "build_optimizer", "lr_factor", "load_trained"]
+__all__ = ["train", "RunResult", "load_trained"]
 
 
 @dataclass
@@ -62,24 +62,6 @@ class RunResult:
     best: dict[str, Any]         # best validation metrics, with their step
     test: dict[str, Any] | None  # test metrics of the best weights (None if interrupted)
     summary: dict[str, Any] = field(default_factory=dict)
-
-
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up over ``warmup_steps``, then cosine decay to ``min_lr_ratio``."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    # Weight decay on matrices only: decaying biases and norm gains only hurts (nanoGPT).
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": other, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.98))
 
 
 class NoTensorBoardWarning(UserWarning):
@@ -195,10 +177,22 @@ class _Run:
             "progress": dict(self.p), "history": self.history, "rng": rng_state(),
             "config": self.cfg.to_dict(), **ranks})
 
-    def evaluate(self) -> None:
+    def sharded_metrics(self, split: str, max_batches: int | None = None) -> dict | None:
+        """Under context parallelism over several processes, ``split``'s metrics with every
+        rank scoring its shards (collective: every rank calls it); else None (rank 0
+        evaluates alone)."""
+        cp = self.context
+        if cp is None or cp.P == 1:
+            return None
+        return cp.evaluate(self.model, self.task, split, max_batches)
+
+    def evaluate(self, metrics: dict | None = None) -> None:
+        """Record an evaluation on the validation split (rank 0): ``metrics`` as the shards
+        summed them, or evaluated here."""
         p, task = self.p, self.task
-        metrics = evaluate_all(task, self.regime, self.model, "validation",
-                               self.cfg.eval_batches)
+        if metrics is None:
+            metrics = evaluate_all(task, self.regime, self.model, "validation",
+                                   self.cfg.eval_batches)
         row = {"step": p["step"], "epoch": p["epoch"], "time_s": round(p["train_time_s"], 3),
                "lr": self.sched.get_last_lr()[0],
                "train_loss": p["loss_sum"] / max(1, p["loss_n"]),
@@ -272,7 +266,8 @@ class _Run:
         # every rank takes the same decisions: a budget or a signal met by one stops all
         over, interrupted = self.dist.any(over, interrupted)
         if p["step"] % cfg.eval_every == 0 or last or over:
-            status = self.dist.on_main(self._evaluate, share=True)
+            metrics = self.sharded_metrics("validation", cfg.eval_batches)
+            status = self.dist.on_main(lambda: self._evaluate(metrics), share=True)
             self.checkpoint()
         elif p["step"] % cfg.checkpoint_every == 0:
             self.checkpoint()
@@ -283,8 +278,8 @@ class _Run:
             status = "interrupted"
         return status
 
-    def _evaluate(self) -> str:
-        self.evaluate()
+    def _evaluate(self, metrics: dict | None = None) -> str:
+        self.evaluate(metrics)
         stop = self.cfg.patience is not None and self.p["bad_evals"] >= self.cfg.patience
         return "early_stopped" if stop else "done"
 
@@ -342,7 +337,12 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
         console.print(f"interrupted at step {run.p['step']}: resume with --resume")
         return RunResult(run_dir, status, run.p["step"],
                          _best(run.history, run.task, run.p), None)
-    result = d.on_main(lambda: _finish(run, run_dir, cfg, status, console))
+    test = None
+    if run.context is not None and run.context.P > 1:  # the test split, shard by shard too
+        best = d.on_main(lambda: load_checkpoint(run_dir / "best.pt")["model"], share=True)
+        run.model.load_state_dict(best)
+        test = run.sharded_metrics("test")
+    result = d.on_main(lambda: _finish(run, run_dir, cfg, status, console, test))
     return result or RunResult(run_dir, status, run.p["step"], {}, None)
 
 
@@ -368,11 +368,14 @@ def evaluate_all(task: Task, regime: Regime, model, split: str,
 
 
 def _finish(run: _Run, run_dir: Path, cfg: TrainConfig, status: str,
-            console: Console) -> RunResult:
+            console: Console, test: dict | None = None) -> RunResult:
+    """Rank 0: the best weights' test metrics (``test`` when the shards summed them) and
+    the run's summary."""
     task, model, p, history = run.task, run.model, run.p, run.history
     best = load_checkpoint(run_dir / "best.pt")
     model.load_state_dict(best["model"])
-    test = evaluate_all(task, run.regime, model, "test")
+    if test is None:
+        test = evaluate_all(task, run.regime, model, "test")
     key = f"val_{task.metric}"
     conv = convergence([r["step"] for r in history], [r["time_s"] for r in history],
                        [r[key] for r in history], mode=task.mode,

@@ -25,7 +25,7 @@ from attnlab.files import write_json
 from attnlab.train.config import ConfigError, TrainConfig, check_names
 from attnlab.util.checks import did_you_mean
 
-__all__ = ["Task", "register_task", "get_task", "list_tasks", "Batch"]
+__all__ = ["Task", "register_task", "get_task", "list_tasks", "Batch", "eval_mode"]
 
 Batch = dict[str, torch.Tensor]
 _TASKS: dict[str, type[Task]] = {}
@@ -142,3 +142,21 @@ def get_task(name: str) -> type[Task]:
 
 def list_tasks() -> list[str]:
     return sorted(_TASKS)
+
+
+class eval_mode:
+    """``with eval_mode(model):`` no dropout, no autograd; restores the previous mode."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self):
+        self.was = self.model.training
+        self.model.eval()
+        self.grad = torch.is_grad_enabled()
+        torch.set_grad_enabled(False)
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        torch.set_grad_enabled(self.grad)
+        self.model.train(self.was)
