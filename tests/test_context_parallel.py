@@ -115,12 +115,38 @@ def test_rope_rotates_each_shard_at_its_global_positions(P, layout):
     check_sharded_forward(P, layout, "rope", 2, P)
 
 
-def check_sharded_forward(P, layout, pos, units, seed):
+@pytest.mark.parametrize("P", [2, 3])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_ring_alibi_biases_each_shard_at_its_global_distances(P, layout):
+    """ring(alibi=True) in a model with positions="none": the shards' rows and gradients
+    are the whole sequence's (ALiBi's -m_h (i - j) at the global positions)."""
+    check_sharded_forward(P, layout, "none", 2, P, alibi=True)
+
+
+def test_ring_alibi_is_the_layers_alibi():
+    """One process: ring's own ALiBi equals the layer's (positions="alibi", a dense bias
+    mask with sdpa) on the same weights; without it the logits differ."""
+    torch.manual_seed(0)
+    layer = DecoderLM(11, mechanism="sdpa", d_model=8, num_heads=2, num_layers=2,
+                      dropout=0.0, positions="alibi", max_len=16).double()
+    ring = DecoderLM(11, mechanism="ring", mechanism_kwargs={"alibi": True, "block_size": 3},
+                     d_model=8, num_heads=2, num_layers=2, dropout=0.0, positions="none",
+                     max_len=16).double()
+    ring.load_state_dict(layer.state_dict())
+    ids = torch.randint(11, (2, 16), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(ring(ids), layer(ids), rtol=0, atol=1e-10)
+    plain = DecoderLM(11, mechanism="ring", d_model=8, num_heads=2, num_layers=2,
+                      dropout=0.0, positions="none", max_len=16).double()
+    plain.load_state_dict(layer.state_dict())
+    assert not torch.allclose(plain(ids), layer(ids))
+
+
+def check_sharded_forward(P, layout, pos, units, seed, **hp):
     N, V = engine.layout_unit(layout, P) * units, 11
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = DecoderLM(V, mechanism="ring", mechanism_kwargs={"layout": layout,
-                                                             "block_size": 3},
+                                                             "block_size": 3, **hp},
                       d_model=8, num_heads=2, num_layers=2, dropout=0.0, positions=pos,
                       max_len=N + 5).double()
     ids, y = torch.randint(V, (2, N), generator=g), torch.randint(V, (2, N), generator=g)

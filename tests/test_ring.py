@@ -51,10 +51,10 @@ def inputs(dtype, n=N, seed=0):
             for _ in range(4)]  # q, k, v, and the output's gradient
 
 
-def run_ring(layout, causal, dtype, rank, P, full, keep=None, group=None):
+def run_ring(layout, causal, dtype, rank, P, full, keep=None, group=None, **hp):
     """This rank's output and gradients for ``full`` sharded in ``layout``."""
     q, k, v, dout = (shard(t, layout, rank, P).requires_grad_(i < 3) for i, t in enumerate(full))
-    mech = attnlab.create("ring", layout=layout, block_size=BLOCK).to(dtype)
+    mech = attnlab.create("ring", layout=layout, block_size=BLOCK, **hp).to(dtype)
     mech.process_group = group
     mask = None if keep is None else shard(keep[:, None, :, None], layout, rank, P)[..., 0]
     out = mech(q, k, v, is_causal=causal,
@@ -73,6 +73,8 @@ def cases_worker(rank, P, out_dir):
             for dtype in TOL:
                 res[layout, causal, dtype] = run_ring(layout, causal, dtype, rank, P,
                                                       inputs(dtype))
+            res["alibi", layout, causal] = run_ring(layout, causal, torch.float64, rank, P,
+                                                    inputs(torch.float64, seed=7), alibi=True)
     keep = torch.ones(B, N, dtype=torch.bool)
     keep[:, PAD_REAL:] = False  # the padding that makes 22 tokens a multiple of 2P
     pad = torch.ones(B, H, N - PAD_REAL, D, dtype=torch.float64)
@@ -141,6 +143,36 @@ def test_p_ranks_equal_exact_attention(ranks, layout, causal, dtype):
     torch.testing.assert_close(out.double(), ref_out, rtol=0, atol=tol)
     for name, got, want in zip("qkv", grads, ref_grads, strict=True):
         torch.testing.assert_close(got.double(), want, rtol=0, atol=tol, msg=f"d{name}")
+
+
+def alibi_reference(full, causal):
+    """ALiBi (Press et al. 2022) written out in float64: softmax(q k^T / sqrt(D) - m_h d_ij) V
+    with d_ij = i - j (causal, j <= i) or |i - j|, m_h = 2^(-8 h / H) for H a power of 2."""
+    q, k, v = (t.detach().double().requires_grad_() for t in full[:3])
+    i = torch.arange(N, dtype=torch.float64)
+    d = i[:, None] - i[None, :]
+    m = torch.tensor([2.0 ** (-8 * h / H) for h in range(1, H + 1)], dtype=torch.float64)
+    s = q @ k.transpose(-1, -2) / D ** 0.5 - m[:, None, None] * (d if causal else d.abs())
+    if causal:
+        s = s.masked_fill(d < 0, float("-inf"))
+    out = torch.softmax(s, -1) @ v
+    out.backward(full[3].double())
+    return out.detach(), [t.grad for t in (q, k, v)]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_alibi_biases_every_shard_at_its_global_positions(ranks, layout, causal):
+    """ALiBi inside the ring: each rank's tiles get -m_h (i - j) at the global positions,
+    so the sharded sequence equals the whole one's ALiBi attention, gradients included."""
+    _, results = ranks
+    out, grads = gathered(results, ("alibi", layout, causal), layout)
+    ref_out, ref_grads = alibi_reference(inputs(torch.float64, seed=7), causal)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-10)
+    for name, got, want in zip("qkv", grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10, msg=f"d{name}")
+    plain = reference(inputs(torch.float64, seed=7), causal)[0]
+    assert (out - plain).abs().max() > 1e-2  # the bias is there: not softmax attention
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -36,6 +36,11 @@ the same shapes, flags and hyperparameters (each rank's shard has the same lengt
 gloo on CPU, nccl on CUDA: the same code. ``mech.stats`` (:class:`RingStats`) counts the
 tiles computed and skipped and times the waits on transfers against the compute.
 
+**ALiBi** (``alibi=True``; Press et al. 2022): the bias ``-m_h (i - j)`` is added to every
+tile at the tokens' *global* positions, which each rank knows from the layout, so a
+sharded sequence is biased as the whole one would be (a model's ``positions="alibi"``
+builds a dense mask instead, which ring does not take: use ``positions="none"`` with it).
+
 Refused: dropout (``dropout_p > 0``: a ``ValueError``; each rank would need the same mask
 stream for the tiles it does not own), masks other than key padding (a ``(B, H, 1, n)``
 bool mask of this rank's keys, which travels with them), ``Nq != Nk``.
@@ -55,6 +60,7 @@ from attnlab.mechanisms._engines.ring import (
     unshard,
 )
 from attnlab.mechanisms.base import Mechanism, key_padding_keep
+from attnlab.nn.positional import alibi_slopes
 from attnlab.registry import HParam, Limit, Paper, register_mechanism
 
 __all__ = ["LIU_2023", "BRANDON_2023", "RingAttention", "RingStats", "default_group",
@@ -97,6 +103,9 @@ def default_group():
         HParam("layout", str, "zigzag", "how the sequence is cut over the ranks",
                choices=LAYOUTS),
         HParam("block_size", int, 256, "query and key rows per tile", low=1),
+        HParam("alibi", bool, False, "ALiBi (Press et al. 2022) inside the ring: -m_h (i - j) "
+               "at the tokens' global positions (non-causal: -m_h |i - j|), slopes "
+               "alibi_slopes(H)"),
     ],
 )
 class RingAttention(Mechanism):
@@ -123,7 +132,9 @@ class RingAttention(Mechanism):
         _, P = self.world()
         check_length(q.shape[2] * P, self.hp["layout"], P)
         keep = key_padding_keep(attn_mask, q.shape[0], q.shape[1], k.shape[2])
+        slopes = alibi_slopes(q.shape[1]).to(q.device) if self.hp["alibi"] else None
         out = RingAttentionFunction.apply(q, k, v, None if keep is None else keep.contiguous(),
                                           is_causal, scale, self.hp["layout"],
-                                          self.hp["block_size"], self.group(), self.stats)
+                                          self.hp["block_size"], self.group(), self.stats,
+                                          slopes)
         return out, None

@@ -14,15 +14,16 @@ What can run: a task of kind ``language_model`` whose batch is ``{"x", "y"}``, i
 targets of the same ``(B, N)`` position by position, and whose loss is the mean over the
 targets that are not ``-100`` (``F.cross_entropy``'s ``ignore_index``): WikiText-2. A
 classifier pools over the whole sequence, the answer tasks score the last positions only:
-refused, as is a model with any layer other than ``ring`` (``--mechanism ring``; ring
-takes no ALiBi, whose bias is an arbitrary mask) and a regime other than the standard one
-(its extra forwards would not see the positions). RoPE rotates every shard's queries and
-keys at their global positions, so ``q_m . k_n`` depends on ``m - n`` as on one process.
-The first training batch's ``N`` must cut evenly (``2P`` chunks for zigzag, ``P`` shards
-otherwise: refused with the ring's message before training starts). A shorter batch (the
-end of a WikiText-2 epoch) is padded at its end to the next multiple, inputs with id 0 and
-targets with ``-100``: causal attention never lets a real token see padding after it and
-the loss ignores it, so the step is exactly the unpadded one.
+refused, as is a model with any layer other than ``ring`` (``--mechanism ring``; for ALiBi
+ring's own ``alibi=True`` with ``positions="none"``, the layer's being a dense mask) and a
+regime other than the standard one (its extra forwards would not see the positions). RoPE
+rotates every shard's queries and keys at their global positions, so ``q_m . k_n`` depends
+on ``m - n`` as on one process. The first training batch's ``N`` must cut evenly (``2P``
+chunks for zigzag, ``P`` shards otherwise: refused with the ring's message before training
+starts). A shorter batch (the end of a WikiText-2 epoch) is padded at its end to the next
+multiple, inputs with id 0 and targets with ``-100``: causal attention never lets a real
+token see padding after it and the loss ignores it, so the step is exactly the unpadded
+one.
 
 The gradient is the single-process one, as in data parallelism
 (:mod:`attnlab.train.distributed`): rank ``r``'s loss is the mean over its ``n_r`` real

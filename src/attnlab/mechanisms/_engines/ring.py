@@ -176,15 +176,18 @@ class _Ring:
 class _Plan:
     """The tiles of this rank's queries against one shard: skipped, full or masked."""
 
-    def __init__(self, layout, P, n, block, is_causal, device, dtype):
+    def __init__(self, layout, P, n, block, is_causal, device, dtype, slopes=None):
         self.layout, self.P, self.n, self.is_causal = layout, P, n, is_causal
         self.device, self.dtype = device, dtype
+        self.slopes = slopes  # ALiBi's m_h per (batch, head) row of the tiles, or None
         self.blocks = [(a, min(a + block, e)) for s, e in _segments(layout, P, n)
                        for a in range(s, e, block)]
 
     def tiles(self, rank, src, stats):
         """``(i0, i1, j0, j1, bias)`` of every tile to compute against shard ``src``;
-        ``bias`` the ``(n_i, m_j)`` causal ``0 / -inf`` tile or ``None`` (all allowed)."""
+        ``bias`` the ``(n_i, m_j)`` causal ``0 / -inf`` tile or ``None`` (all allowed),
+        ``(BH, n_i, m_j)`` with ALiBi's ``-m_h (i - j)`` (``-m_h |i - j|`` non-causal) at
+        the tokens' global positions added."""
         pq = positions(self.layout, rank, self.P, self.n, self.device)
         pk = positions(self.layout, src, self.P, self.n, self.device)
         lq, lk = pq.tolist(), pk.tolist()
@@ -199,7 +202,16 @@ class _Plan:
                     allowed = pk[None, j0:j1] <= pq[i0:i1, None]
                     bias = torch.zeros(allowed.shape, dtype=self.dtype,
                                        device=self.device).masked_fill_(~allowed, -_INF)
+                if self.slopes is not None:
+                    bias = self._alibi(pq[i0:i1], pk[j0:j1], bias)
                 yield i0, i1, j0, j1, bias
+
+    def _alibi(self, pq, pk, bias):
+        """ALiBi's bias on a tile, ``-m_h`` times the distance of global positions."""
+        d = (pq[:, None] - pk[None, :]).to(self.dtype)
+        d = d if self.is_causal else d.abs()  # the future is -inf (or skipped) anyway
+        out = -self.slopes[:, None, None] * d
+        return out if bias is None else out + bias
 
 
 def _scores(q3, kv, D, i0, i1, j0, j1, bias, padded):
@@ -252,21 +264,29 @@ def _payload(k, v, keep, wdt):
     return torch.cat(parts, dim=-1).contiguous()
 
 
+def _per_row(slopes, B: int, wdt):
+    """ALiBi's ``(H,)`` slopes for the ``(B H)`` rows the tiles are batched over."""
+    return None if slopes is None else slopes.to(wdt).repeat(B)
+
+
 class _Grads:
     """The backward pass's operands: pre-scaled ``q3``, ``dO``, ``delta``, ``L``, ``dq``."""
 
 
 class RingAttentionFunction(torch.autograd.Function):
-    """``apply(q, k, v, keep, is_causal, scale, layout, block_size, group, stats)`` on
-    this rank's shards; ``keep`` a bool ``(B, H, n)`` key-padding mask or ``None``."""
+    """``apply(q, k, v, keep, is_causal, scale, layout, block_size, group, stats, slopes)``
+    on this rank's shards; ``keep`` a bool ``(B, H, n)`` key-padding mask or ``None``;
+    ``slopes`` ALiBi's ``(H,)`` ``m_h`` or ``None``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, keep, is_causal, scale, layout, block_size, group, stats):
+    def forward(ctx, q, k, v, keep, is_causal, scale, layout, block_size, group, stats,
+                slopes=None):
         ring = _Ring(group, stats)
         B, H, n, D = q.shape
         Dv, wdt = v.shape[-1], work_dtype(q.dtype)
         check_length(n * ring.P, layout, ring.P)
-        plan = _Plan(layout, ring.P, n, block_size, is_causal, q.device, wdt)
+        plan = _Plan(layout, ring.P, n, block_size, is_causal, q.device, wdt,
+                     _per_row(slopes, B, wdt))
         q3 = q.reshape(B * H, n, D).to(wdt) * scale
         kv = _payload(k, v, keep, wdt)
         m = torch.full((B * H, n), -_INF, dtype=wdt, device=q.device)
@@ -284,7 +304,7 @@ class RingAttentionFunction(torch.autograd.Function):
         dead = l == 0  # no key allowed: output 0, and L = +inf makes backward's P = 0
         out = (acc / l.masked_fill(dead, 1.0).unsqueeze(-1)).view(B, H, n, Dv).to(q.dtype)
         L = torch.where(dead, _INF, m + torch.log(l))
-        ctx.meta = (is_causal, scale, layout, block_size, group, stats)
+        ctx.meta = (is_causal, scale, layout, block_size, group, stats, slopes)
         ctx.save_for_backward(q, k, v, keep, out, L)
         return out
 
@@ -292,7 +312,7 @@ class RingAttentionFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout):
         q, k, v, keep, out, L = ctx.saved_tensors
-        is_causal, scale, layout, block_size, group, stats = ctx.meta
+        is_causal, scale, layout, block_size, group, stats, slopes = ctx.meta
         ring = _Ring(group, stats)
         B, H, n, D = q.shape
         Dv, wdt, BH = v.shape[-1], L.dtype, B * H
@@ -302,7 +322,8 @@ class RingAttentionFunction(torch.autograd.Function):
         g.dO = dout.reshape(BH, n, Dv).to(wdt)
         g.delta = (g.dO * out.reshape(BH, n, Dv).to(wdt)).sum(-1)  # D_i = rowsum(dO * O)
         g.dq = torch.zeros_like(g.q3)
-        plan = _Plan(layout, ring.P, n, block_size, is_causal, q.device, wdt)
+        plan = _Plan(layout, ring.P, n, block_size, is_causal, q.device, wdt,
+                     _per_row(slopes, B, wdt))
         kv = _payload(k, v, keep, wdt)
         grad_pending = grad = None
         for step in range(ring.P):
@@ -322,4 +343,4 @@ class RingAttentionFunction(torch.autograd.Function):
         dq = (g.dq * scale).view(B, H, n, D).to(q.dtype)  # S = scale q k^T: q3 held it
         dk = grad[..., :D].reshape(B, H, n, D).to(k.dtype)
         dv = grad[..., D:].reshape(B, H, n, Dv).to(v.dtype)
-        return dq, dk, dv, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None
