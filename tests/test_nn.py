@@ -307,6 +307,8 @@ def test_rope_at_given_positions_is_the_rows_of_the_whole_rotation():
             rope.rotate(x[..., :5, :], positions=bad)
     with pytest.raises(ValueError, match="offset must be 0 when positions are given"):
         rope.rotate(x[..., :5, :], 3, positions=at)
+    with pytest.raises(ValueError, match="with positions, k must hold the same tokens as q"):
+        rope(x[..., :5, :], x[..., :4, :], positions=at)
 
 
 def test_rope_layer_at_shuffled_positions_is_the_shuffled_layer():

@@ -94,8 +94,10 @@ class DecoderLM(ModelBase):
 
     def _logits(self, ids, *, padding_mask=None, caches=None, offset: int = 0,
                 positions=None):
-        # RoPE's layers rotate at the global positions too; ALiBi was refused in forward.
-        kw = {} if positions is None else {"positions": positions.to(ids.device)}
+        # The layers read positions only for RoPE (ALiBi was refused in forward): the
+        # others are not handed them, so they do not check them once per layer.
+        rope = positions is not None and self.config["positions"] == "rope"
+        kw = {"positions": positions.to(ids.device)} if rope else {}
         h = self.decoder(self.embed(ids, offset, positions), key_padding_mask=padding_mask,
                          is_causal=True, kv_caches=caches, **kw)
         return F.linear(h, self.embed.weight)  # tied output layer

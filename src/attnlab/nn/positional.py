@@ -98,6 +98,11 @@ class RotaryEmbedding(nn.Module):
         """Rotate ``x`` ``(..., N, head_dim)`` as if its first row sat at ``offset``, or
         row ``i`` at ``positions[i]`` (``(N,)`` integers, any order: a shard of a longer
         sequence)."""
+        cos, sin = self._cos_sin(x, offset, positions)
+        return x * cos + _rotate_half(x) * sin
+
+    def _cos_sin(self, x: torch.Tensor, offset: int, positions: torch.Tensor | None):
+        """The ``(N, head_dim)`` tables for ``x``'s rows, its arguments checked."""
         if x.shape[-1] != self.head_dim:
             raise ValueError(
                 f"RotaryEmbedding: last dim of x must be head_dim={self.head_dim}; "
@@ -105,23 +110,29 @@ class RotaryEmbedding(nn.Module):
             )
         offset = check_int("offset", offset, low=0, who="RotaryEmbedding")
         n = x.shape[-2]
-        if positions is not None:
-            if offset:
-                raise ValueError(f"RotaryEmbedding: offset must be 0 when positions are "
-                                 f"given (they are absolute); got offset={offset}")
-            at = check_positions("RotaryEmbedding", "positions", positions, n).to(x.device)
-            cos, sin = self.tables(int(at.max()) + 1 if n else 0, x.device, x.dtype)
-            cos, sin = cos[at], sin[at]
-        else:
+        if positions is None:
             cos, sin = self.tables(offset + n, x.device, x.dtype)
-            cos, sin = cos[offset:], sin[offset:]
-        return x * cos + _rotate_half(x) * sin
+            return cos[offset:], sin[offset:]
+        if offset:
+            raise ValueError(f"RotaryEmbedding: offset must be 0 when positions are "
+                             f"given (they are absolute); got offset={offset}")
+        at = check_positions("RotaryEmbedding", "positions", positions, n).to(x.device)
+        cos, sin = self.tables(int(at.max()) + 1 if n else 0, x.device, x.dtype)
+        return cos[at], sin[at]
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0,
                 positions: torch.Tensor | None = None):
         """Rotated ``(q, k)``; both start at position ``offset`` (lengths may differ), or
-        sit at ``positions`` (self-attention: one per token of both)."""
-        return self.rotate(q, offset, positions), self.rotate(k, offset, positions)
+        sit at ``positions`` (self-attention: one per token of both, so the tables are
+        looked up once for the two)."""
+        if positions is None:
+            return self.rotate(q, offset), self.rotate(k, offset)
+        if k.shape[-2:] != q.shape[-2:]:
+            raise ValueError(f"RotaryEmbedding: with positions, k must hold the same tokens "
+                             f"as q (same length and head_dim); got q {tuple(q.shape)}, k "
+                             f"{tuple(k.shape)}")
+        cos, sin = self._cos_sin(q, offset, positions)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
