@@ -177,14 +177,17 @@ class _Run:
             "progress": dict(self.p), "history": self.history, "rng": rng_state(),
             "config": self.cfg.to_dict(), **ranks})
 
+    @property
+    def sharded(self) -> bool:
+        """Context parallelism over several processes: every rank evaluates its shards."""
+        return self.context is not None and self.context.P > 1
+
     def sharded_metrics(self, split: str, max_batches: int | None = None) -> dict | None:
-        """Under context parallelism over several processes, ``split``'s metrics with every
-        rank scoring its shards (collective: every rank calls it); else None (rank 0
-        evaluates alone)."""
-        cp = self.context
-        if cp is None or cp.P == 1:
+        """When :attr:`sharded`, ``split``'s metrics with every rank scoring its shards
+        (collective: every rank calls it); else None (rank 0 evaluates alone)."""
+        if not self.sharded:
             return None
-        return cp.evaluate(self.model, self.task, split, max_batches)
+        return self.context.evaluate(self.model, self.task, split, max_batches)
 
     def evaluate(self, metrics: dict | None = None) -> None:
         """Record an evaluation on the validation split (rank 0): ``metrics`` as the shards
@@ -337,12 +340,12 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
         console.print(f"interrupted at step {run.p['step']}: resume with --resume")
         return RunResult(run_dir, status, run.p["step"],
                          _best(run.history, run.task, run.p), None)
-    test = None
-    if run.context is not None and run.context.P > 1:  # the test split, shard by shard too
-        best = d.on_main(lambda: load_checkpoint(run_dir / "best.pt")["model"], share=True)
-        run.model.load_state_dict(best)
+    best = test = None
+    if run.sharded:  # the test split, shard by shard too: every rank needs the best weights
+        best = d.on_main(lambda: load_checkpoint(run_dir / "best.pt"), share=True)
+        run.model.load_state_dict(best["model"])
         test = run.sharded_metrics("test")
-    result = d.on_main(lambda: _finish(run, run_dir, cfg, status, console, test))
+    result = d.on_main(lambda: _finish(run, run_dir, cfg, status, console, best, test))
     return result or RunResult(run_dir, status, run.p["step"], {}, None)
 
 
@@ -368,12 +371,15 @@ def evaluate_all(task: Task, regime: Regime, model, split: str,
 
 
 def _finish(run: _Run, run_dir: Path, cfg: TrainConfig, status: str,
-            console: Console, test: dict | None = None) -> RunResult:
-    """Rank 0: the best weights' test metrics (``test`` when the shards summed them) and
-    the run's summary."""
+            console: Console, best: dict | None = None,
+            test: dict | None = None) -> RunResult:
+    """Rank 0: the best weights' test metrics and the run's summary. ``best`` and
+    ``test``: the best checkpoint, loaded into the model already, and the metrics the
+    shards summed (context parallelism); else both are done here."""
     task, model, p, history = run.task, run.model, run.p, run.history
-    best = load_checkpoint(run_dir / "best.pt")
-    model.load_state_dict(best["model"])
+    if best is None:
+        best = load_checkpoint(run_dir / "best.pt")
+        model.load_state_dict(best["model"])
     if test is None:
         test = evaluate_all(task, run.regime, model, "test")
     key = f"val_{task.metric}"
